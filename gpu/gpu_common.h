@@ -1,0 +1,30 @@
+/* gpu/gpu_common.h: the check macros every CUDA, cuBLAS and NCCL call in gpu/ goes through.
+ *
+ * APB_CU(call) records the call text, file:line and device into `err` (a variable in scope) and jumps
+ * to the label `done` (every function has one, freeing what it owns); `st` (an apb_status in scope) is
+ * set. APB_CU_LAUNCH() checks the launch error right after a kernel launch. Not a public header.
+ */
+#ifndef APB_GPU_COMMON_H
+#define APB_GPU_COMMON_H
+
+#include <cuda_runtime.h>
+
+#include "apb/status.h"
+
+#define APB_CU(call)                                                                                 \
+  do {                                                                                               \
+    cudaError_t apb_e_ = (call);                                                                     \
+    if (apb_e_ != cudaSuccess) {                                                                     \
+      int apb_dev_ = -1;                                                                             \
+      cudaGetDevice(&apb_dev_);                                                                      \
+      st = apb_error_set(err, apb_e_ == cudaErrorNoDevice || apb_e_ == cudaErrorInsufficientDriver   \
+                                  ? APB_ENODEVICE : APB_EDEVICE,                                     \
+                         "%s failed at %s:%d on device %d: %s (%s)", #call, __FILE__, __LINE__,      \
+                         apb_dev_, cudaGetErrorString(apb_e_), cudaGetErrorName(apb_e_));            \
+      goto done;                                                                                     \
+    }                                                                                                \
+  } while (0)
+
+#define APB_CU_LAUNCH() APB_CU(cudaGetLastError())
+
+#endif /* APB_GPU_COMMON_H */

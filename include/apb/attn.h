@@ -1,0 +1,69 @@
+/* apb/attn.h: APB's segmented attention for one host (shared/APB.md 3.6), on the CPU.
+ *
+ * Legend used in every header: T tokens (rows), P passing keys, A anchor, B local block, Hq query
+ * heads, Hkv KV heads, D head dim, E hidden size, F FFN width, V vocabulary, L layers, I scorer width,
+ * H hosts. Activations are token-major: q [A+B, Hq, D]; k, v per segment [len, Hkv, D]; o [A+B, Hq, D];
+ * lse [Hq, A+B] (natural log). Query head i uses KV head i / (Hq / Hkv).
+ *
+ * Visibility (APB.md 3.6):
+ *   anchor row i (0 <= i < A):   anchor keys 0..i. Nothing of P or B.
+ *   local row j  (0 <= j < B):   all P keys, all A keys, and local keys 0..j (when local_keys != 0).
+ * dense is P = A = 0; star is P = 0. With local_keys == 0 the local rows see P and A only (the ring
+ * step against a remote block, or decode on a host that does not own the new tokens): then kb/vb are
+ * unused and may be NULL. A row that sees no key at all gets o = 0 and lse = -inf.
+ *
+ * Two implementations of the same function:
+ *   apb_attn_naive: the oracle. Plain loops, double accumulation, two-pass softmax. The definition.
+ *   apb_attn_fast:  OpenMP over (KV head, row tile), OpenBLAS on tiles, online softmax in fp32, never a
+ *                   [rows x keys] buffer. Bitwise identical for any thread count and on every run.
+ * Tested in tests/check_attn.c (hand-worked cases, sweeps against the oracle, invariants).
+ */
+#ifndef APB_ATTN_H
+#define APB_ATTN_H
+
+#include <stdint.h>
+
+#include "apb/status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct apb_attn_args {
+  int64_t P, A, B;      /* passing keys, anchor rows/keys, local rows (and local keys if local_keys) */
+  int Hq, Hkv, D;       /* Hq % Hkv == 0; D >= 1 */
+  int local_keys;       /* 1: local rows see local keys causally (the usual case); 0: no local keys */
+  float scale;          /* softmax scale; 0 means 1/sqrt(D) */
+  const float *q;       /* [A+B, Hq, D] anchor rows first, then local rows */
+  const float *kp, *vp; /* [P, Hkv, D] passing block (may be NULL when P == 0) */
+  const float *ka, *va; /* [A, Hkv, D] anchor (may be NULL when A == 0) */
+  const float *kb, *vb; /* [B, Hkv, D] local block (may be NULL when B == 0 or local_keys == 0) */
+  float *o;             /* [A+B, Hq, D] out */
+  float *lse;           /* [Hq, A+B] out; may be NULL when not wanted */
+} apb_attn_args;
+
+/* Check shapes and pointers: counts >= 0, Hq % Hkv == 0, D >= 1, scale finite and >= 0, every
+ * pointer that the shape needs present. Returns APB_EINVAL with a message naming the field. */
+apb_status apb_attn_validate(const apb_attn_args *a, apb_error *err);
+
+/* The scale actually used (a->scale, or 1/sqrt(D) when it is 0). */
+float apb_attn_scale(const apb_attn_args *a);
+
+/* Attention FLOPs actually needed by the mask (4 * visible (row, key) pairs * D * Hq): the figure
+ * every benchmark divides by. */
+double apb_attn_flops(const apb_attn_args *a);
+
+apb_status apb_attn_naive(const apb_attn_args *a, apb_error *err);
+apb_status apb_attn_fast(const apb_attn_args *a, apb_error *err);
+
+/* LSE merge of n partial results of the same rows (APB.md 4): for each row r and head h
+ *   lse = log sum_i exp(lse_i), o = sum_i exp(lse_i - lse) * o_i.
+ * Partials with lse = -inf contribute nothing; a row where every partial is -inf gets o = 0 and
+ * lse = -inf (never NaN). o_parts[i] [T, Hq, D], lse_parts[i] [Hq, T]; o and lse may alias part 0. */
+apb_status apb_attn_merge(int n, const float *const *o_parts, const float *const *lse_parts, int64_t T,
+                          int Hq, int D, float *o, float *lse, apb_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* APB_ATTN_H */

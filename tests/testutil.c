@@ -1,0 +1,129 @@
+/* tests/testutil.c: see testutil.h. */
+#include "testutil.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static const uint32_t guard_bits = 0x7fa5a5a5u; /* a NaN payload nothing computes */
+
+uint64_t tu_seed(void) {
+  const char *s = getenv("APB_SEED");
+  if (s && *s) return strtoull(s, NULL, 0);
+  return TU_DEFAULT_SEED;
+}
+
+TCase *tu_tcase(const char *name, double timeout_s) {
+  TCase *tc = tcase_create(name);
+  tcase_set_timeout(tc, timeout_s);
+  return tc;
+}
+
+int tu_run(Suite *s, const char *name) {
+  fprintf(stderr, "%s: seed %llu (replay with APB_SEED=%llu)\n", name, (unsigned long long)tu_seed(),
+          (unsigned long long)tu_seed());
+  SRunner *sr = srunner_create(s);
+  srunner_run_all(sr, CK_NORMAL);
+  int failed = srunner_ntests_failed(sr);
+  srunner_free(sr);
+  return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
+
+float *tu_alloc(size_t n) {
+  float *p = malloc((n + TU_GUARD) * sizeof *p);
+  ck_assert_msg(p != NULL, "out of memory allocating %zu floats", n);
+  tu_poison(p, n);
+  return p;
+}
+
+void tu_poison(float *p, size_t n) {
+  for (size_t i = 0; i < n; i++) p[i] = NAN;
+  for (size_t i = 0; i < TU_GUARD; i++) memcpy(&p[n + i], &guard_bits, sizeof guard_bits);
+}
+
+int tu_guard_ok(const float *p, size_t n) {
+  for (size_t i = 0; i < TU_GUARD; i++)
+    if (memcmp(&p[n + i], &guard_bits, sizeof guard_bits) != 0) return 0;
+  return 1;
+}
+
+void tu_free(float *p) { free(p); }
+
+void tu_fill(float *p, size_t n, uint64_t seed, uint64_t stream, float amp) {
+  apb_rng r;
+  apb_rng_seed(&r, seed * 0x9E3779B97F4A7C15ull + stream);
+  apb_rng_fill_uniform(&r, p, n, -amp, amp);
+}
+
+void tu_assert_close_at(const char *file, int line, const char *what, const float *got, const float *ref,
+                        int64_t n, apb_tol tol) {
+  apb_cmp c;
+  int ok = apb_cmp_within(got, ref, n, &tol, &c);
+  if (!ok) {
+    fprintf(stderr, "%s:%d: seed %llu: %s out of tolerance (rel_fro <= %.3g, atol %.3g, rtol %.3g)\n  ",
+            file, line, (unsigned long long)tu_seed(), what, tol.rel_fro, tol.atol, tol.rtol);
+    apb_cmp_print(stderr, what, &c);
+  }
+  ck_assert_msg(ok,
+                "%s:%d seed %llu: %s: nan=%lld inf=%lld max_abs=%.4g @%lld (got %.9g ref %.9g) "
+                "max_rel=%.4g rel_fro=%.4g > %.3g",
+                file, line, (unsigned long long)tu_seed(), what, (long long)c.n_nan, (long long)c.n_inf,
+                c.max_abs, (long long)c.max_abs_idx, (double)c.worst_got, (double)c.worst_ref, c.max_rel,
+                c.rel_fro, tol.rel_fro);
+}
+
+void tu_assert_bitwise_at(const char *file, int line, const char *what, const float *a, const float *b,
+                          int64_t n) {
+  int64_t bad = -1;
+  for (int64_t i = 0; i < n; i++)
+    if (memcmp(&a[i], &b[i], sizeof *a) != 0) {
+      bad = i;
+      break;
+    }
+  ck_assert_msg(bad < 0, "%s:%d seed %llu: %s not bitwise equal: first difference at %lld (%.9g vs %.9g)",
+                file, line, (unsigned long long)tu_seed(), what, (long long)bad,
+                bad >= 0 ? (double)a[bad] : 0.0, bad >= 0 ? (double)b[bad] : 0.0);
+}
+
+char *tu_tmpname(const char *suffix) {
+  const char *dir = getenv("TMPDIR");
+  if (!dir || !*dir) dir = "/tmp";
+  static unsigned counter;
+  size_t len = strlen(dir) + strlen(suffix) + 64;
+  char *p = malloc(len);
+  ck_assert(p != NULL);
+  snprintf(p, len, "%s/apbtest-%ld-%u%s", dir, (long)getpid(), counter++, suffix);
+  return p;
+}
+
+int tu_sh(const char *cmdline, char **out) {
+  size_t len = strlen(cmdline) + 16;
+  char *full = malloc(len);
+  ck_assert(full != NULL);
+  snprintf(full, len, "(%s) 2>&1", cmdline);
+  FILE *fp = popen(full, "r");
+  free(full);
+  if (!fp) return -1;
+  size_t cap = 4096, n = 0;
+  char *buf = malloc(cap);
+  ck_assert(buf != NULL);
+  size_t got;
+  while ((got = fread(buf + n, 1, cap - n - 1, fp)) > 0) {
+    n += got;
+    if (cap - n < 2) {
+      cap *= 2;
+      buf = realloc(buf, cap);
+      ck_assert(buf != NULL);
+    }
+  }
+  buf[n] = 0;
+  int status = pclose(fp);
+  if (out)
+    *out = buf;
+  else
+    free(buf);
+  if (status == -1) return -1;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+}
