@@ -1,0 +1,111 @@
+/* src/cli.h: what every subcommand of the apb program shares.
+ *
+ * - The command table type and the prototypes of the command entry points (each lives in its own
+ *   src/cmd_*.c). A command is `int fn(int argc, char **argv)` with argv[0] its own name; it returns the
+ *   process exit code and never calls exit().
+ * - Exit codes: CLI_OK (0), CLI_FAIL (1: a runtime error, bad data in a file, or a failed comparison),
+ *   CLI_USAGE (2: the command line itself is wrong).
+ * - Reporting: every message goes to stderr as "apb CMD: what was wrong" followed by what to do.
+ *   cli_usage() adds "Try 'apb CMD --help' ..." and returns CLI_USAGE; cli_fail() returns CLI_FAIL;
+ *   cli_report() prints a library error as "apb CMD: <msg> (<status string>)" and returns CLI_FAIL.
+ * - Option parsing: cli_getopt() is getopt_long with its own messages (unknown option, missing value);
+ *   cli_parse_*() turn option values into checked numbers, lists and choices, naming the option and
+ *   the accepted range in the error.
+ * Not here: anything a command alone needs. The library (include/apb) never prints; this file is where
+ * printing starts. Tested through the program in tests/check_cli.c.
+ */
+#ifndef APB_CLI_H
+#define APB_CLI_H
+
+#include <getopt.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "apb/apb.h"
+
+enum { CLI_OK = 0, CLI_FAIL = 1, CLI_USAGE = 2 };
+
+typedef int (*cli_fn)(int argc, char **argv);
+
+/* One row of a command (or bench target) table. */
+typedef struct cli_command {
+  const char *name;    /* what the user types */
+  const char *summary; /* one line for the listing */
+  cli_fn fn;
+} cli_command;
+
+/* Command entry points (src/cmd_*.c). */
+int cmd_attn(int argc, char **argv);  /* src/cmd_attn.c */
+int cmd_cmp(int argc, char **argv);   /* src/cmd_cmp.c */
+int cmd_bench(int argc, char **argv); /* src/cmd_bench.c */
+int cmd_demo(int argc, char **argv);  /* src/cmd_bench.c */
+
+/* The row called name in table [n], or NULL. */
+const cli_command *cli_find(const cli_command *table, int n, const char *name);
+/* Print "  name   summary" for every row, names padded to a common width. */
+void cli_list(const cli_command *table, int n);
+/* Reset getopt and run fn(argc, argv): every command starts parsing from argv[1]. */
+int cli_call(cli_fn fn, int argc, char **argv);
+
+/* ---------------------------------------------------------------- reporting (stderr) */
+
+/* "apb CMD: <msg>" then "Try 'apb CMD --help' for the options and their defaults."; returns
+ * CLI_USAGE. cmd is the command as typed after "apb" ("attn", "bench attn"). */
+int cli_usage(const char *cmd, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+/* "apb CMD: <msg>"; returns CLI_FAIL. The message says what was wrong and what to do. */
+int cli_fail(const char *cmd, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+/* "apb CMD: <err->msg> (<status string>)"; returns CLI_FAIL. */
+int cli_report(const char *cmd, apb_status st, const apb_error *err);
+
+/* ---------------------------------------------------------------- options */
+
+/* getopt_long over argv with the short options derived from opts (every entry whose val is an
+ * alphanumeric character) and opterr off. Returns the matched val, -1 after the last option (then
+ * optind indexes the first operand), or '?' after printing a usage error (unknown option, missing
+ * value): the caller returns CLI_USAGE. Operands may come before, between or after options. */
+int cli_getopt(const char *cmd, int argc, char **argv, const struct option *opts);
+
+/* Parse s as a decimal integer with an optional binary suffix (K = 1024, M = 1024^2, G = 1024^3) in
+ * [lo, hi]. On error prints "apb CMD: OPT wants an integer in [lo, hi], got 's'" (cli_usage) and
+ * returns CLI_USAGE; returns 0 on success. */
+int cli_parse_i64(const char *cmd, const char *opt, const char *s, int64_t lo, int64_t hi, int64_t *out);
+/* As cli_parse_i64, for an int (lo and hi must fit in int). */
+int cli_parse_int(const char *cmd, const char *opt, const char *s, int lo, int hi, int *out);
+/* A finite decimal or exponent number in [lo, hi]. */
+int cli_parse_f64(const char *cmd, const char *opt, const char *s, double lo, double hi, double *out);
+/* A comma-separated list of 1..max integers, each in [lo, hi] (suffixes as cli_parse_i64), into
+ * out [max]; *n receives the count. */
+int cli_parse_i64_list(const char *cmd, const char *opt, const char *s, int64_t lo, int64_t hi,
+                       int64_t *out, int max, int *n);
+/* One of names [n]; *out receives its index. */
+int cli_parse_choice(const char *cmd, const char *opt, const char *s, const char *const *names, int n,
+                     int *out);
+
+/* ---------------------------------------------------------------- shared helpers */
+
+/* OpenMP and OpenBLAS thread counts; n <= 0 keeps the defaults (OMP_NUM_THREADS, else every core). */
+void cli_set_threads(int n);
+/* Threads an OpenMP parallel region will use now. */
+int cli_threads(void);
+/* Seconds from CLOCK_MONOTONIC. */
+double cli_now(void);
+
+/* "[3,4,5]" ("[]" for a scalar) into buf [cap]. */
+void cli_format_shape(char *buf, size_t cap, int ndim, const int64_t *shape);
+/* The row-major multi-index of element `flat` of a tensor of that shape, as "[3,0,17]". */
+void cli_format_index(char *buf, size_t cap, int ndim, const int64_t *shape, int64_t flat);
+
+/* Widen tensor t of file f to fp32 in a fresh malloc'd buffer (*out; free() it). */
+apb_status cli_read_tensor(const apb_st_file *f, const apb_st_tensor *t, float **out, apb_error *err);
+/* Index of the first NaN or Inf in x [n], or -1. */
+int64_t cli_first_nonfinite(const float *x, int64_t n);
+
+#endif /* APB_CLI_H */

@@ -1,2 +1,529 @@
-/* PLACEHOLDER */
-int main(void) { return 77; }
+/* tests/check_cli.c: the apb program, run as a user runs it ($APB_BIN, set by the Makefile), on files
+ * this suite writes itself with apb_st_write into temporary paths.
+ *
+ * - attn round trips (dense, star, apb; naive and fast; F32 and BF16 inputs; awkward sizes and GQA
+ *   ratios 1, 3, 4, 8): the program's o and lse against apb_attn_naive called here directly, bitwise
+ *   for --impl naive, within the fp32 tolerance table (k = keys) for --impl fast.
+ * - cmp: equal files pass (exit 0), also across dtypes; a perturbed element fails (exit 1) and is named
+ *   by its multi-index; NaN is counted and fails; tensors in one file only fail; an unreadable file is
+ *   exit 2; explicit and table tolerances.
+ * - every rejected input of attn (one loop test per row of bad_cases): a non-zero exit of the right
+ *   kind (1 bad data, 2 usage) and the message substring that tells the user what was wrong.
+ * - the dispatcher (help, version, unknown command), bench attn and demo on tiny shapes.
+ * Not here: the numerics of attention themselves (tests/check_attn.c). Each test spawns the program a
+ * few times; the whole suite takes a few seconds.
+ */
+#include <math.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "testutil.h"
+
+static const char *bin(void) {
+  const char *b = getenv("APB_BIN");
+  return b && *b ? b : APB_TEST_BUILDDIR "/apb";
+}
+
+/* Run "$APB_BIN <args>" (args printf-formatted); *out receives stdout+stderr (free it). */
+#if defined(__GNUC__)
+__attribute__((format(printf, 2, 3)))
+#endif
+static int apb(char **out, const char *fmt, ...) {
+  char args[4096], line[8192];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(args, sizeof args, fmt, ap);
+  va_end(ap);
+  snprintf(line, sizeof line, "'%s' %s", bin(), args);
+  int rc = tu_sh(line, out);
+  ck_assert_msg(rc >= 0, "could not run %s", line);
+  return rc;
+}
+
+#define assert_has(out, needle) \
+  ck_assert_msg(strstr((out), (needle)) != NULL, "expected '%s' in the output:\n%s", (needle), (out))
+
+/* ---------------------------------------------------------------- input files */
+
+typedef struct qkv_spec {
+  int64_t R, K;      /* q rows, k/v keys */
+  int Hq, Hkv, D;    /* 0: 4, 2 and 8 */
+  apb_dtype dtype;   /* of all three tensors (F32 or BF16 here) */
+  int q_rank2;       /* write q as [R, Hq*D] */
+  int64_t v_K;       /* v's key count when it should differ from k's (0: K) */
+  int k_D;           /* k's and v's head dim when it should differ from q's (0: D) */
+  int omit_v;
+  int64_t nan_k, inf_q; /* poison k[nan_k - 1] with NaN, q[inf_q - 1] with -Inf; 0: none */
+} qkv_spec;
+
+typedef struct qkv {
+  float *q, *k, *v; /* what the program sees, as fp32 (after BF16 rounding when dtype is BF16) */
+  int64_t nq, nk, nv;
+} qkv;
+
+/* Convert x [n] to dtype t in a fresh buffer (F32 is copied). */
+static void *to_dtype(const float *x, int64_t n, apb_dtype t) {
+  void *p = malloc((size_t)n * apb_dtype_size(t) + 1);
+  ck_assert(p != NULL);
+  ck_assert_int_eq(apb_from_f32(p, t, x, (size_t)n), 0);
+  return p;
+}
+
+/* Write q/k/v by spec to path; x receives the fp32 values (free with qkv_free). */
+static void write_qkv(const char *path, const qkv_spec *spec, uint64_t stream, qkv *x) {
+  qkv_spec sd = *spec, *s = &sd;
+  if (!s->Hq) s->Hq = 4;
+  if (!s->Hkv) s->Hkv = 2;
+  if (!s->D) s->D = 8;
+  int kD = s->k_D ? s->k_D : s->D;
+  int64_t vK = s->v_K ? s->v_K : s->K;
+  x->nq = s->R * s->Hq * s->D;
+  x->nk = s->K * s->Hkv * kD;
+  x->nv = vK * s->Hkv * kD;
+  x->q = malloc((size_t)x->nq * sizeof(float) + 1);
+  x->k = malloc((size_t)x->nk * sizeof(float) + 1);
+  x->v = malloc((size_t)x->nv * sizeof(float) + 1);
+  ck_assert(x->q && x->k && x->v);
+  tu_fill(x->q, (size_t)x->nq, tu_seed(), 3 * stream, 2.0f);
+  tu_fill(x->k, (size_t)x->nk, tu_seed(), 3 * stream + 1, 2.0f);
+  tu_fill(x->v, (size_t)x->nv, tu_seed(), 3 * stream + 2, 1.0f);
+  if (s->nan_k) x->k[s->nan_k - 1] = NAN;
+  if (s->inf_q) x->q[s->inf_q - 1] = -INFINITY;
+  if (s->dtype == APB_DT_BF16) {
+    apb_bf16_round_array(x->q, (size_t)x->nq);
+    apb_bf16_round_array(x->k, (size_t)x->nk);
+    apb_bf16_round_array(x->v, (size_t)x->nv);
+  }
+  void *dq = to_dtype(x->q, x->nq, s->dtype), *dk = to_dtype(x->k, x->nk, s->dtype);
+  void *dv = to_dtype(x->v, x->nv, s->dtype);
+  apb_st_entry e[3] = {
+      {.name = "q", .dtype = s->dtype, .ndim = 3, .shape = {s->R, s->Hq, s->D}, .data = dq},
+      {.name = "k", .dtype = s->dtype, .ndim = 3, .shape = {s->K, s->Hkv, kD}, .data = dk},
+      {.name = "v", .dtype = s->dtype, .ndim = 3, .shape = {vK, s->Hkv, kD}, .data = dv},
+  };
+  if (s->q_rank2) {
+    e[0].ndim = 2;
+    e[0].shape[1] = (int64_t)s->Hq * s->D;
+    e[0].shape[2] = 0;
+  }
+  apb_error err;
+  apb_error_clear(&err);
+  apb_status st = apb_st_write(path, s->omit_v ? 2 : 3, e, 0, NULL, NULL, &err);
+  ck_assert_msg(st == APB_OK, "writing %s: %s", path, err.msg);
+  free(dq);
+  free(dk);
+  free(dv);
+}
+
+static void qkv_free(qkv *x) {
+  free(x->q);
+  free(x->k);
+  free(x->v);
+}
+
+/* Read tensor name of path as fp32 (expected shape [d0, d1, d2] or [d0, d1] when d2 < 0). */
+static float *read_out(const char *path, const char *name, int64_t d0, int64_t d1, int64_t d2,
+                       apb_st_file **keep) {
+  apb_error err;
+  apb_error_clear(&err);
+  apb_st_file *f = NULL;
+  ck_assert_msg(apb_st_open(path, &f, &err) == APB_OK, "%s", err.msg);
+  int64_t dims[3] = {d0, d1, d2};
+  const apb_st_tensor *t;
+  ck_assert_msg(apb_st_get(f, name, d2 < 0 ? 2 : 3, dims, 0, &t, &err) == APB_OK, "%s", err.msg);
+  ck_assert_int_eq(t->dtype, APB_DT_F32);
+  int64_t n = apb_st_numel(t);
+  float *x = tu_alloc((size_t)n);
+  ck_assert_msg(apb_st_read_f32(f, t, x, &err) == APB_OK, "%s", err.msg);
+  if (keep) *keep = f;
+  else apb_st_close(f);
+  return x;
+}
+
+static const char *meta(const apb_st_file *f, const char *key) {
+  for (int i = 0; i < f->n_meta; i++)
+    if (strcmp(f->meta_keys[i], key) == 0) return f->meta_vals[i];
+  return "";
+}
+
+/* ---------------------------------------------------------------- attn round trips */
+
+typedef struct trip {
+  const char *method, *impl;
+  int64_t P, A, B;
+  int Hq, Hkv, D;
+  apb_dtype dtype;
+  const char *extra; /* more options */
+  float scale;       /* what extra sets, 0 for the default */
+} trip;
+
+static const trip trips[] = {
+    {"apb", "naive", 7, 5, 20, 4, 2, 16, APB_DT_F32, "", 0},
+    {"apb", "fast", 7, 5, 20, 4, 2, 16, APB_DT_F32, "--passing 7 --threads 2", 0},
+    {"apb", "fast", 113, 31, 97, 8, 1, 32, APB_DT_F32, "", 0},
+    {"apb", "naive", 11, 3, 13, 8, 1, 32, APB_DT_BF16, "--scale 0.3", 0.3f},
+    {"star", "naive", 0, 6, 17, 8, 2, 8, APB_DT_F32, "", 0},
+    {"star", "fast", 0, 6, 17, 8, 2, 8, APB_DT_F32, "--passing 0", 0},
+    {"dense", "naive", 0, 0, 23, 3, 1, 5, APB_DT_F32, "", 0},
+    {"dense", "fast", 0, 0, 129, 3, 3, 64, APB_DT_F32, "--threads 1", 0},
+    {"apb", "fast", 1, 0, 1, 1, 1, 1, APB_DT_F32, "", 0},
+};
+
+START_TEST(attn_round_trip) {
+  const trip *t = &trips[_i];
+  int64_t R = t->A + t->B, K = t->P + t->A + t->B;
+  qkv_spec s = {.R = R, .K = K, .Hq = t->Hq, .Hkv = t->Hkv, .D = t->D, .dtype = t->dtype};
+  char *in = tu_tmpname(".safetensors"), *outp = tu_tmpname(".safetensors"), *out = NULL;
+  qkv x;
+  write_qkv(in, &s, 100 + (uint64_t)_i, &x);
+  int rc = apb(&out, "attn --method %s --anchor %lld --impl %s %s --in '%s' --out '%s'", t->method,
+               (long long)t->A, t->impl, t->extra, in, outp);
+  ck_assert_msg(rc == 0, "case %d: exit %d:\n%s", _i, rc, out);
+  assert_has(out, outp);
+
+  apb_st_file *f = NULL;
+  float *o = read_out(outp, "o", R, t->Hq, t->D, &f);
+  float *lse = read_out(outp, "lse", t->Hq, R, -1, NULL);
+  ck_assert_str_eq(meta(f, "method"), t->method);
+  ck_assert_str_eq(meta(f, "impl"), t->impl);
+  ck_assert_int_eq(atoll(meta(f, "anchor")), t->A);
+  ck_assert_int_eq(atoll(meta(f, "passing")), t->P);
+  apb_st_close(f);
+
+  size_t row = (size_t)t->Hkv * (size_t)t->D;
+  float *o_ref = tu_alloc((size_t)(R * t->Hq * t->D)), *l_ref = tu_alloc((size_t)(R * t->Hq));
+  apb_attn_args a = {.P = t->P, .A = t->A, .B = t->B, .Hq = t->Hq, .Hkv = t->Hkv, .D = t->D,
+                     .local_keys = 1, .scale = t->scale, .q = x.q, .kp = x.k, .vp = x.v,
+                     .ka = x.k + (size_t)t->P * row, .va = x.v + (size_t)t->P * row,
+                     .kb = x.k + (size_t)(t->P + t->A) * row, .vb = x.v + (size_t)(t->P + t->A) * row,
+                     .o = o_ref, .lse = l_ref};
+  apb_error err;
+  apb_error_clear(&err);
+  ck_assert_msg(apb_attn_naive(&a, &err) == APB_OK, "%s", err.msg);
+  if (strcmp(t->impl, "naive") == 0) {
+    tu_assert_bitwise("o (naive through the program)", o, o_ref, R * t->Hq * t->D);
+    tu_assert_bitwise("lse (naive through the program)", lse, l_ref, R * t->Hq);
+  } else {
+    apb_tol tol = apb_tolerance(APB_PREC_F32, K);
+    tu_assert_close("o (fast through the program)", o, o_ref, R * t->Hq * t->D, tol);
+    tu_assert_close("lse (fast through the program)", lse, l_ref, R * t->Hq, tol);
+  }
+  tu_free(o);
+  tu_free(lse);
+  tu_free(o_ref);
+  tu_free(l_ref);
+  qkv_free(&x);
+  unlink(in);
+  unlink(outp);
+  free(in);
+  free(outp);
+  free(out);
+}
+END_TEST
+
+/* ---------------------------------------------------------------- attn: rejected inputs */
+
+typedef struct bad_case {
+  const char *what;
+  qkv_spec s;
+  const char *args; /* options after "attn"; @IN and @OUT stand for the input and output paths */
+  int exit_code;
+  const char *needle, *needle2; /* substrings of the message (needle2 may be NULL) */
+} bad_case;
+
+/* R rows and K keys of F32, Hq 4, Hkv 2, D 8 unless the fields after K set others. */
+#define SPEC(R_, K_, ...) {.R = R_, .K = K_, __VA_ARGS__}
+#define IO "--in @IN --out @OUT"
+#define APB_IO "--method apb " IO
+
+static const bad_case bad_cases[] = {
+    {"A larger than rows", SPEC(10, 14), "--method apb --anchor 11 " IO, 1, "--anchor 11",
+     "A must be <= R"},
+    {"P inconsistent with keys - rows", SPEC(25, 30), "--method apb --passing 10 " IO, 1,
+     "--passing 10 but k has 30 keys for 25 query rows: P must be keys - rows = 5", NULL},
+    {"fewer keys than rows", SPEC(25, 20), APB_IO, 1, "keys must be at least rows", NULL},
+    {"Hq not a multiple of Hkv", SPEC(6, 9, .Hq = 3), APB_IO, 1, "Hq = 3", "not a multiple of Hkv = 2"},
+    {"D differs between q and k", SPEC(6, 9, .k_D = 16), APB_IO, 1, "head dim D differs",
+     "q [6,4,8] has D = 8, k [9,2,16] has D = 16"},
+    {"k and v shapes differ", SPEC(6, 9, .v_K = 10), APB_IO, 1, "k [9,2,8] and v [10,2,8]",
+     "differ in shape"},
+    {"q of rank 2", SPEC(6, 9, .q_rank2 = 1), APB_IO, 1, "tensor 'q'",
+     "has rank 2 [6,32]; it must have rank 3 [R,Hq,D]"},
+    {"tensor v missing", SPEC(6, 9, .omit_v = 1), APB_IO, 1, "has no tensor 'v'", NULL},
+    {"NaN in k", SPEC(6, 9, .nan_k = 1 + 5 * 16 + 8 + 3), APB_IO, 1, "tensor 'k'",
+     "non-finite value (nan) at [5,1,3]"},
+    {"Inf in q", SPEC(6, 9, .inf_q = 1 + 2 * 32 + 7), APB_IO, 1, "tensor 'q'",
+     "non-finite value (-inf) at [2,0,7]"},
+    {"dense with a passing block", SPEC(6, 9), "--method dense " IO, 1,
+     "--method dense needs as many keys", "use --method apb"},
+    {"star with a passing block", SPEC(6, 9), "--method star --anchor 2 " IO, 1, "--method star", NULL},
+    {"dense with an anchor", SPEC(6, 6), "--method dense --anchor 2 " IO, 2,
+     "--method dense has no anchor", NULL},
+    {"missing --in", SPEC(6, 9), "--method apb --out @OUT", 2, "--in is required", "apb attn --help"},
+    {"missing --method", SPEC(6, 9), IO, 2, "--method is required", NULL},
+    {"nonexistent input file", SPEC(6, 9), "--method apb --in @IN.missing --out @OUT", 1,
+     ".missing: cannot open", NULL},
+    {"unknown --method", SPEC(6, 9), "--method ring " IO, 2,
+     "--method wants one of dense, star, apb; got 'ring'", NULL},
+    {"garbage --anchor", SPEC(6, 9), "--method apb --anchor abc " IO, 2,
+     "apb attn: --anchor wants an integer in [0, 1048576], got 'abc'", NULL},
+    {"negative --anchor", SPEC(6, 9), "--method apb --anchor -1 " IO, 2, "--anchor wants an integer", NULL},
+    {"garbage --scale", SPEC(6, 9), "--method apb --scale nan " IO, 2, "--scale wants a finite number", NULL},
+    {"unknown option", SPEC(6, 9), "--method apb --frobnicate 3 " IO, 2,
+     "unknown or ambiguous option '--frobnicate'", NULL},
+    {"option without its value", SPEC(6, 9), APB_IO " --anchor", 2, "option '--anchor' needs a value", NULL},
+    {"stray operand", SPEC(6, 9), APB_IO " extra", 2, "unexpected argument 'extra'", NULL},
+};
+
+/* args with @IN and @OUT replaced by 'in' and 'out' (quoted) into buf [cap]. */
+static void substitute(char *buf, size_t cap, const char *args, const char *in, const char *out) {
+  size_t k = 0;
+  for (const char *p = args; *p && k + 1 < cap;) {
+    const char *path = strncmp(p, "@IN", 3) == 0 ? in : strncmp(p, "@OUT", 4) == 0 ? out : NULL;
+    if (path) {
+      k += (size_t)snprintf(buf + k, cap - k, "'%s'", path);
+      p += path == in ? 3 : 4;
+    } else {
+      buf[k++] = *p++;
+    }
+    if (k >= cap) k = cap - 1;
+  }
+  buf[k] = 0;
+}
+
+START_TEST(attn_rejects) {
+  const bad_case *c = &bad_cases[_i];
+  char *in = tu_tmpname(".safetensors"), *outp = tu_tmpname(".safetensors"), *out = NULL;
+  qkv x;
+  write_qkv(in, &c->s, 200 + (uint64_t)_i, &x);
+  char args[2048];
+  substitute(args, sizeof args, c->args, in, outp);
+  int rc = apb(&out, "attn %s", args);
+  ck_assert_msg(rc == c->exit_code, "%s: exit %d, expected %d:\n%s", c->what, rc, c->exit_code, out);
+  assert_has(out, c->needle);
+  if (c->needle2) assert_has(out, c->needle2);
+  ck_assert_msg(strncmp(out, "apb attn: ", 10) == 0, "%s: message does not start with 'apb attn: ':\n%s",
+                c->what, out);
+  ck_assert_msg(access(outp, F_OK) != 0, "%s: an output file was written", c->what);
+  qkv_free(&x);
+  unlink(in);
+  free(in);
+  free(outp);
+  free(out);
+}
+END_TEST
+
+/* ---------------------------------------------------------------- cmp */
+
+/* Write tensors a [3,4,5] and b [7] (values from stream; a[ia] replaced by va when ia >= 0) as dtype t;
+ * with only_a, b is left out. */
+static void write_ab(const char *path, uint64_t stream, apb_dtype t, int64_t ia, float va, int only_a) {
+  float a[60], b[7];
+  tu_fill(a, 60, tu_seed(), stream, 3.0f);
+  tu_fill(b, 7, tu_seed(), stream + 1, 3.0f);
+  if (ia >= 0) a[ia] = va;
+  void *da = to_dtype(a, 60, t), *db = to_dtype(b, 7, t);
+  apb_st_entry e[2] = {{.name = "a", .dtype = t, .ndim = 3, .shape = {3, 4, 5}, .data = da},
+                       {.name = "b", .dtype = t, .ndim = 1, .shape = {7}, .data = db}};
+  apb_error err;
+  apb_error_clear(&err);
+  ck_assert_msg(apb_st_write(path, only_a ? 1 : 2, e, 0, NULL, NULL, &err) == APB_OK, "%s", err.msg);
+  free(da);
+  free(db);
+}
+
+/* The stored value of a[i] of write_ab(stream) with no replacement. */
+static float a_value(uint64_t stream, int64_t i) {
+  float a[60];
+  tu_fill(a, 60, tu_seed(), stream, 3.0f);
+  return a[i];
+}
+
+START_TEST(cmp_equal_and_perturbed) {
+  char *x = tu_tmpname(".safetensors"), *y = tu_tmpname(".safetensors"), *z = tu_tmpname(".safetensors");
+  char *out = NULL;
+  write_ab(x, 7, APB_DT_F32, -1, 0, 0);
+  write_ab(y, 7, APB_DT_F64, -1, 0, 0); /* same values, other dtype */
+
+  ck_assert_int_eq(apb(&out, "cmp '%s' '%s'", x, x), 0);
+  assert_has(out, "2 of 2 tensors within tolerance: PASS");
+  free(out);
+  ck_assert_int_eq(apb(&out, "cmp '%s' '%s' --prec exact", x, y), 0);
+  assert_has(out, "table exact: every element equal");
+  free(out);
+
+  /* a[37] = a[1,3,2] moved by 1e-2 relative: beyond 1e-5 in rel_fro, within --rel-fro 0.1 */
+  int64_t i = 1 * 20 + 3 * 5 + 2;
+  write_ab(z, 7, APB_DT_F32, i, a_value(7, i) * 1.01f + 0.01f, 0);
+  ck_assert_int_eq(apb(&out, "cmp '%s' '%s'", z, x), 1);
+  assert_has(out, "[1,3,2]");
+  assert_has(out, "FAIL");
+  assert_has(out, "a: FAIL: rel_fro");
+  assert_has(out, "1 of 2 tensors within tolerance: FAIL");
+  free(out);
+  ck_assert_int_eq(apb(&out, "cmp '%s' '%s' --rel-fro 0.1", z, x), 0);
+  free(out);
+  ck_assert_int_eq(apb(&out, "cmp '%s' '%s' --rtol 1e-6", z, x), 1);
+  assert_has(out, "outside the elementwise bound");
+  assert_has(out, "[1,3,2]");
+  free(out);
+  ck_assert_int_eq(apb(&out, "cmp '%s' '%s' --prec fp32 --k 4096", z, x), 1);
+  free(out);
+  ck_assert_int_eq(apb(&out, "cmp '%s' '%s' --atol 0 --rtol 0", z, x), 1);
+  assert_has(out, "every element equal");
+  free(out);
+  ck_assert_int_eq(apb(&out, "cmp '%s' '%s' --prec bf16 --rel-fro 1", z, x), 2);
+  assert_has(out, "not both");
+  free(out);
+
+  unlink(x);
+  unlink(y);
+  unlink(z);
+  free(x);
+  free(y);
+  free(z);
+}
+END_TEST
+
+START_TEST(cmp_nonfinite_missing_unreadable) {
+  char *x = tu_tmpname(".safetensors"), *y = tu_tmpname(".safetensors"), *z = tu_tmpname(".safetensors");
+  char *out = NULL;
+  write_ab(x, 9, APB_DT_F32, -1, 0, 0);
+  write_ab(y, 9, APB_DT_F32, 5, NAN, 0); /* a[0,1,0] */
+  ck_assert_int_eq(apb(&out, "cmp '%s' '%s'", y, x), 1);
+  assert_has(out, "1 NaN and 0 Inf mismatches, the first at [0,1,0]");
+  free(out);
+  /* a loose tolerance does not let NaN through */
+  ck_assert_int_eq(apb(&out, "cmp '%s' '%s' --rel-fro 1e30", y, x), 1);
+  assert_has(out, "NaN");
+  free(out);
+
+  write_ab(z, 9, APB_DT_F32, -1, 0, 1); /* a only */
+  ck_assert_int_eq(apb(&out, "cmp '%s' '%s'", z, x), 1);
+  assert_has(out, "only in B");
+  assert_has(out, ": b");
+  free(out);
+  ck_assert_int_eq(apb(&out, "cmp '%s' '%s'", x, z), 1);
+  assert_has(out, "only in A");
+  free(out);
+
+  ck_assert_int_eq(apb(&out, "cmp '%s' '%s.missing'", x, x), 2);
+  assert_has(out, ".missing: cannot open");
+  free(out);
+  ck_assert_int_eq(apb(&out, "cmp '%s'", x), 2);
+  assert_has(out, "wants two files");
+  free(out);
+  ck_assert_int_eq(apb(&out, "cmp '%s' '%s' --prec fp8", x, x), 2);
+  assert_has(out, "--prec wants one of fp32, tf32, bf16, f16, exact; got 'fp8'");
+  free(out);
+
+  unlink(x);
+  unlink(y);
+  unlink(z);
+  free(x);
+  free(y);
+  free(z);
+}
+END_TEST
+
+/* ---------------------------------------------------------------- dispatcher, bench, demo */
+
+START_TEST(dispatcher) {
+  char *out = NULL, *out2 = NULL;
+  ck_assert_int_eq(apb(&out, "frobnicate"), 2);
+  assert_has(out, "unknown command 'frobnicate'");
+  assert_has(out, "apb --help");
+  free(out);
+  ck_assert_int_eq(apb(&out, "--frobnicate"), 2);
+  free(out);
+
+  ck_assert_int_eq(apb(&out, "--help"), 0);
+  const char *cmds[] = {"attn", "cmp", "bench", "demo"};
+  for (int i = 0; i < 4; i++) assert_has(out, cmds[i]);
+  free(out);
+  ck_assert_int_eq(apb(&out, "help"), 0);
+  free(out);
+  ck_assert_int_eq(apb(&out, "--version"), 0);
+  assert_has(out, APB_VERSION_STRING);
+  free(out);
+
+  /* apb help CMD is apb CMD --help; the attn help documents the contract */
+  ck_assert_int_eq(apb(&out, "help attn"), 0);
+  ck_assert_int_eq(apb(&out2, "attn --help"), 0);
+  ck_assert_str_eq(out, out2);
+  assert_has(out, "lse  [Hq, R]");
+  assert_has(out, "save_file");
+  assert_has(out, "local row j");
+  free(out);
+  free(out2);
+  ck_assert_int_eq(apb(&out, "help nothing"), 2);
+  assert_has(out, "unknown command 'nothing'");
+  free(out);
+  const char *helps[] = {"cmp --help", "bench --help", "bench attn --help", "demo --help"};
+  for (int i = 0; i < 4; i++) {
+    ck_assert_int_eq(apb(&out, "%s", helps[i]), 0);
+    assert_has(out, "Usage: apb");
+    free(out);
+  }
+}
+END_TEST
+
+START_TEST(bench_and_demo) {
+  char *out = NULL;
+  ck_assert_int_eq(apb(&out, "bench attn --tokens 64,97 --hq 4 --hkv 2 --d 8 --reps 2 --gemm 64 --threads 2"),
+                   0);
+  assert_has(out, "M=N=K=64");
+  assert_has(out, "vs_sgemm");
+  assert_has(out, "      97");
+  free(out);
+  ck_assert_int_eq(apb(&out, "bench attn --tokens 33 --hq 2 --hkv 1 --d 4 --reps 1 --gemm 16 --json"), 0);
+  assert_has(out, "\"results\": [");
+  assert_has(out, "\"tokens\": 33");
+  free(out);
+  ck_assert_int_eq(apb(&out, "bench attn --tokens 64,,128"), 2);
+  assert_has(out, "--tokens wants a comma-separated list");
+  free(out);
+  ck_assert_int_eq(apb(&out, "bench attn --hq 3 --hkv 2"), 2);
+  free(out);
+  ck_assert_int_eq(apb(&out, "bench"), 2);
+  assert_has(out, "attn");
+  free(out);
+  ck_assert_int_eq(apb(&out, "bench nope"), 2);
+  assert_has(out, "unknown benchmark target 'nope'");
+  free(out);
+
+  ck_assert_int_eq(apb(&out, "demo --tokens 1500 --hosts 3 --hq 4 --hkv 2 --d 16 --seed 5"), 0);
+  assert_has(out, "PASS");
+  assert_has(out, "host 2 of 3");
+  free(out);
+  ck_assert_int_eq(apb(&out, "demo --tokens 300 --hosts 1 --d 8"), 0);
+  assert_has(out, "P 0 (passing) + A 0 (anchor) + B 300");
+  free(out);
+  ck_assert_int_eq(apb(&out, "demo --tokens 100 --hosts 4 --anchor 30"), 2);
+  assert_has(out, "l_a <= l_b");
+  free(out);
+}
+END_TEST
+
+static Suite *cli_suite(void) {
+  Suite *s = suite_create("cli");
+  TCase *tc = tu_tcase("attn_round_trip", 60);
+  tcase_add_loop_test(tc, attn_round_trip, 0, (int)(sizeof trips / sizeof trips[0]));
+  suite_add_tcase(s, tc);
+  tc = tu_tcase("attn_rejects", 60);
+  tcase_add_loop_test(tc, attn_rejects, 0, (int)(sizeof bad_cases / sizeof bad_cases[0]));
+  suite_add_tcase(s, tc);
+  tc = tu_tcase("cmp", 60);
+  tcase_add_test(tc, cmp_equal_and_perturbed);
+  tcase_add_test(tc, cmp_nonfinite_missing_unreadable);
+  suite_add_tcase(s, tc);
+  tc = tu_tcase("program", 60);
+  tcase_add_test(tc, dispatcher);
+  tcase_add_test(tc, bench_and_demo);
+  suite_add_tcase(s, tc);
+  return s;
+}
+
+int main(void) { return tu_run(cli_suite(), "check_cli"); }
