@@ -29,6 +29,8 @@ AC_DEFUN([APB_CHECK_MPI], [
   ])
   AC_PATH_PROGS([MPIRUN], [mpirun mpiexec], [])
   AS_IF([test "x$apb_have_mpi" = "xyes"], [AC_DEFINE([HAVE_MPI], [1], [Define to 1 when the MPI communicator is built.])])
+  AS_IF([test "x$apb_have_mpi" = "xyes" && test -n "$MPIRUN"],
+    [AC_DEFINE_UNQUOTED([APB_MPIRUN], ["$MPIRUN"], [The mpirun that tests use to start several hosts.])])
   AM_CONDITIONAL([HAVE_MPI], [test "x$apb_have_mpi" = "xyes"])
   AC_SUBST([MPI_CFLAGS]) AC_SUBST([MPI_LIBS]) AC_SUBST([MPIRUN])
 ])

@@ -1,0 +1,148 @@
+/* apb/sched.h: the schedules. One function runs one host's part (SPMD: rank r of H) of a prefill and
+ * the query/decode phase that follows, for any method, on any backend and communicator.
+ *
+ * Methods (shared/APB.md 5): dense (one host), ring, zigzag, ulysses (exact), star, apb (approximate).
+ * The layer code (norm, projections, RoPE, FFN, residuals) is written once; a method only decides
+ * which rows a host holds and how its attention is assembled (apb.c, ring.c, ulysses.c in sched/).
+ * After the prefill every host keeps the KV cache of its own document tokens; the query tokens and
+ * each generated token then run on every host with the LSE merge of APB.md 4 (sched/decode.c).
+ *
+ * Nothing here knows which backend or communicator it runs on, and nothing loops over hosts.
+ * Tested end to end in tests/check_sched.c (invariants of APB.md 6 on the tiny preset).
+ */
+#ifndef APB_SCHED_H
+#define APB_SCHED_H
+
+#include <stdint.h>
+
+#include "apb/backend.h"
+#include "apb/comm.h"
+#include "apb/model.h"
+#include "apb/status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define APB_MAX_HOSTS 1024
+
+typedef enum apb_method {
+  APB_METHOD_DENSE = 0,
+  APB_METHOD_RING,
+  APB_METHOD_ZIGZAG,
+  APB_METHOD_ULYSSES,
+  APB_METHOD_STAR,
+  APB_METHOD_APB,
+  APB_METHOD_COUNT
+} apb_method;
+
+typedef enum apb_scorer {
+  APB_SCORER_RETAINING = 0, /* Locret retaining heads (APB.md 3.2), APB's default */
+  APB_SCORER_RANDOM,        /* seeded uniform random scores */
+  APB_SCORER_UNIFORM,       /* evenly spaced tokens: stride T / l_p, the rest scored lower */
+  APB_SCORER_COUNT
+} apb_scorer;
+
+int apb_method_parse(const char *s, apb_method *out);   /* 0 or -1 */
+const char *apb_method_name(apb_method m);
+int apb_scorer_parse(const char *s, apb_scorer *out);
+const char *apb_scorer_name(apb_scorer s);
+
+/* Every length and count of a run; -1 (or the stated value) selects the documented default. */
+typedef struct apb_run_opts {
+  apb_method method;
+  int hosts;                /* H >= 1 (dense: ignored, runs on one host) */
+  int64_t anchor;           /* l_a; -1: apb min(l_b/4, 8192), star l_b (APB.md 2, 5) */
+  int64_t passing;          /* l_p; -1: l_a / 2 */
+  int64_t query_offset;     /* s; -1: 0 */
+  int embed_query;          /* -1: apb 1, star 0 */
+  apb_scorer scorer;        /* default APB_SCORER_RETAINING */
+  int pool;                 /* max-pool window w, odd; -1: 5 */
+  uint64_t seed;            /* random scorer */
+  int64_t max_new_tokens;   /* greedy decode steps after the query (>= 0) */
+  int64_t ffn_chunk;        /* rows per FFN chunk; -1: 8192 */
+} apb_run_opts;
+
+/* Defaults: method apb, hosts 1, everything else -1 / 0 as above, scorer retaining, 0 new tokens. */
+void apb_run_opts_default(apb_run_opts *o);
+
+/* The resolved plan of a run: every default applied and every rule checked (APB.md 2-3), and the
+ * token layout of each host. Computed identically on every host from (opts, n, q_len, model). */
+typedef struct apb_plan {
+  apb_run_opts o;           /* with defaults resolved */
+  int H;                    /* hosts actually used (1 for dense) */
+  int64_t n, q_len;         /* document and query tokens */
+  int64_t la, lp, s;        /* anchor, passing, query offset */
+  int embed_query;
+  int pool;
+  int64_t lb;               /* block length used for defaults and checks: block 0's (the largest) */
+  int64_t block_start[APB_MAX_HOSTS + 1];     /* host h holds [block_start[h], block_start[h+1]) */
+  int64_t chunk_start[2 * APB_MAX_HOSTS + 1]; /* zigzag: 2H chunks; host h holds h and 2H-1-h */
+  int64_t n_sel[APB_MAX_HOSTS];               /* apb: compressed rows C_h per KV head (0 for H-1) */
+  int64_t excl0;            /* apb: document tokens host 0 excludes from selection (held by the anchor) */
+  int64_t ffn_chunk;        /* rows per FFN chunk (bounds the [rows, 2F] intermediate) */
+} apb_plan;
+
+/* Resolve defaults and validate. Errors name the option: more hosts than tokens, l_a > l_b, l_p < 0,
+ * query longer than the anchor allows, ulysses with H not dividing Hkv (and Hq), pool not odd, ... */
+apb_status apb_plan_make(const apb_run_opts *o, int64_t n, int64_t q_len, const apb_model_config *cfg,
+                         int scorer_width, apb_plan *plan, apb_error *err);
+
+/* Per-stage hook: called (when set) with a host copy of every intermediate, fp32 unless noted.
+ * Stages: "input" [T, E], "qkv" [T, (Hq+2Hkv)D] (pre-RoPE), "q" [T,Hq,D], "k" "v" [T,Hkv,D]
+ * (post-RoPE), "scores" [Hkv, B] (after pooling), "selected" [Hkv, k] (int32 as float), "passing_k"
+ * "passing_v" [P, Hkv, D], "attn_o" [T, Hq, D], "attn_lse" [Hq, T], "layer_out" [T, E],
+ * "final_hidden" [T, E] (layer -1), "logits" [V] (layer -1, phase query/decode).
+ * `rows` names the host's rows: T and the position of each row are in the call. */
+typedef struct apb_hook_info {
+  const char *stage;
+  const char *phase;        /* "prefill", "query", "decode" */
+  int layer;                /* -1 for stages outside layers */
+  int host;
+  int ndim;
+  int64_t shape[4];
+  const float *data;        /* host memory, valid during the call */
+} apb_hook_info;
+typedef void (*apb_hook_fn)(void *user, const apb_hook_info *info);
+
+typedef struct apb_host_stats {
+  double prefill_s, query_s, decode_s;   /* wall time on this host */
+  double attn_flops;                     /* useful attention FLOPs of this host's prefill */
+  double linear_flops;                   /* projection, FFN and scorer FLOPs of this host's prefill */
+  int64_t bytes_sent;                    /* over all collectives (prefill + decode) */
+  int64_t peak_bytes;                    /* backend memory high-water mark of this host */
+} apb_host_stats;
+
+/* What one host returns. Buffers are host memory, allocated by apb_host_run (free with
+ * apb_host_result_free). */
+typedef struct apb_host_result {
+  int64_t n_rows;           /* document tokens this host holds (its KV cache rows) */
+  int64_t *row_pos;         /* [n_rows] their positions (document order not guaranteed: zigzag) */
+  float *hidden;            /* [n_rows, E] final hidden states (after the final norm) */
+  float *logits;            /* [V] logits of the last query token (every host has them) */
+  int64_t n_generated;
+  int32_t *generated;       /* [n_generated] greedy tokens (identical on every host) */
+  apb_host_stats stats;
+} apb_host_result;
+
+typedef struct apb_host_args {
+  const apb_plan *plan;
+  const apb_bmodel *bm;     /* weights on this host's backend kind */
+  apb_backend *be;
+  apb_comm *comm;           /* comm->size == plan->H, comm->rank is this host */
+  const int32_t *doc;       /* [n] document token ids (host memory; every host gets all) */
+  const int32_t *query;     /* [q_len] query token ids */
+  apb_hook_fn hook;         /* may be NULL */
+  void *hook_user;
+  int want_hidden;          /* fill result->hidden */
+} apb_host_args;
+
+/* Run this host's prefill, query and decode. On failure the caller reports the error and then calls
+ * comm->ops->abort, so that the peers return APB_ECOMM instead of waiting forever. */
+apb_status apb_host_run(const apb_host_args *a, apb_host_result *res, apb_error *err);
+void apb_host_result_free(apb_host_result *r);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* APB_SCHED_H */

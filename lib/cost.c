@@ -1,0 +1,130 @@
+/* lib/cost.c: the cost model (apb/cost.h). Each count mirrors one place of the schedules (sched/):
+ * attention pairs as sched_attn_flops, linear FLOPs as sched_linear, bytes as the communicator's
+ * logical counts. Changing a schedule means changing its mirror here; tests/check_sched.c fails
+ * otherwise. */
+#include <string.h>
+
+#include "apb/cost.h"
+
+void apb_hw_default(apb_hw *hw) {
+  hw->attn_flops_s = 5.9e14;
+  hw->gemm_flops_s = 7.48e14;
+  hw->mem_bytes_s = 3.0e12;
+  hw->link_bytes_s = 2.74e11;
+  hw->link_latency_s = 2e-5;
+}
+
+/* visible (row, key) pairs of one segmented attention call (apb/attn.h) */
+static double pairs(int64_t P, int64_t A, int64_t B, int local_keys) {
+  double x = (double)A * (double)(A + 1) / 2.0 + (double)B * (double)(P + A);
+  if (local_keys) x += (double)B * (double)(B + 1) / 2.0;
+  return x;
+}
+
+static int64_t blk(const apb_plan *p, int r) { return p->block_start[r + 1] - p->block_start[r]; }
+static int64_t chunk(const apb_plan *p, int c) { return p->chunk_start[c + 1] - p->chunk_start[c]; }
+
+apb_status apb_cost_plan(const apb_plan *p, const apb_model_config *cfg, int scorer_width, int act_bytes,
+                         const apb_hw *hw, apb_cost *out, apb_error *err) {
+  int H = p->H, L = cfg->n_layers, Hq = cfg->n_heads, Hkv = cfg->n_kv_heads, D = cfg->head_dim;
+  double E = cfg->hidden, F = cfg->ffn, QKV = (double)(Hq + 2 * Hkv) * D, es = act_bytes;
+  if (act_bytes <= 0) return apb_error_set(err, APB_EINVAL, "cost model: act_bytes must be positive");
+  apb_method m = p->o.method;
+  for (int r = 0; r < H; r++) {
+    apb_cost *c = &out[r];
+    memset(c, 0, sizeof *c);
+    int64_t A = 0, B = blk(p, r);
+    if ((m == APB_METHOD_STAR || m == APB_METHOD_APB) && r > 0) A = p->la;
+    if (m == APB_METHOD_ZIGZAG) B = chunk(p, r) + chunk(p, 2 * H - 1 - r);
+    if (m == APB_METHOD_DENSE) B = p->n;
+    int64_t T = A + B;
+    double pr = 0; /* pairs per layer, counted in units of one head of dimension D */
+    double hq_eff = Hq;
+    double kvrow = (double)Hkv * D * es;
+    switch (m) {
+    case APB_METHOD_DENSE:
+    case APB_METHOD_STAR: pr = pairs(0, A, B, 1); break;
+    case APB_METHOD_APB: {
+      int64_t P = 0;
+      for (int s = 0; s < r; s++) P += p->n_sel[s];
+      pr = pairs(H > 1 && p->lp > 0 ? P : 0, A, B, 1);
+      if (H > 1 && p->lp > 0) {
+        int64_t others = 0;
+        for (int s = 0; s < H; s++)
+          if (s != r) others += p->n_sel[s];
+        c->bytes_sent = 2 * (int64_t)((double)p->n_sel[r] * kvrow) * (H - 1);
+        c->bytes_recv = 2 * (int64_t)((double)others * kvrow);
+        c->collectives = 2;
+        if (p->n_sel[r] > 0 && p->o.scorer == APB_SCORER_RETAINING)
+          c->linear_flops += 2.0 * (double)B * scorer_width * (QKV + Hkv);
+      }
+      break;
+    }
+    case APB_METHOD_RING: {
+      pr = pairs(0, 0, B, 1);
+      for (int s = 1; s < H; s++) {
+        int j = (r - s + H) % H, jsend = (r - s + 1 + H) % H;
+        if (j < r) pr += (double)B * (double)blk(p, j);
+        c->bytes_sent += (int64_t)(2.0 * (double)blk(p, jsend) * kvrow);
+        c->bytes_recv += (int64_t)(2.0 * (double)blk(p, j) * kvrow);
+      }
+      c->collectives = H - 1;
+      break;
+    }
+    case APB_METHOD_ZIGZAG: {
+      int64_t c0 = chunk(p, r), c1 = chunk(p, 2 * H - 1 - r);
+      pr = pairs(0, 0, c0, 1) + pairs(c0, 0, c1, 1);
+      for (int s = 1; s < H; s++) {
+        int j = (r - s + H) % H, jsend = (r - s + 1 + H) % H;
+        int64_t j0 = chunk(p, j), jall = j0 + chunk(p, 2 * H - 1 - j);
+        int64_t sall = chunk(p, jsend) + chunk(p, 2 * H - 1 - jsend);
+        if (j < r) pr += (double)c0 * (double)j0;
+        pr += (double)c1 * (double)(j > r ? jall : j0);
+        c->bytes_sent += (int64_t)(2.0 * (double)sall * kvrow);
+        c->bytes_recv += (int64_t)(2.0 * (double)jall * kvrow);
+      }
+      c->collectives = H - 1;
+      break;
+    }
+    case APB_METHOD_ULYSSES: {
+      hq_eff = (double)Hq / H;
+      pr = pairs(0, 0, p->n, 1);
+      double hd_q = (double)(Hq / H) * D * es, hd_kv = (double)(Hkv / H) * D * es;
+      for (int d = 0; d < H; d++) {
+        if (d == r) continue;
+        /* q, k, v out; o and lse back */
+        c->bytes_sent += (int64_t)((double)B * hd_q) + 2 * (int64_t)((double)B * hd_kv) +
+                         (int64_t)((double)blk(p, d) * hd_q) + (int64_t)((double)blk(p, d) * (Hq / H) * 4.0);
+        c->bytes_recv += (int64_t)((double)blk(p, d) * hd_q) + 2 * (int64_t)((double)blk(p, d) * hd_kv) +
+                         (int64_t)((double)B * hd_q) + (int64_t)((double)B * (Hq / H) * 4.0);
+      }
+      c->collectives = 5;
+      break;
+    }
+    case APB_METHOD_COUNT: return apb_error_set(err, APB_EINVAL, "cost model: unknown method");
+    }
+    c->attn_flops = 4.0 * pr * D * hq_eff * L;
+    c->linear_flops = L * (c->linear_flops + 2.0 * (double)T * (E * QKV + (double)Hq * D * E + E * 2 * F + F * E));
+    c->bytes_sent *= L, c->bytes_recv *= L, c->collectives *= L;
+    /* elementwise traffic per layer: 2 norms (read+write), 2 residual adds (2 reads + write), RoPE
+     * (read QKV, write q/k/v), SwiGLU (read 2F, write F), attention output and KV cache copy */
+    double elem = (double)T * (E * es * (2 * 2 + 2 * 3) + QKV * es * 2 + F * es * 3 + (double)Hq * D * es) +
+                  (double)B * kvrow * 4;
+    c->elem_bytes = elem * L;
+    /* decode: per pass and layer, all-gather of (o, lse) for its rows; per generated token after the
+     * first a bcast of the token id from the last host */
+    if (H > 1) {
+      int64_t rows = p->q_len + (p->o.max_new_tokens > 1 ? p->o.max_new_tokens - 1 : 0);
+      int64_t passes = 1 + (p->o.max_new_tokens > 1 ? p->o.max_new_tokens - 1 : 0);
+      c->dec_bytes_sent = (int64_t)L * rows * ((int64_t)Hq * D * act_bytes + (int64_t)Hq * 4) * (H - 1);
+      c->dec_collectives = (int64_t)L * passes * 2 + p->o.max_new_tokens;
+      if (r == H - 1) c->dec_bytes_sent += p->o.max_new_tokens * 4 * (int64_t)(H - 1);
+    }
+    c->t_attn = c->attn_flops / hw->attn_flops_s;
+    c->t_linear = c->linear_flops / hw->gemm_flops_s;
+    c->t_elem = c->elem_bytes / hw->mem_bytes_s;
+    c->t_comm = (double)c->bytes_sent / hw->link_bytes_s + (double)c->collectives * hw->link_latency_s;
+    c->t_total = c->t_attn + c->t_linear + c->t_elem + c->t_comm;
+  }
+  return APB_OK;
+}

@@ -1,0 +1,127 @@
+/* sched/plan.c: method and scorer names, run defaults, and the plan of a run (apb/sched.h).
+ *
+ * Implements the rules of shared/APB.md 2-3: blocks split evenly with the remainder spread one token
+ * each over the first hosts (no padding); l_a default min(l_b/4, 8192) for apb and l_b for star, l_p
+ * default l_a/2; the anchor embeds the query at offset s (apb) or not (star); q_len < l_a - s when
+ * embedded; l_a <= l_b; host 0 excludes from selection the document tokens the anchor holds; host
+ * H-1's compressed block is needed by no one and is not computed. Every violation is an APB_EINVAL
+ * naming the option and the numbers. Tested in tests/check_sched.c.
+ */
+#include <string.h>
+
+#include "apb/sched.h"
+
+static const char *const method_names[APB_METHOD_COUNT] = {"dense", "ring", "zigzag", "ulysses", "star", "apb"};
+static const char *const scorer_names[APB_SCORER_COUNT] = {"retaining", "random", "uniform"};
+
+int apb_method_parse(const char *s, apb_method *out) {
+  for (int i = 0; i < APB_METHOD_COUNT; i++)
+    if (strcmp(s, method_names[i]) == 0) return *out = (apb_method)i, 0;
+  return -1;
+}
+const char *apb_method_name(apb_method m) { return (unsigned)m < APB_METHOD_COUNT ? method_names[m] : "?"; }
+
+int apb_scorer_parse(const char *s, apb_scorer *out) {
+  for (int i = 0; i < APB_SCORER_COUNT; i++)
+    if (strcmp(s, scorer_names[i]) == 0) return *out = (apb_scorer)i, 0;
+  return -1;
+}
+const char *apb_scorer_name(apb_scorer s) { return (unsigned)s < APB_SCORER_COUNT ? scorer_names[s] : "?"; }
+
+void apb_run_opts_default(apb_run_opts *o) {
+  memset(o, 0, sizeof *o);
+  o->method = APB_METHOD_APB;
+  o->hosts = 1;
+  o->anchor = -1;
+  o->passing = -1;
+  o->query_offset = -1;
+  o->embed_query = -1;
+  o->scorer = APB_SCORER_RETAINING;
+  o->pool = -1;
+  o->seed = 0;
+  o->max_new_tokens = 0;
+  o->ffn_chunk = -1;
+}
+
+static void split_even(int64_t n, int parts, int64_t *start) {
+  int64_t q = n / parts, rem = n % parts, at = 0;
+  for (int i = 0; i < parts; i++) {
+    start[i] = at;
+    at += q + (i < rem ? 1 : 0);
+  }
+  start[parts] = n;
+}
+
+apb_status apb_plan_make(const apb_run_opts *o, int64_t n, int64_t q_len, const apb_model_config *cfg,
+                         int scorer_width, apb_plan *p, apb_error *err) {
+  memset(p, 0, sizeof *p);
+  p->o = *o;
+  if ((unsigned)o->method >= APB_METHOD_COUNT)
+    return apb_error_set(err, APB_EINVAL, "--method: unknown method %d", (int)o->method);
+  if ((unsigned)o->scorer >= APB_SCORER_COUNT)
+    return apb_error_set(err, APB_EINVAL, "--scorer: unknown scorer %d", (int)o->scorer);
+  if (n < 1) return apb_error_set(err, APB_EINVAL, "the document is empty: at least one token is needed");
+  if (q_len < 1) return apb_error_set(err, APB_EINVAL, "--query-len: the query needs at least one token, got %lld",
+                                      (long long)q_len);
+  if (o->max_new_tokens < 0)
+    return apb_error_set(err, APB_EINVAL, "--max-new-tokens must be >= 0, got %lld", (long long)o->max_new_tokens);
+  int H = o->method == APB_METHOD_DENSE ? 1 : o->hosts;
+  if (H < 1 || H > APB_MAX_HOSTS)
+    return apb_error_set(err, APB_EINVAL, "--hosts must be in [1, %d], got %d", APB_MAX_HOSTS, o->hosts);
+  int64_t min_tokens = o->method == APB_METHOD_ZIGZAG ? 2 * (int64_t)H : H;
+  if (n < min_tokens)
+    return apb_error_set(err, APB_EINVAL, "%d hosts need at least %lld document tokens for %s; the document has %lld",
+                         H, (long long)min_tokens, apb_method_name(o->method), (long long)n);
+  p->H = H;
+  p->n = n;
+  p->q_len = q_len;
+  p->ffn_chunk = o->ffn_chunk < 0 ? 8192 : o->ffn_chunk;
+  if (p->ffn_chunk < 1)
+    return apb_error_set(err, APB_EINVAL, "--ffn-chunk must be >= 1 row, got %lld", (long long)o->ffn_chunk);
+  split_even(n, H, p->block_start);
+  split_even(n, 2 * H, p->chunk_start);
+  p->lb = p->block_start[1] - p->block_start[0];
+
+  if (o->method == APB_METHOD_ULYSSES && (cfg->n_kv_heads % H != 0))
+    return apb_error_set(err, APB_EINVAL, "ulysses splits heads over hosts: %d hosts must divide the %d KV heads "
+                         "(and %d query heads)", H, cfg->n_kv_heads, cfg->n_heads);
+
+  int approx = o->method == APB_METHOD_STAR || o->method == APB_METHOD_APB;
+  p->pool = o->pool < 0 ? (o->scorer == APB_SCORER_RETAINING ? 5 : 1) : o->pool;
+  if (!approx) return APB_OK;
+
+  int is_apb = o->method == APB_METHOD_APB;
+  p->la = o->anchor >= 0 ? o->anchor : is_apb ? (p->lb / 4 < 8192 ? p->lb / 4 : 8192) : p->lb;
+  if (p->la > p->lb)
+    return apb_error_set(err, APB_EINVAL, "--anchor %lld exceeds the block length l_b = %lld (APB.md 3: l_a <= l_b)",
+                         (long long)p->la, (long long)p->lb);
+  p->embed_query = o->embed_query >= 0 ? o->embed_query : is_apb;
+  p->s = o->query_offset >= 0 ? o->query_offset : 0;
+  if (!p->embed_query && o->query_offset > 0)
+    return apb_error_set(err, APB_EINVAL, "--query-offset %lld given but the query is not embedded in the anchor",
+                         (long long)o->query_offset);
+  if (p->embed_query && !(q_len < p->la - p->s))
+    return apb_error_set(err, APB_EINVAL,
+                         "the query (%lld tokens) does not fit in the anchor: APB.md 3 needs q_len < l_a - s "
+                         "(l_a %lld, s %lld); raise --anchor, lower --query-offset, or pass --embed-query 0",
+                         (long long)q_len, (long long)p->la, (long long)p->s);
+  if (!is_apb) {
+    if (o->passing > 0)
+      return apb_error_set(err, APB_EINVAL, "--passing %lld: star has no passing block", (long long)o->passing);
+    return APB_OK;
+  }
+  p->lp = o->passing >= 0 ? o->passing : p->la / 2;
+  if (p->pool < 1 || p->pool % 2 == 0)
+    return apb_error_set(err, APB_EINVAL, "--pool must be an odd window >= 1, got %d", p->pool);
+  if (p->lp > 0 && o->scorer == APB_SCORER_RETAINING && scorer_width <= 0)
+    return apb_error_set(err, APB_EINVAL, "the retaining scorer needs retaining heads (fc1/fc2), and this model has "
+                         "none: pass --heads FILE, or --scorer random|uniform");
+  p->excl0 = p->embed_query ? p->la - q_len : p->la;
+  for (int h = 0; h < H; h++) {
+    int64_t len = p->block_start[h + 1] - p->block_start[h];
+    int64_t eligible = h == 0 ? len - p->excl0 : len;
+    if (eligible < 0) eligible = 0;
+    p->n_sel[h] = h == H - 1 ? 0 : (p->lp < eligible ? p->lp : eligible);
+  }
+  return APB_OK;
+}

@@ -1,0 +1,125 @@
+/* sched/ring.c: ring and zigzag attention (shared/APB.md 5), exact.
+ *
+ * ring: host h holds block h. It attends its own block causally, then for H-1 steps passes the K/V it
+ * holds to host h+1 and receives from host h-1 (sendrecv); a block from an earlier host is attended in
+ * full, a later host's block is passed on unused (the naive ring of the paper's baseline). Partial
+ * results are merged by LSE in arrival order, identically on every run.
+ * zigzag: the document is cut into 2H chunks and host h holds chunks h and 2H-1-h, so every host does
+ * the same causal work. Chunk c of queries sees chunk c' fully when c' < c and causally when c' == c.
+ * The K/V of both chunks travel together around the ring.
+ * The K/V buffer of a host is [k | v] of all its rows (host_ctx.kv), sent as is.
+ */
+#include <stdlib.h>
+
+#include "sched_int.h"
+
+typedef struct ring_state {
+  void *buf[2];             /* receive buffers [2, rows, Hkv, D] of the largest block */
+  void *o_tmp;              /* [rows, Hq, D] */
+  float *lse_tmp;           /* [Hq, rows] */
+  float *lse_lo, *lse_hi;   /* zigzag: [Hq, c0], [Hq, c1] */
+} ring_state;
+
+static int64_t rows_of(const host_ctx *h, int r) {
+  const apb_plan *p = h->p;
+  if (p->o.method == APB_METHOD_ZIGZAG)
+    return (p->chunk_start[r + 1] - p->chunk_start[r]) + (p->chunk_start[2 * h->H - r] - p->chunk_start[2 * h->H - 1 - r]);
+  return p->block_start[r + 1] - p->block_start[r];
+}
+
+static apb_status ring_setup(host_ctx *h, apb_error *err) {
+  ring_state *s = calloc(1, sizeof *s);
+  if (!s) return apb_error_set(err, APB_ENOMEM, "ring: out of memory");
+  h->mstate = s;
+  int64_t maxrows = 0;
+  for (int r = 0; r < h->H; r++) maxrows = rows_of(h, r) > maxrows ? rows_of(h, r) : maxrows;
+  size_t kvb = 2 * (size_t)maxrows * (size_t)h->Hkv * h->D * h->es;
+  apb_status st;
+  if ((st = sched_alloc(h, kvb, &s->buf[0], err)) || (st = sched_alloc(h, kvb, &s->buf[1], err)) ||
+      (st = sched_alloc(h, (size_t)h->B * (size_t)h->Hq * h->D * h->es, &s->o_tmp, err)) ||
+      (st = sched_alloc(h, (size_t)h->B * (size_t)h->Hq * sizeof(float), (void **)&s->lse_tmp, err)) ||
+      (st = sched_alloc(h, (size_t)h->B * (size_t)h->Hq * sizeof(float), (void **)&s->lse_lo, err)) ||
+      (st = sched_alloc(h, (size_t)h->B * (size_t)h->Hq * sizeof(float), (void **)&s->lse_hi, err)))
+    return st;
+  return APB_OK;
+}
+
+static void ring_teardown(host_ctx *h) {
+  ring_state *s = h->mstate;
+  if (!s) return;
+  sched_free(h, s->buf[0]), sched_free(h, s->buf[1]), sched_free(h, s->o_tmp);
+  sched_free(h, s->lse_tmp), sched_free(h, s->lse_lo), sched_free(h, s->lse_hi);
+  free(s);
+  h->mstate = NULL;
+}
+
+/* rows [row0, row0+n) of this host attend P keys at kp/vp fully; merged into (o rows, lse_acc [Hq, n]). */
+static apb_status attend_full_merge(host_ctx *h, ring_state *s, int64_t row0, int64_t n, const void *kp,
+                                    const void *vp, int64_t P, float *lse_acc, apb_error *err) {
+  int64_t qw = (int64_t)h->Hq * h->D;
+  void *o_acc = sched_row(h, h->o, row0, qw);
+  apb_battn_args a = {.P = P, .A = 0, .B = n, .Hq = h->Hq, .Hkv = h->Hkv, .D = h->D, .local_keys = 0,
+                      .q = sched_row(h, h->q, row0, qw), .kp = kp, .vp = vp, .o = s->o_tmp, .lse = s->lse_tmp};
+  apb_status st = sched_attn(h, &a, err);
+  const void *op[2] = {o_acc, s->o_tmp};
+  const float *lp[2] = {lse_acc, s->lse_tmp};
+  if (!st) st = h->be->ops->merge(h->be, 2, op, lp, n, h->Hq, h->D, o_acc, lse_acc, err);
+  return st;
+}
+
+static apb_status ring_attend(host_ctx *h, int layer, apb_error *err) {
+  (void)layer;
+  ring_state *s = h->mstate;
+  int H = h->H, r = h->r, zig = h->p->o.method == APB_METHOD_ZIGZAG;
+  const apb_plan *p = h->p;
+  int64_t kvw = (int64_t)h->Hkv * h->D;
+  size_t row = (size_t)kvw * h->es;
+  int64_t c0 = zig ? p->chunk_start[r + 1] - p->chunk_start[r] : h->B, c1 = h->B - c0;
+  float *lse_lo = zig ? s->lse_lo : h->lse;
+  apb_status st;
+  /* own rows: lo part causal; zigzag's hi chunk sees the lo chunk fully and itself causally */
+  apb_battn_args a = {.P = 0, .A = 0, .B = c0, .Hq = h->Hq, .Hkv = h->Hkv, .D = h->D, .local_keys = 1,
+                      .q = h->q, .kb = h->k, .vb = h->v, .o = h->o, .lse = lse_lo};
+  if ((st = sched_attn(h, &a, err))) return st;
+  if (zig) {
+    apb_battn_args b = {.P = c0, .A = 0, .B = c1, .Hq = h->Hq, .Hkv = h->Hkv, .D = h->D, .local_keys = 1,
+                        .q = sched_row(h, h->q, c0, (int64_t)h->Hq * h->D), .kp = h->k, .vp = h->v,
+                        .kb = sched_row(h, h->k, c0, kvw), .vb = sched_row(h, h->v, c0, kvw),
+                        .o = sched_row(h, h->o, c0, (int64_t)h->Hq * h->D), .lse = s->lse_hi};
+    if ((st = sched_attn(h, &b, err))) return st;
+  }
+  const void *send = h->kv;
+  int64_t send_rows = h->B;
+  for (int step = 1; step < H; step++) {
+    int j = (r - step + H) % H;
+    int64_t jrows = rows_of(h, j);
+    void *recv = s->buf[step & 1];
+    if ((st = h->comm->ops->sendrecv(h->comm, send, 2 * (size_t)send_rows * row, (r + 1) % H, recv,
+                                     2 * (size_t)jrows * row, (r - 1 + H) % H, err)))
+      return st;
+    const char *rk = recv, *rv = (const char *)recv + (size_t)jrows * row;
+    if (!zig) {
+      if (j < r && (st = attend_full_merge(h, s, 0, h->B, rk, rv, jrows, h->lse, err))) return st;
+    } else {
+      int64_t j0 = p->chunk_start[j + 1] - p->chunk_start[j];
+      /* lo chunk r sees chunk j iff j < r; chunk 2H-1-j is always later */
+      if (j < r && (st = attend_full_merge(h, s, 0, c0, rk, rv, j0, s->lse_lo, err))) return st;
+      /* hi chunk 2H-1-r sees chunk j always, and chunk 2H-1-j iff j > r (both contiguous in recv) */
+      if ((st = attend_full_merge(h, s, c0, c1, rk, rv, j > r ? jrows : j0, s->lse_hi, err))) return st;
+    }
+    send = recv;
+    send_rows = jrows;
+  }
+  if (zig) { /* lse [Hq, T] = [lse_lo | lse_hi] per head */
+    size_t T = (size_t)h->T;
+    if ((st = h->be->ops->copy2d(h->be, h->lse, T * sizeof(float), s->lse_lo, (size_t)c0 * sizeof(float),
+                                 (size_t)c0 * sizeof(float), (size_t)h->Hq, err)) ||
+        (st = h->be->ops->copy2d(h->be, h->lse + c0, T * sizeof(float), s->lse_hi, (size_t)c1 * sizeof(float),
+                                 (size_t)c1 * sizeof(float), (size_t)h->Hq, err)))
+      return st;
+  }
+  return APB_OK;
+}
+
+const method_ops apb_method_ring_ops = {ring_setup, ring_attend, ring_teardown};
+const method_ops apb_method_zigzag_ops = {ring_setup, ring_attend, ring_teardown};

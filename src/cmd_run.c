@@ -1,0 +1,647 @@
+/* src/cmd_run.c: `apb run`, the end-to-end job: a model, a document and a query, one or more methods
+ * on H hosts (simulated in this process, or one process per host under mpirun), the query and greedy
+ * decode, and a table comparing every method with dense (shared/APB.md 3-5).
+ *
+ * With no arguments `apb` runs this with its embedded defaults (tiny preset, a 16K-token synthetic
+ * document with a passkey needle, 4 simulated hosts, methods dense, ring, star, apb). Output: one
+ * table on stdout (or JSON with --json); progress on stderr when it is a terminal; --dump writes the
+ * final hidden states, the logits of the last query token and the generated tokens. Not here: the
+ * schedules themselves (sched/), or any printing inside the library. Tested by tests/check_sched.c
+ * (end to end, including mpirun) and tests/check_cli.c.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "apb/backend.h"
+#include "apb/model.h"
+#include "apb/safetensors.h"
+#include "apb/sched.h"
+#include "apb/sim.h"
+#include "cli.h"
+
+#define CMD "run"
+#define MAX_METHODS APB_METHOD_COUNT
+
+static void help(void) {
+  printf(
+      "Usage: apb run [--model DIR [--heads FILE] | --preset NAME [--seed S]]\n"
+      "               [--tokens FILE | --synthetic N] [--query-len Q]\n"
+      "               [--method LIST] [--hosts H] [--anchor A] [--passing P] [--query-offset S]\n"
+      "               [--embed-query 0|1] [--scorer retaining|random|uniform] [--pool W]\n"
+      "               [--max-new-tokens N] [--backend naive|fast|cuda-bf16|cuda-f32] [--threads N]\n"
+      "               [--concurrent] [--dump FILE] [--dump-layers] [--json] [--quiet]\n\n"
+      "Runs a prefill of the document with each method on H hosts, then the query and greedy decode\n"
+      "(shared/APB.md 3-5), and prints a table against dense.\n\n"
+      "Model:\n"
+      "  --model DIR         a Hugging Face directory (config.json, model.safetensors[.index.json])\n"
+      "  --heads FILE        retaining heads for --model (model.layers.{i}.self_attn.fc1/fc2.weight)\n"
+      "  --preset NAME       tiny | small | llama3-8b-shape, seeded random weights (default tiny)\n"
+      "  --seed S            seed of the preset's weights and of the synthetic document (default 1)\n"
+      "Input:\n"
+      "  --tokens FILE       token ids, one per line, or a safetensors file with an integer tensor\n"
+      "                      'tokens' (or its only tensor); the last --query-len ids are the query\n"
+      "  --synthetic N       a generated N-token document with a passkey needle (default 16384)\n"
+      "  --query-len Q       query tokens (default 16; with --tokens, taken from the end of the file)\n"
+      "Methods (shared/APB.md 5):\n"
+      "  --method LIST       comma-separated: dense, ring, zigzag, ulysses, star, apb\n"
+      "                      (default dense,ring,star,apb)\n"
+      "  --hosts H           hosts (default 4; dense always uses one); under mpirun, the rank count\n"
+      "  --anchor A          l_a (default apb: min(l_b/4, 8192); star: l_b)\n"
+      "  --passing P         l_p, KV pairs each host passes per KV head (default l_a/2)\n"
+      "  --query-offset S    where the query sits in the anchor (default 0)\n"
+      "  --embed-query 0|1   embed the query in the anchor (default apb 1, star 0)\n"
+      "  --scorer NAME       retaining (default; needs heads) | random | uniform\n"
+      "  --pool W            max-pool window over scores, odd (default 5 retaining, 1 otherwise)\n"
+      "  --max-new-tokens N  greedy tokens after the query (default 8)\n"
+      "  --ffn-chunk R       rows per MLP chunk (default 8192)\n"
+      "Execution:\n"
+      "  --backend NAME      fast (default), naive (the oracle; slow), cuda-bf16, cuda-f32\n"
+      "  --threads N         OpenMP threads (default: OMP_NUM_THREADS or every core)\n"
+      "  --concurrent        simulated hosts run at once (default: one at a time, each using every\n"
+      "                      thread, so per-host compute time is exact)\n"
+      "Output:\n"
+      "  --dump FILE         safetensors: hidden [n, E] (final, after the norm, document order),\n"
+      "                      logits [V] of the last query token, generated [N] (I32), positions;\n"
+      "                      one method only\n"
+      "  --dump-layers       with --dump: layer{l}.host{h}.out [T_h, E] and .selected [Hkv, k]\n"
+      "  --json              a JSON summary on stdout instead of the table\n"
+      "  --quiet             no progress on stderr\n\n"
+      "Under mpirun (mpirun -np H apb run ...) each process is one host and rank 0 prints and dumps.\n");
+}
+
+typedef struct run_cfg {
+  const char *model_dir, *heads, *tokens_path, *dump, *backend;
+  apb_preset preset;
+  uint64_t seed;
+  int64_t synthetic, q_len;
+  apb_method methods[MAX_METHODS];
+  int n_methods;
+  apb_run_opts o;
+  int threads, concurrent, dump_layers, json, quiet, hosts_given;
+} run_cfg;
+
+/* ---------------------------------------------------------------- inputs */
+
+/* A passkey document (deterministic in seed): filler drawn from the vocabulary, a needle of marker
+ * tokens and 5 key tokens at 40% depth, and a query asking for it (marker tokens again). */
+static int32_t *synthetic_doc(int64_t n, int64_t q_len, int V, uint64_t seed, int32_t **query) {
+  int32_t *doc = malloc(sizeof(int32_t) * (size_t)n), *q = malloc(sizeof(int32_t) * (size_t)q_len);
+  if (!doc || !q) {
+    free(doc), free(q);
+    return NULL;
+  }
+  apb_rng rng;
+  apb_rng_seed(&rng, seed * 7919u + 17u);
+  int32_t lo = V > 64 ? 16 : 1, span = V - lo;
+  for (int64_t i = 0; i < n; i++) doc[i] = lo + (int32_t)apb_rng_below(&rng, (uint64_t)span);
+  int32_t marker[4] = {1, 2, 3, 4};
+  int64_t at = n * 2 / 5, key = 0;
+  for (int64_t i = 0; i < 4 && at + i < n; i++) doc[at + i] = marker[i % 4] % V;
+  for (int64_t i = 0; i < 5 && at + 4 + i < n; i++) doc[at + 4 + i] = lo + (int32_t)apb_rng_below(&rng, 10), key++;
+  for (int64_t i = 0; i < q_len; i++) q[i] = i < 4 ? marker[i] % V : lo + (int32_t)apb_rng_below(&rng, (uint64_t)span);
+  *query = q;
+  return doc;
+}
+
+static int read_tokens(const char *path, int64_t **ids, int64_t *n) {
+  apb_error err = {0};
+  apb_st_file *f = NULL;
+  size_t len = strlen(path);
+  if (len > 12 && strcmp(path + len - 12, ".safetensors") == 0) {
+    apb_status st = apb_st_open(path, &f, &err);
+    if (st) return cli_report(CMD, st, &err);
+    const apb_st_tensor *t = apb_st_find(f, "tokens");
+    if (!t && f->n == 1) t = &f->tensors[0];
+    if (!t) {
+      apb_st_close(f);
+      return cli_fail(CMD, "%s: no tensor 'tokens' (and more than one tensor); name the token tensor 'tokens'", path);
+    }
+    *n = apb_st_numel(t);
+    *ids = malloc(sizeof(int64_t) * (size_t)(*n ? *n : 1));
+    if (!*ids) return apb_st_close(f), cli_fail(CMD, "out of memory reading %s", path);
+    st = apb_st_read_i64(f, t, *ids, &err);
+    apb_st_close(f);
+    if (st) return cli_report(CMD, st, &err);
+    return CLI_OK;
+  }
+  FILE *fp = fopen(path, "r");
+  if (!fp) return cli_fail(CMD, "cannot open token file %s: %m; give one id per line or a .safetensors file", path);
+  size_t cap = 1024;
+  *n = 0;
+  *ids = malloc(sizeof(int64_t) * cap);
+  char line[256];
+  int64_t lineno = 0;
+  while (*ids && fgets(line, sizeof line, fp)) {
+    lineno++;
+    char *s = line, *end;
+    while (*s == ' ' || *s == '\t') s++;
+    if (*s == '\n' || *s == 0 || *s == '#') continue;
+    long long v = strtoll(s, &end, 10);
+    while (*end == ' ' || *end == '\t' || *end == '\r' || *end == '\n') end++;
+    if (end == s || *end) {
+      fclose(fp), free(*ids);
+      return cli_fail(CMD, "%s:%lld: '%.40s' is not a token id (one integer per line)", path, (long long)lineno, s);
+    }
+    if ((size_t)*n == cap) *ids = realloc(*ids, sizeof(int64_t) * (cap *= 2));
+    if (*ids) (*ids)[(*n)++] = v;
+  }
+  fclose(fp);
+  if (!*ids) return cli_fail(CMD, "out of memory reading %s", path);
+  return CLI_OK;
+}
+
+/* ---------------------------------------------------------------- dumps */
+
+typedef struct dump_list {
+  apb_st_entry *e;
+  char **names;
+  void **bufs;
+  int n, cap;
+} dump_list;
+
+static int dump_add(dump_list *d, const char *name, apb_dtype dt, int ndim, const int64_t *shape, const void *data,
+                    size_t bytes) {
+  if (d->n == d->cap) {
+    d->cap = d->cap ? 2 * d->cap : 64;
+    d->e = realloc(d->e, sizeof *d->e * (size_t)d->cap);
+    d->names = realloc(d->names, sizeof *d->names * (size_t)d->cap);
+    d->bufs = realloc(d->bufs, sizeof *d->bufs * (size_t)d->cap);
+    if (!d->e || !d->names || !d->bufs) return -1;
+  }
+  void *copy = malloc(bytes ? bytes : 1);
+  char *nm = strdup(name);
+  if (!copy || !nm) return free(copy), free(nm), -1;
+  memcpy(copy, data, bytes);
+  apb_st_entry *e = &d->e[d->n];
+  memset(e, 0, sizeof *e);
+  e->name = nm, e->dtype = dt, e->ndim = ndim, e->data = copy;
+  for (int i = 0; i < ndim; i++) e->shape[i] = shape[i];
+  d->names[d->n] = nm, d->bufs[d->n] = copy;
+  d->n++;
+  return 0;
+}
+
+static void dump_free(dump_list *d) {
+  for (int i = 0; i < d->n; i++) free(d->names[i]), free(d->bufs[i]);
+  free(d->e), free(d->names), free(d->bufs);
+  memset(d, 0, sizeof *d);
+}
+
+typedef struct hook_state {
+  dump_list *dl;
+  int progress;
+  int n_layers;
+  int failed;
+} hook_state;
+
+static void hook_fn(void *user, const apb_hook_info *in) {
+  hook_state *hs = user;
+  if (strcmp(in->phase, "prefill") != 0) return;
+  int is_out = strcmp(in->stage, "layer_out") == 0, is_sel = strcmp(in->stage, "selected") == 0;
+  if (hs->progress && is_out)
+    fprintf(stderr, "\r  host %d: layer %d/%d ", in->host, in->layer + 1, hs->n_layers);
+  if (!hs->dl || !(is_out || is_sel)) return;
+  char name[96];
+  snprintf(name, sizeof name, "layer%d.host%d.%s", in->layer, in->host, is_out ? "out" : "selected");
+  size_t n = 1;
+  for (int i = 0; i < in->ndim; i++) n *= (size_t)in->shape[i];
+  if (is_sel) {
+    int32_t *tmp = malloc(sizeof(int32_t) * (n ? n : 1));
+    if (!tmp) return (void)(hs->failed = 1);
+    for (size_t i = 0; i < n; i++) tmp[i] = (int32_t)in->data[i];
+    if (dump_add(hs->dl, name, APB_DT_I32, in->ndim, in->shape, tmp, n * sizeof(int32_t))) hs->failed = 1;
+    free(tmp);
+  } else if (dump_add(hs->dl, name, APB_DT_F32, in->ndim, in->shape, in->data, n * sizeof(float))) {
+    hs->failed = 1;
+  }
+}
+
+/* ---------------------------------------------------------------- one method */
+
+typedef struct method_result {
+  apb_method m;
+  int H;
+  double wall_s, prefill_s, max_host_s;
+  double attn_max, attn_sum;
+  int64_t bytes;
+  float *logits;      /* [V] */
+  int32_t *gen;       /* [G] */
+  int64_t n_gen;
+  float *hidden;      /* [n, E] document order, when dumping */
+  int64_t n_hidden_rows;
+} method_result;
+
+static void result_free(method_result *r) {
+  free(r->logits), free(r->gen), free(r->hidden);
+  memset(r, 0, sizeof *r);
+}
+
+/* Fill mr from the per-host results (any host's logits and generated tokens; they are identical). */
+static int collect(const run_cfg *c, const apb_model *m, const apb_plan *plan, apb_host_result *res, int H, method_result *mr,
+                   double wall) {
+  int V = m->cfg.vocab, E = m->cfg.hidden;
+  mr->H = H;
+  mr->wall_s = wall;
+  for (int r = 0; r < H; r++) {
+    double t = res[r].stats.prefill_s + res[r].stats.query_s + res[r].stats.decode_s;
+    if (t > mr->max_host_s) mr->max_host_s = t;
+    if (res[r].stats.prefill_s > mr->prefill_s) mr->prefill_s = res[r].stats.prefill_s;
+    mr->attn_sum += res[r].stats.attn_flops;
+    if (res[r].stats.attn_flops > mr->attn_max) mr->attn_max = res[r].stats.attn_flops;
+    mr->bytes += res[r].stats.bytes_sent;
+  }
+  mr->logits = malloc(sizeof(float) * (size_t)V);
+  mr->n_gen = res[H - 1].n_generated;
+  mr->gen = malloc(sizeof(int32_t) * (size_t)(mr->n_gen ? mr->n_gen : 1));
+  if (!mr->logits || !mr->gen) return cli_fail(CMD, "out of memory");
+  memcpy(mr->logits, res[H - 1].logits, sizeof(float) * (size_t)V);
+  memcpy(mr->gen, res[H - 1].generated, sizeof(int32_t) * (size_t)mr->n_gen);
+  if (c->dump && res[0].hidden) {
+    mr->n_hidden_rows = plan->n;
+    mr->hidden = malloc(sizeof(float) * (size_t)plan->n * (size_t)E);
+    if (!mr->hidden) return cli_fail(CMD, "out of memory for hidden states");
+    for (int r = 0; r < H; r++)
+      for (int64_t i = 0; i < res[r].n_rows; i++)
+        memcpy(mr->hidden + (size_t)res[r].row_pos[i] * (size_t)E, res[r].hidden + (size_t)i * (size_t)E,
+               sizeof(float) * (size_t)E);
+  }
+  return CLI_OK;
+}
+
+static int run_sim(const run_cfg *c, const apb_model *m, apb_method meth, const int32_t *doc, int64_t n,
+                   const int32_t *query, method_result *mr, dump_list *dl) {
+  apb_error err = {0};
+  apb_run_opts o = c->o;
+  o.method = meth;
+  if (meth == APB_METHOD_STAR && c->o.passing <= 0) o.passing = -1;
+  apb_plan *plan = malloc(sizeof *plan);
+  if (!plan) return cli_fail(CMD, "out of memory");
+  apb_status st = apb_plan_make(&o, n, c->q_len, &m->cfg, m->scorer_width, plan, &err);
+  if (st) {
+    free(plan);
+    return cli_report(CMD, st, &err);
+  }
+  int H = plan->H;
+  apb_host_result *res = calloc((size_t)H, sizeof *res);
+  if (!res) return free(plan), cli_fail(CMD, "out of memory");
+  hook_state hs = {dl, !c->quiet && !c->json && isatty(2), m->cfg.n_layers, 0};
+  apb_sim_opts so = {.backend = c->backend, .cpu = {.threads = c->threads}, .concurrent = c->concurrent,
+                     .hook = (hs.progress || dl) ? hook_fn : NULL, .hook_user = &hs, .want_hidden = c->dump != NULL};
+  double t0 = cli_now();
+  st = apb_sim_execute(plan, m, &so, doc, query, res, NULL, &err);
+  double wall = cli_now() - t0;
+  if (hs.progress) fprintf(stderr, "\r%40s\r", "");
+  int rc = st ? cli_report(CMD, st, &err) : CLI_OK;
+  if (!rc && hs.failed) rc = cli_fail(CMD, "out of memory collecting --dump-layers");
+  if (!rc) {
+    mr->m = meth;
+    rc = collect(c, m, plan, res, H, mr, wall);
+  }
+  for (int r = 0; r < H; r++) apb_host_result_free(&res[r]);
+  free(res);
+  free(plan);
+  return rc;
+}
+
+/* One process per host: every rank runs its host; rank 0 gathers hidden states, logits, stats. */
+static int run_mpi(const run_cfg *c, const apb_model *m, apb_method meth, const int32_t *doc, int64_t n,
+                   const int32_t *query, method_result *mr, int *is_root) {
+  apb_error err = {0};
+  apb_backend *be = NULL;
+  apb_comm *comm = NULL;
+  apb_bmodel *bm = NULL;
+  apb_plan *plan = malloc(sizeof *plan);
+  apb_host_result res = {0};
+  int rc = CLI_OK;
+  apb_status st = apb_backend_create(c->backend ? c->backend : "fast", 0, &(apb_cpu_opts){.threads = c->threads}, &be, &err);
+  if (!st) st = apb_comm_mpi(be, &comm, &err);
+  if (st) {
+    rc = cli_report(CMD, st, &err);
+    goto done;
+  }
+  *is_root = comm->rank == 0;
+  apb_run_opts o = c->o;
+  o.method = meth;
+  if (c->hosts_given && c->o.hosts != comm->size && meth != APB_METHOD_DENSE) {
+    rc = cli_usage(CMD, "--hosts %d but mpirun started %d ranks; each rank is one host", c->o.hosts, comm->size);
+    goto done;
+  }
+  o.hosts = meth == APB_METHOD_DENSE ? 1 : comm->size;
+  if (meth == APB_METHOD_DENSE && comm->size != 1) {
+    rc = cli_usage(CMD, "dense runs on one host; run it without mpirun (or with -np 1)");
+    goto done;
+  }
+  if (!plan) {
+    rc = cli_fail(CMD, "out of memory");
+    goto done;
+  }
+  st = apb_plan_make(&o, n, c->q_len, &m->cfg, m->scorer_width, plan, &err);
+  if (!st) st = apb_bmodel_create(be, m, &bm, &err);
+  if (st) {
+    rc = cli_report(CMD, st, &err);
+    goto done;
+  }
+  apb_host_args a = {.plan = plan, .bm = bm, .be = be, .comm = comm, .doc = doc, .query = query,
+                     .want_hidden = c->dump != NULL};
+  double t0 = cli_now();
+  st = apb_host_run(&a, &res, &err);
+  if (st) {
+    rc = cli_report(CMD, st, &err);
+    comm->ops->abort(comm, err.msg);
+    goto done;
+  }
+  /* gather per-host figures and hidden rows to every rank (small next to the run) */
+  int H = comm->size, E = m->cfg.hidden;
+  size_t *b = calloc((size_t)H, sizeof *b);
+  double *figs = calloc((size_t)H * 4, sizeof *figs);
+  float *hid = c->dump ? malloc(sizeof(float) * (size_t)n * (size_t)E) : NULL;
+  int64_t *pos = c->dump ? malloc(sizeof(int64_t) * (size_t)n) : NULL;
+  if (!b || !figs || (c->dump && (!hid || !pos))) {
+    rc = cli_fail(CMD, "out of memory");
+  } else {
+    double mine[4] = {res.stats.prefill_s, res.stats.prefill_s + res.stats.query_s + res.stats.decode_s,
+                      res.stats.attn_flops, (double)res.stats.bytes_sent};
+    for (int r = 0; r < H; r++) b[r] = sizeof mine;
+    st = comm->ops->allgatherv(comm, mine, figs, b, &err);
+    if (!st && c->dump) {
+      for (int r = 0; r < H; r++) b[r] = (size_t)(plan->block_start[r + 1] - plan->block_start[r]) * sizeof(int64_t);
+      if (meth == APB_METHOD_ZIGZAG)
+        for (int r = 0; r < H; r++)
+          b[r] = (size_t)((plan->chunk_start[r + 1] - plan->chunk_start[r]) +
+                          (plan->chunk_start[2 * H - r] - plan->chunk_start[2 * H - 1 - r])) * sizeof(int64_t);
+      st = comm->ops->allgatherv(comm, res.row_pos, pos, b, &err);
+      for (int r = 0; r < H; r++) b[r] = b[r] / sizeof(int64_t) * (size_t)E * sizeof(float);
+      if (!st) st = comm->ops->allgatherv(comm, res.hidden, hid, b, &err);
+    }
+    if (st) rc = cli_report(CMD, st, &err);
+  }
+  if (!rc) {
+    mr->m = meth;
+    mr->H = H;
+    mr->wall_s = cli_now() - t0;
+    for (int r = 0; r < H; r++) {
+      if (figs[4 * r] > mr->prefill_s) mr->prefill_s = figs[4 * r];
+      if (figs[4 * r + 1] > mr->max_host_s) mr->max_host_s = figs[4 * r + 1];
+      mr->attn_sum += figs[4 * r + 2];
+      if (figs[4 * r + 2] > mr->attn_max) mr->attn_max = figs[4 * r + 2];
+      mr->bytes += (int64_t)figs[4 * r + 3];
+    }
+    mr->logits = malloc(sizeof(float) * (size_t)m->cfg.vocab);
+    mr->n_gen = res.n_generated;
+    mr->gen = malloc(sizeof(int32_t) * (size_t)(res.n_generated ? res.n_generated : 1));
+    if (!mr->logits || !mr->gen) {
+      rc = cli_fail(CMD, "out of memory");
+    } else {
+      memcpy(mr->logits, res.logits, sizeof(float) * (size_t)m->cfg.vocab);
+      memcpy(mr->gen, res.generated, sizeof(int32_t) * (size_t)res.n_generated);
+    }
+    if (!rc && c->dump) {
+      mr->n_hidden_rows = n;
+      mr->hidden = malloc(sizeof(float) * (size_t)n * (size_t)E);
+      if (!mr->hidden) rc = cli_fail(CMD, "out of memory");
+      for (int64_t i = 0; !rc && i < n; i++)
+        memcpy(mr->hidden + (size_t)pos[i] * (size_t)E, hid + (size_t)i * (size_t)E, sizeof(float) * (size_t)E);
+    }
+  }
+  free(b), free(figs), free(hid), free(pos);
+done:
+  apb_host_result_free(&res);
+  if (bm) apb_bmodel_destroy(be, bm);
+  if (comm) apb_comm_destroy(comm);
+  if (be) apb_backend_destroy(be);
+  free(plan);
+  return rc;
+}
+
+/* ---------------------------------------------------------------- report */
+
+static double rel_err(const float *a, const float *ref, int n) {
+  double num = 0, den = 0;
+  for (int i = 0; i < n; i++) {
+    double d = (double)a[i] - (double)ref[i];
+    num += d * d, den += (double)ref[i] * (double)ref[i];
+  }
+  return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+static double top1_agree(const method_result *a, const method_result *ref) {
+  int64_t n = a->n_gen < ref->n_gen ? a->n_gen : ref->n_gen, same = 0;
+  if (n == 0) return 1.0;
+  for (int64_t i = 0; i < n; i++) same += a->gen[i] == ref->gen[i];
+  return (double)same / (double)n;
+}
+
+static void print_table(const run_cfg *c, const apb_model *m, int64_t n, const method_result *mr, int nm) {
+  const method_result *ref = NULL;
+  for (int i = 0; i < nm; i++)
+    if (mr[i].m == APB_METHOD_DENSE) ref = &mr[i];
+  int V = m->cfg.vocab;
+  if (c->json) {
+    printf("{\"document_tokens\": %lld, \"query_tokens\": %lld, \"layers\": %d, \"hidden\": %d, \"methods\": [",
+           (long long)n, (long long)c->q_len, m->cfg.n_layers, m->cfg.hidden);
+    for (int i = 0; i < nm; i++) {
+      printf("%s{\"method\": \"%s\", \"hosts\": %d, \"wall_s\": %.6f, \"prefill_s\": %.6f, \"slowest_host_s\": %.6f, "
+             "\"attn_flops_max\": %.6g, \"attn_flops_sum\": %.6g, \"bytes\": %lld",
+             i ? ", " : "", apb_method_name(mr[i].m), mr[i].H, mr[i].wall_s, mr[i].prefill_s, mr[i].max_host_s,
+             mr[i].attn_max, mr[i].attn_sum, (long long)mr[i].bytes);
+      if (ref) printf(", \"logits_rel_err\": %.6g, \"top1_agreement\": %.4f", rel_err(mr[i].logits, ref->logits, V),
+                      top1_agree(&mr[i], ref));
+      printf(", \"generated\": [");
+      for (int64_t t = 0; t < mr[i].n_gen; t++) printf("%s%d", t ? ", " : "", mr[i].gen[t]);
+      printf("]}");
+    }
+    printf("]}\n");
+    return;
+  }
+  printf("apb run: %lld-token document + %lld-token query, %d layers, hidden %d, heads %d/%d x %d, backend %s\n\n",
+         (long long)n, (long long)c->q_len, m->cfg.n_layers, m->cfg.hidden, m->cfg.n_heads, m->cfg.n_kv_heads,
+         m->cfg.head_dim, c->backend ? c->backend : "fast");
+  printf("%-8s %5s %9s %9s %12s %12s %12s %14s %9s\n", "method", "hosts", "wall s", "prefill s", "attn GF max",
+         "attn GF sum", "comm MiB", "logits relerr", "top-1");
+  for (int i = 0; i < nm; i++) {
+    printf("%-8s %5d %9.3f %9.3f %12.3f %12.3f %12.3f", apb_method_name(mr[i].m), mr[i].H, mr[i].wall_s, mr[i].prefill_s,
+           mr[i].attn_max / 1e9, mr[i].attn_sum / 1e9, (double)mr[i].bytes / 1048576.0);
+    if (ref)
+      printf(" %14.3e %8.0f%%\n", rel_err(mr[i].logits, ref->logits, V), 100.0 * top1_agree(&mr[i], ref));
+    else
+      printf(" %14s %9s\n", "-", "-");
+  }
+  if (!ref) printf("\n(no dense run among the methods: nothing to compare against)\n");
+  else printf("\nlogits relerr: relative Frobenius error of the last query token's logits against dense;\n"
+              "top-1: greedy tokens equal to dense's over %lld generated tokens.\n", (long long)ref->n_gen);
+}
+
+static int write_dump(const run_cfg *c, const apb_model *m, const method_result *mr, dump_list *dl) {
+  int64_t shV[1] = {m->cfg.vocab}, shG[1] = {mr->n_gen}, shH[2] = {mr->n_hidden_rows, m->cfg.hidden};
+  if (dump_add(dl, "logits", APB_DT_F32, 1, shV, mr->logits, sizeof(float) * (size_t)m->cfg.vocab) ||
+      dump_add(dl, "generated", APB_DT_I32, 1, shG, mr->gen, sizeof(int32_t) * (size_t)mr->n_gen) ||
+      (mr->hidden && dump_add(dl, "hidden", APB_DT_F32, 2, shH, mr->hidden,
+                              sizeof(float) * (size_t)mr->n_hidden_rows * (size_t)m->cfg.hidden)))
+    return cli_fail(CMD, "out of memory preparing --dump");
+  const char *keys[] = {"method", "hosts"};
+  char hosts[16];
+  snprintf(hosts, sizeof hosts, "%d", mr->H);
+  const char *vals[] = {apb_method_name(mr->m), hosts};
+  apb_error err = {0};
+  apb_status st = apb_st_write(c->dump, dl->n, dl->e, 2, keys, vals, &err);
+  return st ? cli_report(CMD, st, &err) : CLI_OK;
+}
+
+/* ---------------------------------------------------------------- options */
+
+int cmd_run(int argc, char **argv) {
+  run_cfg c;
+  memset(&c, 0, sizeof c);
+  apb_run_opts_default(&c.o);
+  c.o.hosts = 4;
+  c.o.max_new_tokens = 8;
+  c.preset = APB_PRESET_TINY;
+  c.seed = 1;
+  c.synthetic = 16384;
+  c.q_len = 16;
+  c.methods[0] = APB_METHOD_DENSE, c.methods[1] = APB_METHOD_RING, c.methods[2] = APB_METHOD_STAR,
+  c.methods[3] = APB_METHOD_APB, c.n_methods = 4;
+  enum { O_MODEL = 256, O_HEADS, O_PRESET, O_SEED, O_TOKENS, O_SYN, O_QLEN, O_METHOD, O_HOSTS, O_ANCHOR, O_PASSING,
+         O_QOFF, O_EMBED, O_SCORER, O_POOL, O_NEW, O_FFNC, O_BACKEND, O_THREADS, O_CONC, O_DUMP, O_DUMPL, O_JSON,
+         O_QUIET, O_HELP };
+  static const struct option opts[] = {
+      {"model", required_argument, 0, O_MODEL}, {"heads", required_argument, 0, O_HEADS},
+      {"preset", required_argument, 0, O_PRESET}, {"seed", required_argument, 0, O_SEED},
+      {"tokens", required_argument, 0, O_TOKENS}, {"synthetic", required_argument, 0, O_SYN},
+      {"query-len", required_argument, 0, O_QLEN}, {"method", required_argument, 0, O_METHOD},
+      {"hosts", required_argument, 0, O_HOSTS}, {"anchor", required_argument, 0, O_ANCHOR},
+      {"passing", required_argument, 0, O_PASSING}, {"query-offset", required_argument, 0, O_QOFF},
+      {"embed-query", required_argument, 0, O_EMBED}, {"scorer", required_argument, 0, O_SCORER},
+      {"pool", required_argument, 0, O_POOL}, {"max-new-tokens", required_argument, 0, O_NEW},
+      {"ffn-chunk", required_argument, 0, O_FFNC}, {"backend", required_argument, 0, O_BACKEND},
+      {"threads", required_argument, 0, O_THREADS}, {"concurrent", no_argument, 0, O_CONC},
+      {"dump", required_argument, 0, O_DUMP}, {"dump-layers", no_argument, 0, O_DUMPL},
+      {"json", no_argument, 0, O_JSON}, {"quiet", no_argument, 0, O_QUIET}, {"help", no_argument, 0, O_HELP},
+      {0, 0, 0, 0}};
+  const int64_t BIG = (int64_t)1 << 40;
+  int ch, preset_given = 0, syn_given = 0;
+  while ((ch = cli_getopt(CMD, argc, argv, opts)) != -1) {
+    int rc = 0;
+    int64_t v = 0;
+    switch (ch) {
+    case O_MODEL: c.model_dir = optarg; break;
+    case O_HEADS: c.heads = optarg; break;
+    case O_PRESET:
+      if (apb_preset_parse(optarg, &c.preset))
+        return cli_usage(CMD, "--preset: unknown preset '%s' (tiny, small, llama3-8b-shape)", optarg);
+      preset_given = 1;
+      break;
+    case O_SEED: rc = cli_parse_i64(CMD, "--seed", optarg, 0, INT64_MAX, &v), c.seed = (uint64_t)v; break;
+    case O_TOKENS: c.tokens_path = optarg; break;
+    case O_SYN: rc = cli_parse_i64(CMD, "--synthetic", optarg, 1, BIG, &c.synthetic), syn_given = 1; break;
+    case O_QLEN: rc = cli_parse_i64(CMD, "--query-len", optarg, 1, 1 << 20, &c.q_len); break;
+    case O_METHOD: {
+      c.n_methods = 0;
+      char *dup = strdup(optarg), *save = NULL;
+      for (char *t = strtok_r(dup, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+        apb_method mm;
+        if (apb_method_parse(t, &mm)) {
+          free(dup);
+          return cli_usage(CMD, "--method: unknown method '%s' (dense, ring, zigzag, ulysses, star, apb)", t);
+        }
+        if (c.n_methods == MAX_METHODS) {
+          free(dup);
+          return cli_usage(CMD, "--method: at most %d methods", MAX_METHODS);
+        }
+        c.methods[c.n_methods++] = mm;
+      }
+      free(dup);
+      if (c.n_methods == 0) return cli_usage(CMD, "--method: empty list");
+      break;
+    }
+    case O_HOSTS: rc = cli_parse_int(CMD, "--hosts", optarg, 1, APB_MAX_HOSTS, &c.o.hosts), c.hosts_given = 1; break;
+    case O_ANCHOR: rc = cli_parse_i64(CMD, "--anchor", optarg, 0, BIG, &c.o.anchor); break;
+    case O_PASSING: rc = cli_parse_i64(CMD, "--passing", optarg, 0, BIG, &c.o.passing); break;
+    case O_QOFF: rc = cli_parse_i64(CMD, "--query-offset", optarg, 0, BIG, &c.o.query_offset); break;
+    case O_EMBED: rc = cli_parse_int(CMD, "--embed-query", optarg, 0, 1, &c.o.embed_query); break;
+    case O_SCORER:
+      if (apb_scorer_parse(optarg, &c.o.scorer))
+        return cli_usage(CMD, "--scorer: unknown scorer '%s' (retaining, random, uniform)", optarg);
+      break;
+    case O_POOL: rc = cli_parse_int(CMD, "--pool", optarg, 1, 1 << 20, &c.o.pool); break;
+    case O_NEW: rc = cli_parse_i64(CMD, "--max-new-tokens", optarg, 0, 1 << 20, &c.o.max_new_tokens); break;
+    case O_FFNC: rc = cli_parse_i64(CMD, "--ffn-chunk", optarg, 1, BIG, &c.o.ffn_chunk); break;
+    case O_BACKEND: c.backend = optarg; break;
+    case O_THREADS: rc = cli_parse_int(CMD, "--threads", optarg, 1, 4096, &c.threads); break;
+    case O_CONC: c.concurrent = 1; break;
+    case O_DUMP: c.dump = optarg; break;
+    case O_DUMPL: c.dump_layers = 1; break;
+    case O_JSON: c.json = 1; break;
+    case O_QUIET: c.quiet = 1; break;
+    case O_HELP: help(); return CLI_OK;
+    default: return CLI_USAGE;
+    }
+    if (rc) return rc;
+  }
+  if (optind < argc) return cli_usage(CMD, "unexpected argument '%s'", argv[optind]);
+  if (c.model_dir && preset_given) return cli_usage(CMD, "--model and --preset are exclusive; give one");
+  if (c.heads && !c.model_dir) return cli_usage(CMD, "--heads goes with --model (presets carry their own heads)");
+  if (c.tokens_path && syn_given) return cli_usage(CMD, "--tokens and --synthetic are exclusive; give one");
+  if (c.dump_layers && !c.dump) return cli_usage(CMD, "--dump-layers needs --dump FILE");
+  if (c.dump && c.n_methods != 1) return cli_usage(CMD, "--dump writes one run: give exactly one --method");
+  cli_set_threads(c.threads);
+
+  apb_error err = {0};
+  apb_model *m = NULL;
+  apb_status st = c.model_dir ? apb_model_load(c.model_dir, c.heads, &m, &err) : apb_model_generate(c.preset, c.seed, &m, &err);
+  if (st) return cli_report(CMD, st, &err);
+  int32_t *doc = NULL, *query = NULL;
+  int64_t n = 0;
+  int rc = CLI_OK;
+  if (c.tokens_path) {
+    int64_t *ids = NULL, total = 0;
+    rc = read_tokens(c.tokens_path, &ids, &total);
+    if (!rc && total <= c.q_len)
+      rc = cli_fail(CMD, "%s holds %lld tokens; with --query-len %lld the document would be empty", c.tokens_path,
+                    (long long)total, (long long)c.q_len);
+    if (!rc) {
+      n = total - c.q_len;
+      doc = malloc(sizeof(int32_t) * (size_t)n);
+      query = malloc(sizeof(int32_t) * (size_t)c.q_len);
+      if (!doc || !query) rc = cli_fail(CMD, "out of memory");
+      for (int64_t i = 0; !rc && i < total; i++) {
+        if (ids[i] < 0 || ids[i] >= m->cfg.vocab) {
+          rc = cli_fail(CMD, "%s: token %lld is %lld, outside the model's vocabulary [0, %d)", c.tokens_path,
+                        (long long)i, (long long)ids[i], m->cfg.vocab);
+          break;
+        }
+        if (i < n) doc[i] = (int32_t)ids[i];
+        else query[i - n] = (int32_t)ids[i];
+      }
+    }
+    free(ids);
+  } else {
+    n = c.synthetic;
+    doc = synthetic_doc(n, c.q_len, m->cfg.vocab, c.seed, &query);
+    if (!doc) rc = cli_fail(CMD, "out of memory for a %lld-token document", (long long)n);
+  }
+  method_result mr[MAX_METHODS];
+  memset(mr, 0, sizeof mr);
+  dump_list dl = {0};
+  int mpi = apb_mpi_detect(), root = 1, done = 0;
+  for (int i = 0; !rc && i < c.n_methods; i++) {
+    if (mpi)
+      rc = run_mpi(&c, m, c.methods[i], doc, n, query, &mr[i], &root);
+    else
+      rc = run_sim(&c, m, c.methods[i], doc, n, query, &mr[i], c.dump_layers ? &dl : NULL);
+    done = i + 1;
+  }
+  if (!rc && root) {
+    print_table(&c, m, n, mr, done);
+    if (c.dump) rc = write_dump(&c, m, &mr[0], &dl);
+  }
+  for (int i = 0; i < done; i++) result_free(&mr[i]);
+  dump_free(&dl);
+  free(doc), free(query);
+  apb_model_free(m);
+  if (mpi) apb_mpi_finalize();
+  return rc;
+}

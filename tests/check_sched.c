@@ -1,0 +1,329 @@
+/* tests/check_sched.c: every method end to end on the tiny preset with simulated hosts, against the
+ * invariants of shared/APB.md 6:
+ *   apb with H = 1 equals dense; apb with l_p = 0 equals star with the same anchor (query not
+ *   embedded); apb with l_a = 0 and l_p >= l_b equals dense; ring, zigzag and ulysses equal dense for
+ *   every H; the decode (LSE merge over H hosts) gives dense's logits and tokens; results are bitwise
+ *   identical across thread counts and between the in-process and the MPI run (mpirun -np 2 and 4).
+ * Also: the cost model's FLOP and byte counts equal what the simulator counted, and bad input to
+ * `apb run` gets a clear error and a non-zero exit. Document lengths include 1023 and 1025.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "apb/cost.h"
+#include "apb/sim.h"
+#include "config.h"
+#include "testutil.h"
+
+static apb_model *tiny;
+
+static void setup_model(void) {
+  apb_error err = {0};
+  if (!tiny) ck_assert_msg(apb_model_generate(APB_PRESET_TINY, 1, &tiny, &err) == APB_OK, "%s", err.msg);
+}
+
+typedef struct run_out {
+  int H;
+  int64_t n;
+  float *hidden;   /* [n, E] document order */
+  float *logits;   /* [V] */
+  int32_t gen[8];
+  int64_t n_gen;
+  apb_host_result res[8];
+  apb_comm_stats stats[8];
+  apb_plan plan;
+} run_out;
+
+static void make_doc(int64_t n, int64_t q, int32_t **doc, int32_t **query) {
+  *doc = malloc(sizeof(int32_t) * (size_t)n);
+  *query = malloc(sizeof(int32_t) * (size_t)q);
+  apb_rng r;
+  apb_rng_seed(&r, tu_seed() + (uint64_t)n);
+  for (int64_t i = 0; i < n; i++) (*doc)[i] = (int32_t)apb_rng_below(&r, (uint64_t)tiny->cfg.vocab);
+  for (int64_t i = 0; i < q; i++) (*query)[i] = (int32_t)apb_rng_below(&r, (uint64_t)tiny->cfg.vocab);
+}
+
+/* Run opts o on n document tokens (seeded), q query tokens, 4 new tokens; threads t. */
+static void run(const apb_run_opts *o, int64_t n, int64_t q, int threads, run_out *out) {
+  setup_model();
+  apb_error err = {0};
+  memset(out, 0, sizeof *out);
+  int32_t *doc, *query;
+  make_doc(n, q, &doc, &query);
+  apb_status st = apb_plan_make(o, n, q, &tiny->cfg, tiny->scorer_width, &out->plan, &err);
+  ck_assert_msg(st == APB_OK, "plan (%s, H=%d, n=%lld): %s", apb_method_name(o->method), o->hosts, (long long)n,
+                err.msg);
+  apb_sim_opts so = {.backend = "fast", .cpu = {.threads = threads}, .timeout_s = 120, .want_hidden = 1};
+  st = apb_sim_execute(&out->plan, tiny, &so, doc, query, out->res, out->stats, &err);
+  ck_assert_msg(st == APB_OK, "run (%s, H=%d, n=%lld): %s", apb_method_name(o->method), o->hosts, (long long)n, err.msg);
+  int H = out->plan.H, E = tiny->cfg.hidden;
+  out->H = H, out->n = n;
+  out->hidden = malloc(sizeof(float) * (size_t)n * (size_t)E);
+  for (int64_t i = 0; i < n * E; i++) out->hidden[i] = NAN;
+  for (int r = 0; r < H; r++)
+    for (int64_t i = 0; i < out->res[r].n_rows; i++)
+      memcpy(out->hidden + (size_t)out->res[r].row_pos[i] * (size_t)E, out->res[r].hidden + (size_t)i * (size_t)E,
+             sizeof(float) * (size_t)E);
+  out->logits = out->res[H - 1].logits;
+  out->n_gen = out->res[H - 1].n_generated;
+  memcpy(out->gen, out->res[H - 1].generated, sizeof(int32_t) * (size_t)out->n_gen);
+  for (int r = 0; r < H; r++) { /* every host ends with the same logits and tokens (APB.md 4) */
+    tu_assert_bitwise("logits on every host", out->res[r].logits, out->logits, tiny->cfg.vocab);
+    ck_assert_int_eq(out->res[r].n_generated, out->n_gen);
+    for (int64_t t = 0; t < out->n_gen; t++) ck_assert_int_eq(out->res[r].generated[t], out->gen[t]);
+  }
+  free(doc), free(query);
+}
+
+static void run_free(run_out *o) {
+  for (int r = 0; r < o->H; r++) apb_host_result_free(&o->res[r]);
+  free(o->hidden);
+}
+
+static apb_run_opts opts(apb_method m, int H) {
+  apb_run_opts o;
+  apb_run_opts_default(&o);
+  o.method = m, o.hosts = H, o.max_new_tokens = 4;
+  return o;
+}
+
+/* exact methods equal dense within the fp32 table for the longest reduction (n keys) */
+static void assert_matches(const char *what, const run_out *a, const run_out *ref) {
+  apb_tol t = apb_tolerance(APB_PREC_F32, ref->n);
+  char buf[160];
+  snprintf(buf, sizeof buf, "%s: hidden", what);
+  tu_assert_close(buf, a->hidden, ref->hidden, ref->n * tiny->cfg.hidden, t);
+  snprintf(buf, sizeof buf, "%s: logits", what);
+  tu_assert_close(buf, a->logits, ref->logits, tiny->cfg.vocab, t);
+}
+
+static const int64_t lens[] = {1023, 1025};
+static const int hosts[] = {1, 2, 3, 4, 8};
+
+START_TEST(test_exact_methods_equal_dense) {
+  int64_t n = lens[_i % 2];
+  int H = hosts[_i / 2];
+  run_out dense, x;
+  apb_run_opts od = opts(APB_METHOD_DENSE, 1);
+  run(&od, n, 7, 0, &dense);
+  apb_method ms[] = {APB_METHOD_RING, APB_METHOD_ZIGZAG, APB_METHOD_ULYSSES};
+  for (size_t k = 0; k < 3; k++) {
+    if (ms[k] == APB_METHOD_ULYSSES && tiny->cfg.n_kv_heads % H) continue; /* needs H | Hkv (tested below) */
+    apb_run_opts o = opts(ms[k], H);
+    run(&o, n, 7, 0, &x);
+    char what[64];
+    snprintf(what, sizeof what, "%s H=%d n=%lld", apb_method_name(ms[k]), H, (long long)n);
+    assert_matches(what, &x, &dense);
+    ck_assert_int_eq(x.n_gen, 4);
+    for (int t = 0; t < 4; t++) ck_assert_msg(x.gen[t] == dense.gen[t], "%s: token %d %d vs dense %d", what, t, x.gen[t], dense.gen[t]);
+    run_free(&x);
+  }
+  run_free(&dense);
+}
+END_TEST
+
+START_TEST(test_apb_h1_is_dense) {
+  run_out dense, a;
+  apb_run_opts od = opts(APB_METHOD_DENSE, 1), oa = opts(APB_METHOD_APB, 1);
+  run(&od, lens[_i], 5, 0, &dense);
+  run(&oa, lens[_i], 5, 0, &a);
+  tu_assert_bitwise("apb H=1 hidden vs dense", a.hidden, dense.hidden, lens[_i] * tiny->cfg.hidden);
+  tu_assert_bitwise("apb H=1 logits vs dense", a.logits, dense.logits, tiny->cfg.vocab);
+  run_free(&dense), run_free(&a);
+}
+END_TEST
+
+START_TEST(test_apb_lp0_is_star) {
+  int H = hosts[1 + _i]; /* 2, 3, 4, 8 */
+  run_out s, a;
+  apb_run_opts os = opts(APB_METHOD_STAR, H), oa = opts(APB_METHOD_APB, H);
+  os.anchor = oa.anchor = 64;
+  oa.passing = 0;
+  oa.embed_query = 0;
+  run(&os, 1025, 5, 0, &s);
+  run(&oa, 1025, 5, 0, &a);
+  tu_assert_bitwise("apb l_p=0 hidden vs star", a.hidden, s.hidden, 1025 * tiny->cfg.hidden);
+  tu_assert_bitwise("apb l_p=0 logits vs star", a.logits, s.logits, tiny->cfg.vocab);
+  run_free(&s), run_free(&a);
+}
+END_TEST
+
+START_TEST(test_apb_no_anchor_all_passing_is_dense) {
+  int H = hosts[1 + _i / 2];
+  int64_t n = lens[_i % 2];
+  apb_scorer sc[] = {APB_SCORER_RETAINING, APB_SCORER_RANDOM};
+  run_out dense, a;
+  apb_run_opts od = opts(APB_METHOD_DENSE, 1), oa = opts(APB_METHOD_APB, H);
+  oa.anchor = 0, oa.embed_query = 0, oa.passing = n, oa.scorer = sc[_i % 2], oa.seed = 99;
+  run(&od, n, 6, 0, &dense);
+  run(&oa, n, 6, 0, &a);
+  char what[64];
+  snprintf(what, sizeof what, "apb l_a=0 l_p>=l_b H=%d n=%lld", H, (long long)n);
+  assert_matches(what, &a, &dense);
+  run_free(&dense), run_free(&a);
+}
+END_TEST
+
+START_TEST(test_threads_bitwise) {
+  apb_method ms[] = {APB_METHOD_APB, APB_METHOD_RING, APB_METHOD_ULYSSES};
+  run_out a, b;
+  apb_run_opts o = opts(ms[_i], 2);
+  run(&o, 1023, 9, 1, &a);
+  run(&o, 1023, 9, 2, &b);
+  tu_assert_bitwise("hidden, 1 vs 2 threads", a.hidden, b.hidden, 1023 * tiny->cfg.hidden);
+  tu_assert_bitwise("logits, 1 vs 2 threads", a.logits, b.logits, tiny->cfg.vocab);
+  run_free(&a), run_free(&b);
+}
+END_TEST
+
+/* the cost model counts what the simulator did: attention FLOPs and bytes per host, exactly */
+START_TEST(test_cost_model_counts) {
+  apb_method m = (apb_method)(_i % APB_METHOD_COUNT);
+  int H = m == APB_METHOD_DENSE ? 1 : (_i / APB_METHOD_COUNT ? 2 : (m == APB_METHOD_ULYSSES ? 2 : 3));
+  run_out x;
+  apb_run_opts o = opts(m, H);
+  if (m == APB_METHOD_APB || m == APB_METHOD_STAR) o.anchor = 100, o.passing = m == APB_METHOD_APB ? 40 : -1;
+  run(&o, 1025, 5, 0, &x);
+  apb_hw hw;
+  apb_hw_default(&hw);
+  apb_cost c[8];
+  apb_error err = {0};
+  ck_assert_int_eq(apb_cost_plan(&x.plan, &tiny->cfg, tiny->scorer_width, 4, &hw, c, &err), APB_OK);
+  for (int r = 0; r < x.H; r++) {
+    const apb_host_stats *s = &x.res[r].stats;
+    ck_assert_msg(fabs(c[r].attn_flops - s->attn_flops) <= 1e-9 * s->attn_flops, "%s host %d: attn FLOPs model %.6g run %.6g",
+                  apb_method_name(m), r, c[r].attn_flops, s->attn_flops);
+    ck_assert_msg(fabs(c[r].linear_flops - s->linear_flops) <= 1e-9 * s->linear_flops,
+                  "%s host %d: linear FLOPs model %.6g run %.6g", apb_method_name(m), r, c[r].linear_flops,
+                  s->linear_flops);
+    int64_t sent = 0, recv = 0;
+    for (int k = 0; k < APB_COLL_COUNT; k++) sent += x.stats[r].bytes_sent[k], recv += x.stats[r].bytes_recv[k];
+    ck_assert_msg(c[r].bytes_sent + c[r].dec_bytes_sent == sent, "%s host %d: bytes sent model %lld+%lld run %lld",
+                  apb_method_name(m), r, (long long)c[r].bytes_sent, (long long)c[r].dec_bytes_sent, (long long)sent);
+    ck_assert_int_eq(s->bytes_sent, sent);
+  }
+  run_free(&x);
+}
+END_TEST
+
+/* ---------------------------------------------------------------- the program */
+
+static char *bin(void) {
+  const char *b = getenv("APB_BIN");
+  ck_assert_msg(b && *b, "APB_BIN is not set (run through make check)");
+  return (char *)b;
+}
+
+START_TEST(test_cli_bad_input) {
+  struct {
+    const char *args, *expect;
+  } cases[] = {
+      {"--synthetic 3 --hosts 4 --method ring", "need at least 4 document tokens"},
+      {"--synthetic 1000 --hosts 4 --method apb --anchor 400", "exceeds the block length"},
+      {"--synthetic 1000 --hosts 4 --method apb --anchor -5", "--anchor"},
+      {"--synthetic 1000 --hosts 4 --method apb --anchor 20 --query-len 30", "does not fit in the anchor"},
+      {"--synthetic 1000 --hosts 3 --method ulysses", "must divide the 2 KV heads"},
+      {"--synthetic 1000 --method apb --pool 4", "--pool must be an odd window"},
+      {"--synthetic 1000 --method bogus", "unknown method 'bogus'"},
+      {"--synthetic 99999999999999999999", "--synthetic"},
+      {"--model /nonexistent/dir", "config.json"},
+      {"--tokens /nonexistent/tokens.txt", "cannot open token file"},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+    char cmd[512], *out = NULL;
+    snprintf(cmd, sizeof cmd, "%s run --quiet --max-new-tokens 1 %s", bin(), cases[i].args);
+    int rc = tu_sh(cmd, &out);
+    ck_assert_msg(rc != 0 && strstr(out, cases[i].expect), "`%s`: exit %d, output:\n%s\n(expected '%s')", cmd, rc, out,
+                  cases[i].expect);
+    free(out);
+  }
+}
+END_TEST
+
+START_TEST(test_cli_token_files) {
+  char *empty = tu_tmpname(".txt"), *big = tu_tmpname(".txt"), *bad = tu_tmpname(".txt");
+  FILE *f = fopen(empty, "w");
+  fclose(f);
+  f = fopen(big, "w");
+  for (int i = 0; i < 200; i++) fprintf(f, "%d\n", i == 100 ? 999999 : i % 50);
+  fclose(f);
+  f = fopen(bad, "w");
+  fprintf(f, "1\n2\nthree\n");
+  fclose(f);
+  struct {
+    const char *path, *expect;
+  } cases[] = {{empty, "the document would be empty"}, {big, "outside the model's vocabulary"}, {bad, "is not a token id"}};
+  for (size_t i = 0; i < 3; i++) {
+    char cmd[512], *out = NULL;
+    snprintf(cmd, sizeof cmd, "%s run --quiet --method dense --tokens %s", bin(), cases[i].path);
+    int rc = tu_sh(cmd, &out);
+    ck_assert_msg(rc != 0 && strstr(out, cases[i].expect), "`%s`: exit %d:\n%s", cmd, rc, out);
+    free(out);
+  }
+  remove(empty), remove(big), remove(bad);
+  free(empty), free(big), free(bad);
+}
+END_TEST
+
+#if defined(HAVE_MPI) && defined(APB_MPIRUN)
+/* the same run in-process and as H processes under mpirun: bitwise equal dumps */
+START_TEST(test_mpi_bitwise) {
+  int H = _i ? 4 : 2;
+  const char *method = _i ? "ring" : "apb";
+  char *a = tu_tmpname(".safetensors"), *b = tu_tmpname(".safetensors");
+  char cmd[1024], *out = NULL;
+  const char *common = "run --quiet --synthetic 1025 --query-len 5 --max-new-tokens 3 --threads 1";
+  snprintf(cmd, sizeof cmd, "%s %s --method %s --hosts %d --dump %s", bin(), common, method, H, a);
+  int rc = tu_sh(cmd, &out);
+  ck_assert_msg(rc == 0, "`%s` failed (%d):\n%s", cmd, rc, out);
+  free(out);
+  snprintf(cmd, sizeof cmd,
+           "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl=self,vader "
+           "%s --oversubscribe -np %d %s %s --method %s --hosts %d --dump %s",
+           APB_MPIRUN, H, bin(), common, method, H, b);
+  rc = tu_sh(cmd, &out);
+  ck_assert_msg(rc == 0, "`%s` failed (%d):\n%s", cmd, rc, out);
+  free(out);
+  apb_st_file *fa = NULL, *fb = NULL;
+  apb_error err = {0};
+  ck_assert_msg(apb_st_open(a, &fa, &err) == APB_OK, "%s", err.msg);
+  ck_assert_msg(apb_st_open(b, &fb, &err) == APB_OK, "%s", err.msg);
+  const char *names[] = {"hidden", "logits", "generated"};
+  for (int i = 0; i < 3; i++) {
+    const apb_st_tensor *ta = apb_st_find(fa, names[i]), *tb = apb_st_find(fb, names[i]);
+    ck_assert_msg(ta && tb, "tensor %s missing", names[i]);
+    ck_assert_int_eq(ta->end - ta->begin, tb->end - tb->begin);
+    ck_assert_msg(memcmp(ta->data, tb->data, ta->end - ta->begin) == 0, "%s: in-process and mpirun -np %d differ (%s)",
+                  names[i], H, method);
+  }
+  apb_st_close(fa), apb_st_close(fb);
+  remove(a), remove(b);
+  free(a), free(b);
+}
+END_TEST
+#endif
+
+int main(void) {
+  Suite *s = suite_create("sched");
+  TCase *ti = tu_tcase("invariants", 600);
+  tcase_add_loop_test(ti, test_exact_methods_equal_dense, 0, 10);
+  tcase_add_loop_test(ti, test_apb_h1_is_dense, 0, 2);
+  tcase_add_loop_test(ti, test_apb_lp0_is_star, 0, 4);
+  tcase_add_loop_test(ti, test_apb_no_anchor_all_passing_is_dense, 0, 8);
+  tcase_add_loop_test(ti, test_threads_bitwise, 0, 3);
+  tcase_add_loop_test(ti, test_cost_model_counts, 0, 2 * APB_METHOD_COUNT);
+  suite_add_tcase(s, ti);
+  TCase *tc = tu_tcase("program", 300);
+  tcase_add_test(tc, test_cli_bad_input);
+  tcase_add_test(tc, test_cli_token_files);
+#if defined(HAVE_MPI) && defined(APB_MPIRUN)
+  tcase_add_loop_test(tc, test_mpi_bitwise, 0, 2);
+#else
+  fprintf(stderr, "check_sched: built without MPI (or no mpirun): the mpirun comparison is not compiled in\n");
+#endif
+  suite_add_tcase(s, tc);
+  int rc = tu_run(s, "check_sched");
+  apb_model_free(tiny);
+  return rc;
+}
