@@ -15,16 +15,22 @@
 #include "cli.h"
 
 static const cli_command commands[] = {
+    {"run", "prefill + query + decode with every method on H hosts, compared with dense (the default job)",
+     cmd_run},
+    {"predict", "the cost model: predicted prefill time per method and host from counted FLOPs and bytes",
+     cmd_predict},
+    {"gen-model", "write a preset model (config.json, model.safetensors, retaining heads) with random weights",
+     cmd_gen_model},
     {"attn", "one host's segmented attention (dense, star, apb) on q/k/v from a safetensors file",
      cmd_attn},
     {"cmp", "compare every tensor of two safetensors files within a tolerance", cmd_cmp},
-    {"bench", "benchmarks: attn (the CPU fast path against OpenBLAS sgemm)", cmd_bench},
+    {"bench", "benchmarks: attn (CPU fast path vs sgemm), gpu-attn (CUDA kernels)", cmd_bench},
     {"demo", "APB attention for the last host on random data: fast path against the oracle", cmd_demo},
 };
 static const int n_commands = (int)(sizeof commands / sizeof commands[0]);
 
 /* What `apb` alone runs: argv for the command table. The one place that says what the default job is. */
-static char *default_job[] = {"demo", NULL};
+static char *default_job[] = {"run", NULL};
 
 static void usage(void) {
   printf("apb %s: APB distributed long-context prefill (arXiv 2502.12085)\n\n"

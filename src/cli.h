@@ -39,6 +39,10 @@ int cmd_attn(int argc, char **argv);  /* src/cmd_attn.c */
 int cmd_cmp(int argc, char **argv);   /* src/cmd_cmp.c */
 int cmd_bench(int argc, char **argv); /* src/cmd_bench.c */
 int cmd_demo(int argc, char **argv);  /* src/cmd_bench.c */
+int cmd_run(int argc, char **argv);   /* src/cmd_run.c */
+int cmd_predict(int argc, char **argv); /* src/cmd_predict.c */
+int cmd_gen_model(int argc, char **argv); /* src/cmd_gen.c */
+int cmd_bench_gpu_attn(int argc, char **argv); /* src/cmd_bench_gpu.c: `apb bench gpu-attn` */
 
 /* The row called name in table [n], or NULL. */
 const cli_command *cli_find(const cli_command *table, int n, const char *name);

@@ -225,6 +225,7 @@ static int bench_attn(int argc, char **argv) {
 
 static const cli_command targets[] = {
     {"attn", "causal dense attention (apb_attn_fast) against OpenBLAS sgemm", bench_attn},
+    {"gpu-attn", "CUDA attention kernels (dense and the APB shape), TFLOP/s", cmd_bench_gpu_attn},
 };
 static const int n_targets = (int)(sizeof targets / sizeof targets[0]);
 

@@ -111,6 +111,7 @@ static int read_tokens(const char *path, int64_t **ids, int64_t *n) {
   apb_st_file *f = NULL;
   size_t len = strlen(path);
   if (len > 12 && strcmp(path + len - 12, ".safetensors") == 0) {
+    *ids = NULL;
     apb_status st = apb_st_open(path, &f, &err);
     if (st) return cli_report(CMD, st, &err);
     const apb_st_tensor *t = apb_st_find(f, "tokens");
@@ -121,10 +122,16 @@ static int read_tokens(const char *path, int64_t **ids, int64_t *n) {
     }
     *n = apb_st_numel(t);
     *ids = malloc(sizeof(int64_t) * (size_t)(*n ? *n : 1));
-    if (!*ids) return apb_st_close(f), cli_fail(CMD, "out of memory reading %s", path);
+    if (!*ids) {
+      apb_st_close(f);
+      return cli_fail(CMD, "out of memory reading %s", path);
+    }
     st = apb_st_read_i64(f, t, *ids, &err);
     apb_st_close(f);
-    if (st) return cli_report(CMD, st, &err);
+    if (st) {
+      free(*ids), *ids = NULL;
+      return cli_report(CMD, st, &err);
+    }
     return CLI_OK;
   }
   FILE *fp = fopen(path, "r");
@@ -142,8 +149,10 @@ static int read_tokens(const char *path, int64_t **ids, int64_t *n) {
     long long v = strtoll(s, &end, 10);
     while (*end == ' ' || *end == '\t' || *end == '\r' || *end == '\n') end++;
     if (end == s || *end) {
-      fclose(fp), free(*ids);
-      return cli_fail(CMD, "%s:%lld: '%.40s' is not a token id (one integer per line)", path, (long long)lineno, s);
+      s[strcspn(s, "\r\n")] = 0;
+      int frc = cli_fail(CMD, "%s:%lld: '%.40s' is not a token id (one integer per line)", path, (long long)lineno, s);
+      fclose(fp), free(*ids), *ids = NULL;
+      return frc;
     }
     if ((size_t)*n == cap) *ids = realloc(*ids, sizeof(int64_t) * (cap *= 2));
     if (*ids) (*ids)[(*n)++] = v;
@@ -544,8 +553,9 @@ int cmd_run(int argc, char **argv) {
       for (char *t = strtok_r(dup, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
         apb_method mm;
         if (apb_method_parse(t, &mm)) {
+          int urc = cli_usage(CMD, "--method: unknown method '%s' (dense, ring, zigzag, ulysses, star, apb)", t);
           free(dup);
-          return cli_usage(CMD, "--method: unknown method '%s' (dense, ring, zigzag, ulysses, star, apb)", t);
+          return urc;
         }
         if (c.n_methods == MAX_METHODS) {
           free(dup);

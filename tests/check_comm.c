@@ -113,8 +113,8 @@ static void a2a_host(int r, void *arg) {
   ctx *x = arg;
   int H = x->gr->H;
   /* rank r sends (r + d + 1) int32 to rank d, each value r*1000 + d*10 + i */
-  int32_t send[256], recv[256];
-  size_t sb[8], rb[8], off = 0;
+  int32_t send[256] = {0}, recv[256] = {0};
+  size_t sb[8] = {0}, rb[8] = {0}, off = 0;
   for (int d = 0; d < H; d++) {
     sb[d] = (size_t)(r + d + 1) * 4;
     rb[d] = (size_t)(d + r + 1) * 4;
