@@ -13,6 +13,7 @@
 #include "apb/compare.h"
 
 #include <math.h>
+#include <string.h>
 
 static int is_nan(float x) { return x != x; }
 
@@ -81,8 +82,15 @@ apb_tol apb_tolerance(apb_prec p, int64_t k) {
 int apb_cmp_within(const float *got, const float *ref, int64_t n, const apb_tol *t, apb_cmp *c) {
   apb_compare(got, ref, n, c);
   if (c->n_nan || c->n_inf) return 0;
-  if (t->rel_fro == 0 && t->atol == 0 && t->atol_rms == 0 && t->rtol == 0) /* exact */
-    return c->max_abs == 0 && c->n_nan == 0;
+  if (t->rel_fro == 0 && t->atol == 0 && t->atol_rms == 0 && t->rtol == 0) { /* exact: bit for bit */
+    for (int64_t i = 0; i < n; i++)
+      if (memcmp(&got[i], &ref[i], sizeof *got) != 0) { /* also tells -0 from +0 */
+        c->max_abs_idx = i;
+        c->worst_got = got[i], c->worst_ref = ref[i];
+        return 0;
+      }
+    return 1;
+  }
   if (t->rel_fro >= 0 && c->rel_fro > t->rel_fro) return 0;
   if (t->atol <= 0 && t->atol_rms <= 0 && t->rtol <= 0) return 1;
   double rms = n > 0 ? c->ref_norm / sqrt((double)n) : 0;

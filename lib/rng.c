@@ -47,7 +47,12 @@ uint64_t apb_rng_below(apb_rng *r, uint64_t n) {
 }
 
 void apb_rng_fill_uniform(apb_rng *r, float *x, size_t n, float lo, float hi) {
-  for (size_t i = 0; i < n; i++) x[i] = (float)(lo + (hi - lo) * apb_rng_uniform(r));
+  for (size_t i = 0; i < n; i++) {
+    float v = (float)(lo + (hi - lo) * apb_rng_uniform(r));
+    /* u < 1, but the rounding to float can still land on hi (u = 1 - 2^-53 gives exactly hi): keep
+     * the half-open range that apb/rng.h promises. */
+    x[i] = v < hi ? v : nextafterf(hi, lo);
+  }
 }
 
 void apb_rng_fill_normal(apb_rng *r, float *x, size_t n, float std) {
