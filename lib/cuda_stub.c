@@ -18,4 +18,60 @@ apb_status apb_cuda_device_describe(int dev, char *buf, size_t len, apb_error *e
   if (len) buf[0] = 0;
   return apb_error_set(err, APB_ENODEVICE, "this libapb was built without CUDA");
 }
+
+apb_status apb_cuda_attn(const apb_cuda_attn_args *a, apb_cuda_attn_impl impl, void *stream, apb_error *err) {
+  (void)a, (void)impl, (void)stream;
+  return apb_error_set(err, APB_ENODEVICE, "cuda_attn: this libapb was built without CUDA");
+}
+
+apb_status apb_cuda_malloc(void **p, size_t bytes, apb_error *err) {
+  (void)bytes;
+  *p = NULL;
+  return apb_error_set(err, APB_ENODEVICE, "cuda_malloc: this libapb was built without CUDA");
+}
+
+void apb_cuda_free(void *p) { (void)p; }
+
+apb_status apb_cuda_memcpy(void *dst, const void *src, size_t bytes, apb_error *err) {
+  (void)dst, (void)src, (void)bytes;
+  return apb_error_set(err, APB_ENODEVICE, "cuda_memcpy: this libapb was built without CUDA");
+}
+
+apb_status apb_cuda_memset(void *p, int byte, size_t bytes, apb_error *err) {
+  (void)p, (void)byte, (void)bytes;
+  return apb_error_set(err, APB_ENODEVICE, "cuda_memset: this libapb was built without CUDA");
+}
+
+apb_status apb_cuda_synchronize(apb_error *err) {
+  return apb_error_set(err, APB_ENODEVICE, "cuda_synchronize: this libapb was built without CUDA");
+}
+
+apb_status apb_cuda_fill_uniform(void *x, apb_dtype dt, size_t n, uint64_t seed, float amp, void *stream,
+                                 apb_error *err) {
+  (void)x, (void)dt, (void)n, (void)seed, (void)amp, (void)stream;
+  return apb_error_set(err, APB_ENODEVICE, "cuda_fill_uniform: this libapb was built without CUDA");
+}
+
+apb_status apb_cuda_timer_create(apb_cuda_timer **t, apb_error *err) {
+  *t = NULL;
+  return apb_error_set(err, APB_ENODEVICE, "cuda_timer_create: this libapb was built without CUDA");
+}
+
+void apb_cuda_timer_destroy(apb_cuda_timer *t) { (void)t; }
+
+apb_status apb_cuda_timer_start(apb_cuda_timer *t, void *stream, apb_error *err) {
+  (void)t, (void)stream;
+  return apb_error_set(err, APB_ENODEVICE, "cuda_timer_start: this libapb was built without CUDA");
+}
+
+apb_status apb_cuda_timer_stop(apb_cuda_timer *t, void *stream, apb_error *err) {
+  (void)t, (void)stream;
+  return apb_error_set(err, APB_ENODEVICE, "cuda_timer_stop: this libapb was built without CUDA");
+}
+
+apb_status apb_cuda_timer_ms(apb_cuda_timer *t, float *ms, apb_error *err) {
+  (void)t;
+  *ms = 0.0f;
+  return apb_error_set(err, APB_ENODEVICE, "cuda_timer_ms: this libapb was built without CUDA");
+}
 #endif

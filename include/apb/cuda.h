@@ -7,6 +7,10 @@
 #ifndef APB_CUDA_H
 #define APB_CUDA_H
 
+#include <stddef.h>
+#include <stdint.h>
+
+#include "apb/dtype.h"
 #include "apb/status.h"
 
 #ifdef __cplusplus
@@ -23,6 +27,69 @@ apb_status apb_cuda_device_count(int *n, apb_error *err);
 
 /* One line describing device `dev` (name, SMs, memory, compute capability) into buf. */
 apb_status apb_cuda_device_describe(int dev, char *buf, size_t len, apb_error *err);
+
+/* ---------------------------------------------------------------- attention (gpu/attn.cu)
+ *
+ * APB's segmented attention for one host (shared/APB.md 3.6) on the GPU: the same function, the same
+ * layouts and the same visibility rules as apb_attn_naive in apb/attn.h (anchor row i: anchor keys
+ * 0..i; local row j: all P, all A, local keys 0..j when local_keys; a row with no visible key gets
+ * o = 0 and lse = -inf; scale 0 means 1/sqrt(D)). Every pointer is a DEVICE pointer, token-major; the
+ * three key segments stay separate arrays (never copied into one buffer). Legend as apb/attn.h. */
+typedef struct apb_cuda_attn_args {
+  int64_t P, A, B;        /* passing keys, anchor rows/keys, local rows (and local keys if local_keys) */
+  int Hq, Hkv, D;         /* Hq % Hkv == 0; 1 <= D <= 256 */
+  int local_keys;         /* 1: local rows see local keys causally; 0: P and A only (kb/vb unused) */
+  float scale;            /* softmax scale; 0 means 1/sqrt(D) */
+  apb_dtype dtype;        /* storage of q, k, v, o: APB_DT_BF16 or APB_DT_F32 (SIMPLE only) */
+  const void *q;          /* [A+B, Hq, D] anchor rows first, then local rows */
+  const void *kp, *vp;    /* [P, Hkv, D] passing block (may be NULL when P == 0) */
+  const void *ka, *va;    /* [A, Hkv, D] anchor (may be NULL when A == 0) */
+  const void *kb, *vb;    /* [B, Hkv, D] local block (may be NULL when B == 0 or local_keys == 0) */
+  void *o;                /* [A+B, Hq, D] out, in dtype */
+  float *lse;             /* [Hq, A+B] out, fp32 natural log; may be NULL */
+} apb_cuda_attn_args;
+
+typedef enum apb_cuda_attn_impl {
+  APB_CUDA_ATTN_SIMPLE = 0, /* one warp per (row, head), fp32 CUDA-core math; F32 or BF16; any D */
+  APB_CUDA_ATTN_TC = 1,     /* tensor cores (mma.sync bf16, fp32 accumulate), BF16 only; best variant */
+  APB_CUDA_ATTN_TC_W16 = 2, /* TC forcing 16 rows per warp (64 per CTA); for tests and benchmarks */
+  APB_CUDA_ATTN_TC_W32 = 3  /* TC forcing 32 rows per warp (128 per CTA; D <= 128, else as W16) */
+} apb_cuda_attn_impl;
+
+/* Enqueue the attention on `stream` (a cudaStream_t; NULL is the default stream) and return without
+ * waiting. Shapes are validated as apb_attn_validate does (APB_EINVAL naming the field); dtype other
+ * than F32/BF16, D > 256, or a TC impl with F32 storage give APB_EUNSUPPORTED. TC with D % 8 != 0 or
+ * with a pointer that is not 16-byte aligned runs SIMPLE instead (same results, slower). Launch errors
+ * give APB_EDEVICE; faults inside the kernel show at the next synchronizing call. */
+apb_status apb_cuda_attn(const apb_cuda_attn_args *a, apb_cuda_attn_impl impl, void *stream, apb_error *err);
+
+/* ---------------------------------------------------------------- device memory and timing
+ * Thin wrappers so that C code compiled without CUDA headers (src/, tests/) can drive the kernels.
+ * Without the CUDA backend every call returns APB_ENODEVICE (apb_cuda_free does nothing). */
+
+/* *p = cudaMalloc(bytes) (at least 1 byte, 256-byte aligned); *p = NULL on failure. */
+apb_status apb_cuda_malloc(void **p, size_t bytes, apb_error *err);
+/* cudaFree; NULL is allowed. */
+void apb_cuda_free(void *p);
+/* cudaMemcpy in whichever direction the two pointers say (unified addressing); synchronous. */
+apb_status apb_cuda_memcpy(void *dst, const void *src, size_t bytes, apb_error *err);
+/* cudaMemset of bytes bytes to the value `byte` (0xFF poisons f32 and bf16 with NaN). */
+apb_status apb_cuda_memset(void *p, int byte, size_t bytes, apb_error *err);
+/* cudaDeviceSynchronize: also where faults of earlier kernels are reported. */
+apb_status apb_cuda_synchronize(apb_error *err);
+/* x [n] of dtype F32 or BF16 := uniform [-amp, amp) from a counter-based hash of (seed, index), on
+ * `stream`. For benchmarks: fast, reproducible, never zeros. */
+apb_status apb_cuda_fill_uniform(void *x, apb_dtype dt, size_t n, uint64_t seed, float amp, void *stream,
+                                 apb_error *err);
+
+/* A pair of CUDA events: start and stop are recorded on a stream, ms waits for stop and gives the
+ * elapsed milliseconds between them. */
+typedef struct apb_cuda_timer apb_cuda_timer;
+apb_status apb_cuda_timer_create(apb_cuda_timer **t, apb_error *err);
+void apb_cuda_timer_destroy(apb_cuda_timer *t);
+apb_status apb_cuda_timer_start(apb_cuda_timer *t, void *stream, apb_error *err);
+apb_status apb_cuda_timer_stop(apb_cuda_timer *t, void *stream, apb_error *err);
+apb_status apb_cuda_timer_ms(apb_cuda_timer *t, float *ms, apb_error *err);
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,281 @@
+/* src/cmd_bench_gpu.c: `apb bench gpu-attn`, the speed of the CUDA attention (gpu/attn.cu) on one GPU.
+ *
+ * It times apb_cuda_attn on dense causal attention at a list of token counts (P = A = 0, B = n) and,
+ * with --apb-shape, on the APB shape of the last of 4 hosts at 128K (P 6144 passing keys, A 4096
+ * anchor rows, B 32768 local rows), with random bf16 inputs (never zeros), CUDA events around each call,
+ * the median of --reps runs after --warmup runs. Useful TFLOP/s counts only the visible (row, key)
+ * pairs, as apb_attn_flops does: 4 * pairs * D * Hq. bench/gpu_attn_torch.py prints the same columns
+ * for torch SDPA (flash and cuDNN) on the same shapes.
+ *
+ * Not here: correctness (tests/check_gpu_attn.c), the CPU benchmarks (src/cmd_bench.c). It calls only
+ * apb_* functions, so it compiles and links without CUDA; such a build prints that and returns 1.
+ * Tested on the GPU machines through bench/gpu_session.sh (stage bench-attn).
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cli.h"
+
+int cmd_bench_gpu_attn(int argc, char **argv);
+
+static const char *const cmd = "bench gpu-attn";
+
+static const char help_text[] =
+    "Usage: apb bench gpu-attn [--tokens LIST] [--hq N] [--hkv N] [--d N] [--reps N] [--warmup N]\n"
+    "                          [--impl simple|tc|tc_w16|tc_w32|all] [--simple-max N] [--apb-shape]\n"
+    "                          [--seed N] [--json FILE]\n"
+    "\n"
+    "Times the CUDA attention (apb_cuda_attn, bf16 storage) on one GPU: dense causal attention over each\n"
+    "token count, and with --apb-shape the APB shape of the last of 4 hosts at 128K (6144 passing keys,\n"
+    "4096 anchor rows, 32768 local rows). Prints shape, impl, median ms and useful TFLOP/s\n"
+    "(4 * visible (row, key) pairs * D * Hq, as apb_attn_flops).\n"
+    "\n"
+    "Options:\n"
+    "  --tokens LIST   dense token counts (default 8192,16384,32768,65536,131072)\n"
+    "  --hq N          query heads (default 32)\n"
+    "  --hkv N         KV heads, dividing --hq (default 8)\n"
+    "  --d N           head dim, 1..256 (default 128)\n"
+    "  --reps N        timed runs per shape and impl; the median is reported (default 10)\n"
+    "  --warmup N      untimed runs first (default 2)\n"
+    "  --impl I        simple, tc (the default TC variant), tc_w16 or tc_w32 (forced TC variants), or\n"
+    "                  all: every one of them (tc then duplicates one variant, a noise check) (default tc)\n"
+    "  --simple-max N  skip the simple kernel on shapes with more than N rows: it is a correctness path,\n"
+    "                  seconds per call at 16K (default 8192)\n"
+    "  --apb-shape     also time the APB shape\n"
+    "  --seed N        input seed (default 1)\n"
+    "  --json FILE     also write the results as JSON\n"
+    "  -h, --help      this text\n"
+    "\n"
+    "Exit status: 0 measured, 1 no CUDA in this build, no GPU, or a failed run, 2 usage error.\n";
+
+enum { IMPL_SIMPLE, IMPL_TC, IMPL_TC_W16, IMPL_TC_W32, IMPL_ALL };
+static const char *const impl_names[] = {"simple", "tc", "tc_w16", "tc_w32", "all"};
+static const apb_cuda_attn_impl impl_values[] = {APB_CUDA_ATTN_SIMPLE, APB_CUDA_ATTN_TC, APB_CUDA_ATTN_TC_W16,
+                                                 APB_CUDA_ATTN_TC_W32};
+
+#define MAX_TOKENS 16
+
+typedef struct bench_opts {
+  int64_t tokens[MAX_TOKENS];
+  int ntokens;
+  int hq, hkv, d, reps, warmup, impl;
+  int64_t simple_max;
+  int apb_shape;
+  int64_t seed;
+  const char *json;
+} bench_opts;
+
+/* One shape to time: segment lengths and a label. */
+typedef struct bench_shape {
+  const char *kind; /* "dense" or "apb" */
+  int64_t P, A, B;
+} bench_shape;
+
+/* Device buffers of one shape, bf16: q, o [A+B, Hq, D]; k*, v* [len, Hkv, D]; lse [Hq, A+B]. */
+typedef struct bench_bufs {
+  void *q, *o, *kp, *vp, *ka, *va, *kb, *vb;
+  float *lse;
+} bench_bufs;
+
+static int parse(int argc, char **argv, bench_opts *o) {
+  enum { O_TOKENS = 256, O_HQ, O_HKV, O_D, O_REPS, O_WARMUP, O_IMPL, O_SIMPLE_MAX, O_APB, O_SEED, O_JSON };
+  static const struct option opts[] = {
+      {"tokens", required_argument, NULL, O_TOKENS}, {"hq", required_argument, NULL, O_HQ},
+      {"hkv", required_argument, NULL, O_HKV},       {"d", required_argument, NULL, O_D},
+      {"reps", required_argument, NULL, O_REPS},     {"warmup", required_argument, NULL, O_WARMUP},
+      {"impl", required_argument, NULL, O_IMPL},     {"simple-max", required_argument, NULL, O_SIMPLE_MAX},
+      {"apb-shape", no_argument, NULL, O_APB},       {"seed", required_argument, NULL, O_SEED},
+      {"json", required_argument, NULL, O_JSON},     {"help", no_argument, NULL, 'h'},
+      {NULL, 0, NULL, 0}};
+  static const int64_t default_tokens[] = {8192, 16384, 32768, 65536, 131072};
+  *o = (bench_opts){.ntokens = 5, .hq = 32, .hkv = 8, .d = 128, .reps = 10, .warmup = 2, .impl = IMPL_TC,
+                    .simple_max = 8192, .seed = 1};
+  memcpy(o->tokens, default_tokens, sizeof default_tokens);
+  int c, rc = 0;
+  while (rc == 0 && (c = cli_getopt(cmd, argc, argv, opts)) != -1) {
+    switch (c) {
+    case 'h': fputs(help_text, stdout); return -1;
+    case O_TOKENS:
+      rc = cli_parse_i64_list(cmd, "--tokens", optarg, 1, INT64_C(1) << 24, o->tokens, MAX_TOKENS, &o->ntokens);
+      break;
+    case O_HQ: rc = cli_parse_int(cmd, "--hq", optarg, 1, 1024, &o->hq); break;
+    case O_HKV: rc = cli_parse_int(cmd, "--hkv", optarg, 1, 1024, &o->hkv); break;
+    case O_D: rc = cli_parse_int(cmd, "--d", optarg, 1, 256, &o->d); break;
+    case O_REPS: rc = cli_parse_int(cmd, "--reps", optarg, 1, 10000, &o->reps); break;
+    case O_WARMUP: rc = cli_parse_int(cmd, "--warmup", optarg, 0, 1000, &o->warmup); break;
+    case O_IMPL: rc = cli_parse_choice(cmd, "--impl", optarg, impl_names, 5, &o->impl); break;
+    case O_SIMPLE_MAX:
+      rc = cli_parse_i64(cmd, "--simple-max", optarg, 0, INT64_C(1) << 24, &o->simple_max);
+      break;
+    case O_APB: o->apb_shape = 1; break;
+    case O_SEED: rc = cli_parse_i64(cmd, "--seed", optarg, 0, INT64_MAX, &o->seed); break;
+    case O_JSON: o->json = optarg; break;
+    default: return CLI_USAGE;
+    }
+  }
+  if (rc) return rc;
+  if (optind < argc) return cli_usage(cmd, "unexpected argument '%s'", argv[optind]);
+  if (o->hq % o->hkv != 0)
+    return cli_usage(cmd, "--hq %d is not a multiple of --hkv %d (each KV head serves a whole group)", o->hq,
+                     o->hkv);
+  return CLI_OK;
+}
+
+static void bufs_free(bench_bufs *b) {
+  apb_cuda_free(b->q), apb_cuda_free(b->o), apb_cuda_free(b->kp), apb_cuda_free(b->vp);
+  apb_cuda_free(b->ka), apb_cuda_free(b->va), apb_cuda_free(b->kb), apb_cuda_free(b->vb);
+  apb_cuda_free(b->lse);
+  memset(b, 0, sizeof *b);
+}
+
+/* n bf16 values of uniform [-1, 1) noise (stream `which` of the seed); NULL when n == 0. */
+static apb_status alloc_random(void **p, size_t n, uint64_t seed, apb_error *err) {
+  *p = NULL;
+  if (n == 0) return APB_OK;
+  apb_status st = apb_cuda_malloc(p, n * 2, err);
+  if (st == APB_OK) st = apb_cuda_fill_uniform(*p, APB_DT_BF16, n, seed, 1.0f, NULL, err);
+  return st;
+}
+
+static apb_status bufs_alloc(bench_bufs *b, const bench_shape *s, const bench_opts *o, apb_error *err) {
+  memset(b, 0, sizeof *b);
+  const size_t T = (size_t)(s->A + s->B), kvrow = (size_t)o->hkv * o->d;
+  const uint64_t seed = (uint64_t)o->seed * 16;
+  apb_status st = alloc_random(&b->q, T * o->hq * o->d, seed + 1, err);
+  if (st == APB_OK) st = alloc_random(&b->kp, (size_t)s->P * kvrow, seed + 2, err);
+  if (st == APB_OK) st = alloc_random(&b->vp, (size_t)s->P * kvrow, seed + 3, err);
+  if (st == APB_OK) st = alloc_random(&b->ka, (size_t)s->A * kvrow, seed + 4, err);
+  if (st == APB_OK) st = alloc_random(&b->va, (size_t)s->A * kvrow, seed + 5, err);
+  if (st == APB_OK) st = alloc_random(&b->kb, (size_t)s->B * kvrow, seed + 6, err);
+  if (st == APB_OK) st = alloc_random(&b->vb, (size_t)s->B * kvrow, seed + 7, err);
+  if (st == APB_OK) st = apb_cuda_malloc(&b->o, T * o->hq * o->d * 2, err);
+  if (st == APB_OK) st = apb_cuda_malloc((void **)&b->lse, T * o->hq * sizeof(float), err);
+  if (st == APB_OK) st = apb_cuda_synchronize(err);
+  if (st != APB_OK) bufs_free(b);
+  return st;
+}
+
+static int cmp_float(const void *a, const void *b) {
+  float x = *(const float *)a, y = *(const float *)b;
+  return (x > y) - (x < y);
+}
+
+/* Warm up, then time o->reps calls; *median and *best in ms. */
+static apb_status time_impl(const apb_cuda_attn_args *x, apb_cuda_attn_impl impl, const bench_opts *o,
+                            apb_cuda_timer *tm, float *ms, float *median, float *best, apb_error *err) {
+  apb_status st = APB_OK;
+  for (int i = 0; i < o->warmup && st == APB_OK; i++) st = apb_cuda_attn(x, impl, NULL, err);
+  if (st == APB_OK) st = apb_cuda_synchronize(err);
+  for (int i = 0; i < o->reps && st == APB_OK; i++) {
+    st = apb_cuda_timer_start(tm, NULL, err);
+    if (st == APB_OK) st = apb_cuda_attn(x, impl, NULL, err);
+    if (st == APB_OK) st = apb_cuda_timer_stop(tm, NULL, err);
+    if (st == APB_OK) st = apb_cuda_timer_ms(tm, &ms[i], err);
+  }
+  if (st != APB_OK) return st;
+  qsort(ms, (size_t)o->reps, sizeof *ms, cmp_float);
+  *median = o->reps % 2 ? ms[o->reps / 2] : 0.5f * (ms[o->reps / 2 - 1] + ms[o->reps / 2]);
+  *best = ms[0];
+  return APB_OK;
+}
+
+int cmd_bench_gpu_attn(int argc, char **argv) {
+  bench_opts o;
+  int rc = parse(argc, argv, &o);
+  if (rc == -1) return CLI_OK;
+  if (rc != CLI_OK) return rc;
+  if (!apb_cuda_built())
+    return cli_fail(cmd, "this apb was built without CUDA (configure found no toolkit, or --without-cuda); "
+                         "rebuild with --with-cuda on a machine with nvcc");
+  apb_error err;
+  apb_error_clear(&err);
+  int ndev = 0;
+  apb_status st = apb_cuda_device_count(&ndev, &err);
+  if (st != APB_OK) return cli_report(cmd, st, &err);
+  char dev[256];
+  st = apb_cuda_device_describe(0, dev, sizeof dev, &err);
+  if (st != APB_OK) return cli_report(cmd, st, &err);
+
+  bench_shape shapes[MAX_TOKENS + 1];
+  int nshapes = 0;
+  for (int i = 0; i < o.ntokens; i++) shapes[nshapes++] = (bench_shape){"dense", 0, 0, o.tokens[i]};
+  if (o.apb_shape) shapes[nshapes++] = (bench_shape){"apb", 6144, 4096, 32768};
+  int impls[4], nimpl = 0;
+  if (o.impl == IMPL_ALL)
+    for (int i = 0; i < 4; i++) impls[nimpl++] = i;
+  else
+    impls[nimpl++] = o.impl;
+
+  FILE *js = NULL;
+  if (o.json) {
+    js = fopen(o.json, "w");
+    if (!js) return cli_fail(cmd, "cannot write --json %s; check the directory exists and is writable", o.json);
+    char date[64];
+    time_t now = time(NULL);
+    strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
+    fprintf(js, "{\"bench\": \"gpu-attn\", \"device\": \"%s\", \"date\": \"%s\", \"dtype\": \"bf16\", "
+                "\"reps\": %d, \"warmup\": %d, \"results\": [",
+            dev, date, o.reps, o.warmup);
+  }
+  printf("# %s\n# bf16, Hq %d, Hkv %d, D %d, median of %d after %d warm-up\n", dev, o.hq, o.hkv, o.d, o.reps,
+         o.warmup);
+  printf("%-34s %-8s %10s %10s %9s\n", "shape", "impl", "ms", "best_ms", "TFLOP/s");
+  fflush(stdout);
+
+  float *ms = malloc((size_t)o.reps * sizeof *ms);
+  apb_cuda_timer *tm = NULL;
+  int nres = 0;
+  rc = CLI_OK;
+  if (!ms) return cli_fail(cmd, "out of host memory");
+  st = apb_cuda_timer_create(&tm, &err);
+  for (int si = 0; si < nshapes && st == APB_OK; si++) {
+    const bench_shape *s = &shapes[si];
+    bench_bufs b;
+    st = bufs_alloc(&b, s, &o, &err);
+    if (st != APB_OK) break;
+    apb_cuda_attn_args x = {.P = s->P, .A = s->A, .B = s->B, .Hq = o.hq, .Hkv = o.hkv, .D = o.d,
+                            .local_keys = 1, .dtype = APB_DT_BF16, .q = b.q, .kp = b.kp, .vp = b.vp,
+                            .ka = b.ka, .va = b.va, .kb = b.kb, .vb = b.vb, .o = b.o, .lse = b.lse};
+    apb_attn_args fa = {.P = s->P, .A = s->A, .B = s->B, .Hq = o.hq, .Hkv = o.hkv, .D = o.d, .local_keys = 1};
+    const double flop = apb_attn_flops(&fa);
+    char label[96];
+    if (s->P || s->A)
+      snprintf(label, sizeof label, "%s P%lld A%lld B%lld", s->kind, (long long)s->P, (long long)s->A,
+               (long long)s->B);
+    else
+      snprintf(label, sizeof label, "%s causal n=%lld", s->kind, (long long)s->B);
+    for (int ii = 0; ii < nimpl && st == APB_OK; ii++) {
+      const int impl = impls[ii];
+      if (impl == IMPL_SIMPLE && s->A + s->B > o.simple_max) {
+        printf("%-34s %-8s %10s %10s %9s  (skipped: more rows than --simple-max %lld)\n", label, "simple", "-",
+               "-", "-", (long long)o.simple_max);
+        continue;
+      }
+      float med = 0, best = 0;
+      st = time_impl(&x, impl_values[impl], &o, tm, ms, &med, &best, &err);
+      if (st != APB_OK) break;
+      const double tflops = flop / (med * 1e-3) / 1e12;
+      printf("%-34s %-8s %10.3f %10.3f %9.1f\n", label, impl_names[impl], med, best, tflops);
+      fflush(stdout);
+      if (js)
+        fprintf(js,
+                "%s\n  {\"shape\": \"%s\", \"label\": \"%s\", \"P\": %lld, \"A\": %lld, \"B\": %lld, \"Hq\": %d, "
+                "\"Hkv\": %d, \"D\": %d, \"impl\": \"%s\", \"ms\": %.4f, \"best_ms\": %.4f, \"flop\": %.6g, "
+                "\"tflops\": %.2f}",
+                nres ? "," : "", s->kind, label, (long long)s->P, (long long)s->A, (long long)s->B, o.hq, o.hkv,
+                o.d, impl_names[impl], med, best, flop, tflops);
+      nres++;
+    }
+    bufs_free(&b);
+  }
+  if (st != APB_OK) rc = cli_report(cmd, st, &err);
+  apb_cuda_timer_destroy(tm);
+  free(ms);
+  if (js) {
+    fprintf(js, "\n]}\n");
+    if (fclose(js) != 0 && rc == CLI_OK) rc = cli_fail(cmd, "error writing --json %s", o.json);
+  }
+  return rc;
+}
