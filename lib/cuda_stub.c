@@ -3,6 +3,7 @@
 #include "config.h"
 
 #ifndef HAVE_CUDA
+#include "apb/backend.h"
 #include "apb/cuda.h"
 
 int apb_cuda_built(void) { return 0; }
@@ -73,5 +74,11 @@ apb_status apb_cuda_timer_ms(apb_cuda_timer *t, float *ms, apb_error *err) {
   (void)t;
   *ms = 0.0f;
   return apb_error_set(err, APB_ENODEVICE, "cuda_timer_ms: this libapb was built without CUDA");
+}
+
+apb_status apb_backend_cuda(int device, apb_dtype act, apb_backend **out, apb_error *err) {
+  (void)device, (void)act;
+  if (out) *out = NULL;
+  return apb_error_set(err, APB_ENODEVICE, "backend cuda: this libapb was built without CUDA");
 }
 #endif
