@@ -121,10 +121,13 @@ static apb_status star_attend(host_ctx *h, int layer, apb_error *err) {
                       .q = h->q, .ka = h->k, .va = h->v, .kb = sched_row(h, h->k, h->A, kvw),
                       .vb = sched_row(h, h->v, h->A, kvw), .o = h->o, .lse = h->lse};
   if (s) {
-    if ((st = compress(h, layer, s, err))) return st;
+    double t0 = sched_prof_begin(h);
+    st = compress(h, layer, s, err);
+    sched_prof_end(h, APB_STAGE_SCORE, t0);
+    if (st) return st;
     /* APB.md 3.5: every host contributes its C (host H-1: nothing); host h keeps the first h */
-    if ((st = h->comm->ops->allgatherv(h->comm, s->ck, s->pk, s->bytes, err)) ||
-        (st = h->comm->ops->allgatherv(h->comm, s->cv, s->pv, s->bytes, err)))
+    if ((st = sched_allgatherv(h, s->ck, s->pk, s->bytes, err)) ||
+        (st = sched_allgatherv(h, s->cv, s->pv, s->bytes, err)))
       return st;
     a.P = s->P, a.kp = s->pk, a.vp = s->pv;
     int64_t sh[3] = {s->P, h->Hkv, h->D};

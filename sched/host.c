@@ -95,15 +95,61 @@ double sched_attn_flops(const apb_battn_args *a) {
   return 4.0 * pairs * a->D * a->Hq;
 }
 
+const char *apb_stage_name(apb_stage s) {
+  static const char *const names[APB_STAGE_COUNT] = {"qkv", "score", "comm", "attn", "oproj", "ffn", "other"};
+  return (unsigned)s < APB_STAGE_COUNT ? names[s] : "?";
+}
+
+double sched_prof_begin(host_ctx *h) {
+  if (!h->profile) return 0;
+  h->be->ops->sync(h->be, NULL);
+  return now_s();
+}
+
+void sched_prof_end(host_ctx *h, apb_stage s, double t0) {
+  if (!h->profile) return;
+  h->be->ops->sync(h->be, NULL);
+  h->stage_s[s] += now_s() - t0;
+}
+
 apb_status sched_attn(host_ctx *h, const apb_battn_args *a, apb_error *err) {
   h->attn_flops += sched_attn_flops(a);
-  return h->be->ops->attn(h->be, a, err);
+  double t0 = sched_prof_begin(h);
+  apb_status st = h->be->ops->attn(h->be, a, err);
+  sched_prof_end(h, APB_STAGE_ATTN, t0);
+  return st;
 }
 
 apb_status sched_linear(host_ctx *h, const apb_bweight *w, int64_t N, int64_t K, const void *x, int64_t T,
                         void *y, apb_error *err) {
   h->linear_flops += 2.0 * (double)T * (double)N * (double)K;
-  return h->be->ops->linear(h->be, w, x, T, y, err);
+  double t0 = sched_prof_begin(h);
+  apb_status st = h->be->ops->linear(h->be, w, x, T, y, err);
+  sched_prof_end(h, h->cur_stage, t0);
+  return st;
+}
+
+apb_status sched_allgatherv(host_ctx *h, const void *send, void *recv, const size_t *bytes, apb_error *err) {
+  double t0 = sched_prof_begin(h);
+  apb_status st = h->comm->ops->allgatherv(h->comm, send, recv, bytes, err);
+  sched_prof_end(h, APB_STAGE_COMM, t0);
+  return st;
+}
+
+apb_status sched_sendrecv(host_ctx *h, const void *send, size_t sbytes, int dst, void *recv, size_t rbytes, int src,
+                          apb_error *err) {
+  double t0 = sched_prof_begin(h);
+  apb_status st = h->comm->ops->sendrecv(h->comm, send, sbytes, dst, recv, rbytes, src, err);
+  sched_prof_end(h, APB_STAGE_COMM, t0);
+  return st;
+}
+
+apb_status sched_alltoallv(host_ctx *h, const void *send, const size_t *sbytes, void *recv, const size_t *rbytes,
+                           apb_error *err) {
+  double t0 = sched_prof_begin(h);
+  apb_status st = h->comm->ops->alltoallv(h->comm, send, sbytes, recv, rbytes, err);
+  sched_prof_end(h, APB_STAGE_COMM, t0);
+  return st;
 }
 
 /* The host's rows: token ids and positions (APB.md 3 "Inputs" and "The anchor"). */
@@ -216,6 +262,7 @@ static apb_status ffn(host_ctx *h, const struct apb_blayer *lw, void *x, void *h
   for (int64_t r0 = 0; r0 < T && !st; r0 += h->chunk) {
     int64_t n = T - r0 < h->chunk ? T - r0 : h->chunk;
     void *xc = sched_row(h, x, r0, h->E), *hc = sched_row(h, hb, r0, h->E);
+    h->cur_stage = APB_STAGE_FFN;
     if ((st = be->ops->rmsnorm(be, lw->ffn_norm, (float)h->cfg->rms_eps, xc, n, hc, err)) ||
         (st = sched_linear(h, lw->w_gate_up, 2 * (int64_t)h->F, h->E, hc, n, h->gu, err)) ||
         (st = be->ops->swiglu(be, h->gu, n, h->F, h->ff, err)) ||
@@ -236,6 +283,7 @@ static apb_status layer_prefill(host_ctx *h, int l, apb_error *err) {
   int64_t sh_x[2] = {T, h->E}, sh_qkv[2] = {T, h->QKV}, sh_q[3] = {T, h->Hq, h->D}, sh_k[3] = {T, h->Hkv, h->D},
           sh_lse[2] = {h->Hq, T};
   if ((st = sched_hook_act(h, "input", l, h->x, 2, sh_x, err))) return st;
+  h->cur_stage = APB_STAGE_QKV;
   if ((st = be->ops->rmsnorm(be, lw->attn_norm, (float)h->cfg->rms_eps, h->x, T, h->hb, err)) ||
       (st = sched_linear(h, lw->wqkv, h->QKV, h->E, h->hb, T, h->qkv, err)) ||
       (st = sched_hook_act(h, "qkv", l, h->qkv, 2, sh_qkv, err)) ||
@@ -252,6 +300,7 @@ static apb_status layer_prefill(host_ctx *h, int l, apb_error *err) {
   if ((st = be->ops->copy(be, h->kc[l], sched_row(h, h->k, h->A, (int64_t)h->Hkv * h->D), (size_t)h->B * kvrow, err)) ||
       (st = be->ops->copy(be, h->vc[l], sched_row(h, h->v, h->A, (int64_t)h->Hkv * h->D), (size_t)h->B * kvrow, err)))
     return st;
+  h->cur_stage = APB_STAGE_OPROJ;
   if ((st = sched_linear(h, lw->wo, h->E, (int64_t)h->Hq * h->D, h->o, T, h->hb, err)) ||
       (st = be->ops->add(be, h->x, h->hb, (size_t)T * (size_t)h->E, err)) || (st = ffn(h, lw, h->x, h->hb, T, err)))
     return st;
@@ -286,8 +335,9 @@ apb_status apb_host_run(const apb_host_args *a, apb_host_result *res, apb_error 
   h->V = cfg->vocab;
   h->QKV = (int64_t)(h->Hq + 2 * h->Hkv) * h->D;
   h->m = method_for(p->o.method);
+  h->profile = a->profile;
   apb_backend *be = h->be;
-  double t0 = now_s();
+  double t0 = now_s(), wait0 = a->comm->stats.wait_s;
   apb_status st = make_rows(h, a->doc, a->query, err);
   int last = h->r == h->H - 1;
   if (!st) st = alloc_cache(h, last ? p->q_len + p->o.max_new_tokens : 0, err);
@@ -312,14 +362,23 @@ apb_status apb_host_run(const apb_host_args *a, apb_host_result *res, apb_error 
   }
   if (!st) st = be->ops->sync(be, err);
   res->stats.prefill_s = now_s() - t0;
+  res->stats.prefill_wait_s = a->comm->stats.wait_s - wait0;
   res->stats.attn_flops = h->attn_flops;
   res->stats.linear_flops = h->linear_flops;
+  if (h->profile) {
+    double booked = 0;
+    for (int k = 0; k < APB_STAGE_COUNT; k++) booked += h->stage_s[k];
+    h->stage_s[APB_STAGE_OTHER] = res->stats.prefill_s - booked;
+    for (int k = 0; k < APB_STAGE_COUNT; k++) res->stats.stage_s[k] = h->stage_s[k];
+  }
   if (h->m->teardown) h->m->teardown(h);
   free_prefill(h);
   if (!st) st = sched_decode(h, a->query, p->q_len, p->o.max_new_tokens, res, err);
   res->n_rows = h->B;
   res->row_pos = h->row_pos, h->row_pos = NULL;
   res->stats.bytes_sent = apb_comm_bytes_sent(a->comm);
+  size_t cur = 0, peak = 0;
+  res->stats.peak_bytes = apb_backend_mem(be, &cur, &peak) == APB_OK ? (int64_t)peak : -1;
   free_cache(h);
   free(h->ids_h);
   free(h->pos_h);

@@ -63,7 +63,9 @@ static apb_status attend_full_merge(host_ctx *h, ring_state *s, int64_t row0, in
   apb_status st = sched_attn(h, &a, err);
   const void *op[2] = {o_acc, s->o_tmp};
   const float *lp[2] = {lse_acc, s->lse_tmp};
+  double t0 = sched_prof_begin(h);
   if (!st) st = h->be->ops->merge(h->be, 2, op, lp, n, h->Hq, h->D, o_acc, lse_acc, err);
+  sched_prof_end(h, APB_STAGE_ATTN, t0);
   return st;
 }
 
@@ -94,7 +96,7 @@ static apb_status ring_attend(host_ctx *h, int layer, apb_error *err) {
     int j = (r - step + H) % H;
     int64_t jrows = rows_of(h, j);
     void *recv = s->buf[step & 1];
-    if ((st = h->comm->ops->sendrecv(h->comm, send, 2 * (size_t)send_rows * row, (r + 1) % H, recv,
+    if ((st = sched_sendrecv(h, send, 2 * (size_t)send_rows * row, (r + 1) % H, recv,
                                      2 * (size_t)jrows * row, (r - 1 + H) % H, err)))
       return st;
     const char *rk = recv, *rv = (const char *)recv + (size_t)jrows * row;

@@ -57,6 +57,9 @@ struct host_ctx {
   const method_ops *m;
   void *mstate;
   double attn_flops, linear_flops;
+  int profile;
+  apb_stage cur_stage;      /* where sched_linear books its time */
+  double stage_s[APB_STAGE_COUNT];
 };
 
 extern const method_ops apb_method_dense_ops, apb_method_star_ops, apb_method_ring_ops,
@@ -84,6 +87,17 @@ double sched_attn_flops(const apb_battn_args *a);
 /* be->ops->linear plus FLOP accounting. */
 apb_status sched_linear(host_ctx *h, const apb_bweight *w, int64_t N, int64_t K, const void *x, int64_t T,
                         void *y, apb_error *err);
+
+/* Profiling: when h->profile, sync the backend and return the clock (else 0); sched_prof_end adds
+ * the time since t0 to stage s. */
+double sched_prof_begin(host_ctx *h);
+void sched_prof_end(host_ctx *h, apb_stage s, double t0);
+/* Collectives through these, so their time is booked to APB_STAGE_COMM. */
+apb_status sched_allgatherv(host_ctx *h, const void *send, void *recv, const size_t *bytes, apb_error *err);
+apb_status sched_sendrecv(host_ctx *h, const void *send, size_t sbytes, int dst, void *recv, size_t rbytes, int src,
+                          apb_error *err);
+apb_status sched_alltoallv(host_ctx *h, const void *send, const size_t *sbytes, void *recv, const size_t *rbytes,
+                           apb_error *err);
 
 /* The query and decode phase (decode.c). */
 apb_status sched_decode(host_ctx *h, const int32_t *query, int64_t q_len, int64_t max_new, apb_host_result *res,

@@ -74,7 +74,7 @@ static apb_status a2a_heads(host_ctx *h, uly_state *s, const void *send, int Hx,
     s->sb[d] = (size_t)h->B * hd;
     s->rb[d] = (size_t)(p->block_start[d + 1] - p->block_start[d]) * hd;
   }
-  return h->comm->ops->alltoallv(h->comm, send, s->sb, recv, s->rb, err);
+  return sched_alltoallv(h, send, s->sb, recv, s->rb, err);
 }
 
 static apb_status uly_attend(host_ctx *h, int layer, apb_error *err) {
@@ -100,7 +100,7 @@ static apb_status uly_attend(host_ctx *h, int layer, apb_error *err) {
     s->sb[d] = (size_t)(p->block_start[d + 1] - p->block_start[d]) * ohd;
     s->rb[d] = B * ohd;
   }
-  if ((st = h->comm->ops->alltoallv(h->comm, s->fo, s->sb, s->ro, s->rb, err))) return st;
+  if ((st = sched_alltoallv(h, s->fo, s->sb, s->ro, s->rb, err))) return st;
   for (int src = 0; src < H; src++)
     if ((st = be->ops->copy2d(be, (char *)h->o + (size_t)src * ohd, (size_t)h->Hq * D * es,
                               (char *)s->ro + (size_t)src * B * ohd, ohd, ohd, B, err)))
@@ -117,7 +117,7 @@ static apb_status uly_attend(host_ctx *h, int layer, apb_error *err) {
     off += Bd * (size_t)hq;
   }
   /* arrives as H chunks [hq, B] in source order = lse [Hq, B] (heads of host s are rows s*hq..) */
-  return h->comm->ops->alltoallv(h->comm, s->slse, s->sb, h->lse, s->rb, err);
+  return sched_alltoallv(h, s->slse, s->sb, h->lse, s->rb, err);
 }
 
 const method_ops apb_method_ulysses_ops = {uly_setup, uly_attend, uly_teardown};

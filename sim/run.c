@@ -26,7 +26,7 @@ static void host_main(int rank, void *arg) {
   exec_ctx *x = arg;
   apb_host_args a = {.plan = x->plan, .bm = x->bm, .be = x->bes[rank], .comm = x->comms[rank], .doc = x->doc,
                      .query = x->query, .hook = x->o->hook, .hook_user = x->o->hook_user,
-                     .want_hidden = x->o->want_hidden};
+                     .want_hidden = x->o->want_hidden, .profile = x->o->profile};
   x->st[rank] = apb_host_run(&a, &x->res[rank], &x->errs[rank]);
   if (x->st[rank] != APB_OK) apb_sim_abort(x->comms[rank], x->errs[rank].msg);
 }

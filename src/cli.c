@@ -275,3 +275,29 @@ int64_t cli_first_nonfinite(const float *x, int64_t n) {
     if (!isfinite(x[i])) return i;
   return -1;
 }
+
+double cli_time_sgemm(int g, int reps, uint64_t seed) {
+  size_t n = (size_t)g * (size_t)g;
+  float *a = malloc(n * sizeof *a), *b = malloc(n * sizeof *b), *c = malloc(n * sizeof *c);
+  double *t = malloc((size_t)(reps > 0 ? reps : 1) * sizeof *t);
+  double med = -1;
+  if (a && b && c && t && reps > 0) {
+    apb_rng r;
+    apb_rng_seed(&r, seed ^ 0x5eedull);
+    apb_rng_fill_normal(&r, a, n, 1.0f);
+    apb_rng_fill_normal(&r, b, n, 1.0f);
+    for (int i = -1; i < reps; i++) {
+      double t0 = cli_now();
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, g, g, g, 1.0f, a, g, b, g, 0.0f, c, g);
+      if (i >= 0) t[i] = cli_now() - t0;
+    }
+    for (int i = 1; i < reps; i++) /* insertion sort: reps is small */
+      for (int j = i; j > 0 && t[j] < t[j - 1]; j--) {
+        double x = t[j];
+        t[j] = t[j - 1], t[j - 1] = x;
+      }
+    med = reps % 2 ? t[reps / 2] : 0.5 * (t[reps / 2 - 1] + t[reps / 2]);
+  }
+  free(a), free(b), free(c), free(t);
+  return med;
+}

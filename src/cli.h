@@ -101,6 +101,12 @@ void cli_set_threads(int n);
 int cli_threads(void);
 /* Seconds from CLOCK_MONOTONIC. */
 double cli_now(void);
+/* Median seconds of `reps` OpenBLAS sgemm runs of size g x g x g (seeded normal inputs), after one
+ * warm-up; < 0 when out of memory. The baseline every CPU benchmark reports against. */
+double cli_time_sgemm(int g, int reps, uint64_t seed);
+/* bench targets in src/bench_run.c */
+int bench_forward(int argc, char **argv);
+int bench_sim(int argc, char **argv);
 
 /* "[3,4,5]" ("[]" for a scalar) into buf [cap]. */
 void cli_format_shape(char *buf, size_t cap, int ndim, const int64_t *shape);

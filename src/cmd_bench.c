@@ -74,31 +74,8 @@ typedef struct bench_attn_opts {
   int64_t seed;
 } bench_attn_opts;
 
-/* Median seconds of reps sgemm runs of size g, after a warm-up; < 0 when out of memory. */
-static double time_sgemm(const bench_attn_opts *o) {
-  int64_t n = (int64_t)o->gemm * o->gemm;
-  float *a = alloc_f32(n), *b = alloc_f32(n), *c = alloc_f32(n);
-  double *t = malloc((size_t)o->reps * sizeof *t);
-  double med = -1;
-  if (a && b && c && t) {
-    apb_rng r;
-    apb_rng_seed(&r, (uint64_t)o->seed ^ 0x5eedull);
-    fill_normal(&r, a, n);
-    fill_normal(&r, b, n);
-    for (int i = -1; i < o->reps; i++) {
-      double t0 = cli_now();
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, o->gemm, o->gemm, o->gemm, 1.0f, a, o->gemm, b,
-                  o->gemm, 0.0f, c, o->gemm);
-      if (i >= 0) t[i] = cli_now() - t0;
-    }
-    med = median(t, o->reps);
-  }
-  free(a);
-  free(b);
-  free(c);
-  free(t);
-  return med;
-}
+/* Median seconds of reps sgemm runs of size o->gemm, after a warm-up; < 0 when out of memory. */
+static double time_sgemm(const bench_attn_opts *o) { return cli_time_sgemm(o->gemm, o->reps, (uint64_t)o->seed); }
 
 typedef struct attn_result {
   int64_t tokens;
@@ -226,6 +203,8 @@ static int bench_attn(int argc, char **argv) {
 static const cli_command targets[] = {
     {"attn", "causal dense attention (apb_attn_fast) against OpenBLAS sgemm", bench_attn},
     {"gpu-attn", "CUDA attention kernels (dense and the APB shape), TFLOP/s", cmd_bench_gpu_attn},
+    {"forward", "a model's dense prefill: tokens/s and the linear layers' rate against sgemm", bench_forward},
+    {"sim", "simulated hosts: the slowest host's compute time against its FLOPs at the sgemm rate", bench_sim},
 };
 static const int n_targets = (int)(sizeof targets / sizeof targets[0]);
 

@@ -11,6 +11,13 @@
 #include "apb/safetensors.h"
 #include "apb/attn.h"
 #include "apb/cuda.h"
+#include "apb/model.h"
+#include "apb/backend.h"
+#include "apb/comm.h"
+#include "apb/sched.h"
+#include "apb/sim.h"
+#include "apb/cost.h"
+#include "apb/nccl.h"
 
 #define APB_VERSION_STRING "0.1.0"
 

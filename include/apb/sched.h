@@ -105,12 +105,29 @@ typedef struct apb_hook_info {
 } apb_hook_info;
 typedef void (*apb_hook_fn)(void *user, const apb_hook_info *info);
 
+/* Parts of a prefill layer, for the per-stage time breakdown (apb_host_args.profile). The linear
+ * stages count only their matrix products; norms, RoPE, SwiGLU, residual adds and copies are OTHER. */
+typedef enum apb_stage {
+  APB_STAGE_QKV = 0,        /* the fused q/k/v projection */
+  APB_STAGE_SCORE,          /* compressor: scorer, pool, top-k, gather (apb) */
+  APB_STAGE_COMM,           /* collectives (time until the data is there) */
+  APB_STAGE_ATTN,           /* attention and LSE merges */
+  APB_STAGE_OPROJ,          /* o projection */
+  APB_STAGE_FFN,            /* gate/up and down projections */
+  APB_STAGE_OTHER,          /* the rest of the prefill */
+  APB_STAGE_COUNT
+} apb_stage;
+const char *apb_stage_name(apb_stage s);
+
 typedef struct apb_host_stats {
   double prefill_s, query_s, decode_s;   /* wall time on this host */
+  double prefill_wait_s;                 /* of prefill_s, time blocked in collectives (a simulated host
+                                            in serialized mode computes for prefill_s - prefill_wait_s) */
   double attn_flops;                     /* useful attention FLOPs of this host's prefill */
   double linear_flops;                   /* projection, FFN and scorer FLOPs of this host's prefill */
+  double stage_s[APB_STAGE_COUNT];       /* prefill time by stage, when profiled (else 0) */
   int64_t bytes_sent;                    /* over all collectives (prefill + decode) */
-  int64_t peak_bytes;                    /* backend memory high-water mark of this host */
+  int64_t peak_bytes;                    /* backend memory high-water mark of this host (-1: unknown) */
 } apb_host_stats;
 
 /* What one host returns. Buffers are host memory, allocated by apb_host_run (free with
@@ -135,6 +152,8 @@ typedef struct apb_host_args {
   apb_hook_fn hook;         /* may be NULL */
   void *hook_user;
   int want_hidden;          /* fill result->hidden */
+  int profile;              /* fill stats.stage_s: the backend is synced around every stage (slower,
+                               and it removes any overlap of communication with compute) */
 } apb_host_args;
 
 /* Run this host's prefill, query and decode. On failure the caller reports the error and then calls

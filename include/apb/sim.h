@@ -60,6 +60,7 @@ typedef struct apb_sim_opts {
   apb_hook_fn hook;
   void *hook_user;
   int want_hidden;
+  int profile;              /* per-stage times in each host's stats (apb_host_args.profile) */
 } apb_sim_opts;
 
 apb_status apb_sim_execute(const apb_plan *plan, const apb_model *m, const apb_sim_opts *o, const int32_t *doc,
