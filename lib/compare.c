@@ -7,7 +7,8 @@
  * of 4u (a single rounding of inputs and outputs). The elementwise bound is atol_rms = rtol =
  * 4u*sqrt(k) (at least 4u): no element may be off by more than that fraction of the reference's RMS
  * value plus that fraction of itself, a guard against a single wild element that a Frobenius norm
- * would hide.
+ * would hide. It is capped at 8x the contract's Frobenius bound (bf16 at long reductions would
+ * otherwise allow errors above 100% and guard nothing).
  * Tested in tests/check_compare.c.
  */
 #include "apb/compare.h"
@@ -75,7 +76,9 @@ apb_tol apb_tolerance(apb_prec p, int64_t k) {
   if (fro < 4.0 * u) fro = 4.0 * u;
   if (fro > prec_table[p].contract) fro = prec_table[p].contract;
   t.rel_fro = fro;
-  t.atol_rms = t.rtol = 4.0 * u * sk > 4.0 * u ? 4.0 * u * sk : 4.0 * u;
+  double el = 4.0 * u * sk > 4.0 * u ? 4.0 * u * sk : 4.0 * u;
+  if (el > 8.0 * prec_table[p].contract) el = 8.0 * prec_table[p].contract;
+  t.atol_rms = t.rtol = el;
   return t;
 }
 

@@ -23,9 +23,9 @@
  * OpenBLAS threads. The Debian build is the pthread one: an sgemm called from inside our OpenMP region
  * would start OpenBLAS threads of its own (oversubscription, and thread-count-dependent blocking). So
  * OpenBLAS is set to one thread for the duration and restored afterwards. That setting is process-wide
- * inside OpenBLAS, so it is held with a count under a named critical section: concurrent callers
- * (simulated hosts on threads) restore it only when the last one leaves. This is the one piece of
- * global state here, and it mirrors OpenBLAS's own.
+ * inside OpenBLAS, so it is held with one count shared by every caller in ref/ (ref/blas_hold.c):
+ * concurrent callers (simulated hosts on threads) restore it only when the last one leaves. This is
+ * the one piece of global state here, and it mirrors OpenBLAS's own.
  *
  * What it deliberately is not: a general FlashAttention (no dropout, no bias, no arbitrary masks), or
  * tuned per CPU: one set of tile sizes, exp by a short polynomial that the compiler vectorizes.
@@ -35,6 +35,7 @@
  * identity for 1, 2 and 3 threads and across repeated runs. Performance: docs/tolerances.md.
  */
 #include "apb/attn.h"
+#include "blas_hold.h"
 
 #include <cblas.h>
 #include <math.h>
@@ -270,28 +271,6 @@ static void run_task(const plan *pl, work *w, int hk, int64_t r0, int nr) {
   }
 }
 
-/* ---------------------------------------------------------------- OpenBLAS at one thread */
-
-static int blas_users; /* apb_attn_fast calls in flight (see the top of the file) */
-static int blas_saved; /* OpenBLAS's thread count before the first of them */
-
-static void blas_hold_single(void) {
-#pragma omp critical(apb_openblas_threads)
-  {
-    if (blas_users++ == 0) {
-      blas_saved = openblas_get_num_threads();
-      openblas_set_num_threads(1);
-    }
-  }
-}
-
-static void blas_release(void) {
-#pragma omp critical(apb_openblas_threads)
-  {
-    if (--blas_users == 0) openblas_set_num_threads(blas_saved);
-  }
-}
-
 /* ---------------------------------------------------------------- entry */
 
 apb_status apb_attn_fast(const apb_attn_args *a, apb_error *err) {
@@ -336,7 +315,7 @@ apb_status apb_attn_fast(const apb_attn_args *a, apb_error *err) {
                          per);
   memset(pool, 0, (size_t)nth * per * sizeof(float)); /* the padding of S rows is read (and masked) */
 
-  blas_hold_single();
+  apb_ref_blas_hold();
 #pragma omp parallel num_threads(nth)
   {
     float *base = pool + (size_t)omp_get_thread_num() * per;
@@ -357,7 +336,7 @@ apb_status apb_attn_fast(const apb_attn_args *a, apb_error *err) {
       run_task(&pl, &w, hk, r0, (int)(r1 - r0));
     }
   }
-  blas_release();
+  apb_ref_blas_release();
   /* In OpenBLAS's OpenMP build, openblas_set_num_threads also sets this thread's OpenMP thread count:
    * put back the caller's. */
   omp_set_num_threads(nth_want);

@@ -21,9 +21,8 @@
  * threads for 1670 of the K in 1..2100 (every K > 320 but a few): its single-threaded and threaded
  * drivers cut K into different blocks. So every sgemm here runs single-threaded (on a tile whose shape
  * depends only on the problem, never on the team size), with OpenBLAS held at one thread for the
- * duration of the op: blas_begin/blas_end below keep a count under the named critical section
- * apb_openblas_threads, which ref/attn_fast.c also uses, and restore OpenBLAS's count when the last
- * user leaves. The attention op runs inside the same hold, so that simulated hosts running attention
+ * duration of the op through ref/blas_hold.c, whose one count (shared with ref/attn_fast.c) restores
+ * OpenBLAS's count when the last user leaves. The attention op runs inside the same hold, so that simulated hosts running attention
  * and linear at the same time share one count. tests/check_backend.c checks bitwise equality for
  * OpenMP teams of 1, 2, 3 and OpenBLAS counts of 1, 2, 4, and that OpenBLAS's count is restored.
  * apb_attn_fast takes its team size from omp_get_max_threads(); when this instance has a fixed team
@@ -47,6 +46,7 @@
 
 #include "apb/dtype.h"
 #include "backend_cpu.h"
+#include "blas_hold.h"
 
 /* Tiles of the sgemm calls: rows (also the scorer's chunk) and outputs. */
 #define APB_FAST_MB 256
@@ -102,32 +102,6 @@ static apb_status fast_rmsnorm(apb_backend *be, const apb_bweight *w, float eps,
   return APB_OK;
 }
 
-/* ---------------------------------------------------------------- OpenBLAS at one thread */
-
-static int blas_users; /* ops of this file in flight, over all instances and threads */
-static int blas_saved; /* OpenBLAS's thread count before the first of them */
-
-static void blas_begin(void) {
-  const int omp_nth = omp_get_max_threads();
-#pragma omp critical(apb_openblas_threads)
-  {
-    if (blas_users++ == 0) {
-      blas_saved = openblas_get_num_threads();
-      openblas_set_num_threads(1);
-    }
-  }
-  omp_set_num_threads(omp_nth); /* OpenBLAS's OpenMP build changes this thread's count: put it back */
-}
-
-static void blas_end(void) {
-  const int omp_nth = omp_get_max_threads();
-#pragma omp critical(apb_openblas_threads)
-  {
-    if (--blas_users == 0) openblas_set_num_threads(blas_saved);
-  }
-  omp_set_num_threads(omp_nth);
-}
-
 /* y [m, n] (row stride ldy) = x [m, K] (stride K) w [n, K]^T (stride K), single-threaded. */
 static void sgemm_nt(int64_t m, int64_t n, int64_t K, const float *x, const float *w, float *y, int64_t ldy) {
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)m, (int)n, (int)K, 1.0f, x, (int)K, w, (int)K, 0.0f, y,
@@ -160,7 +134,7 @@ static apb_status fast_linear(apb_backend *be, const apb_bweight *w, const void 
   const int64_t tn = (N + APB_FAST_NB - 1) / APB_FAST_NB, ntile = (T + APB_FAST_MB - 1) / APB_FAST_MB * tn;
   int nth = apb_cpu_threads(c);
   if (nth > ntile) nth = (int)ntile;
-  blas_begin();
+  apb_ref_blas_hold();
 #pragma omp parallel for num_threads(nth) schedule(dynamic, 1)
   for (int64_t i = 0; i < ntile; i++) {
     const int64_t r0 = i / tn * APB_FAST_MB, c0 = i % tn * APB_FAST_NB;
@@ -174,7 +148,7 @@ static apb_status fast_linear(apb_backend *be, const apb_bweight *w, const void 
       if (c->emulate_bf16) apb_bf16_round_array(yr, (size_t)n);
     }
   }
-  blas_end();
+  apb_ref_blas_release();
   return APB_OK;
 }
 
@@ -273,7 +247,7 @@ static apb_status fast_attn(apb_backend *be, const apb_battn_args *a, apb_error 
   apb_status st = apb_cpu_attn_args(err, "attn", a, &aa);
   if (st != APB_OK) return st;
   const apb_cpu *c = apb_cpu_of(be);
-  blas_begin(); /* apb_attn_fast holds OpenBLAS at one thread too; this shares the count (top of file) */
+  apb_ref_blas_hold(); /* apb_attn_fast holds OpenBLAS at one thread too; this shares the count (top of file) */
   if (c->threads > 0) {
     /* A one-thread region: nthreads-var set inside it belongs to this region's implicit task only. */
     const int nth = c->threads;
@@ -285,7 +259,7 @@ static apb_status fast_attn(apb_backend *be, const apb_battn_args *a, apb_error 
   } else {
     st = apb_attn_fast(&aa, err);
   }
-  blas_end();
+  apb_ref_blas_release();
   if (st == APB_OK) apb_cpu_round(c, aa.o, (size_t)(aa.A + aa.B) * (size_t)aa.Hq * (size_t)aa.D);
   return st;
 }
@@ -305,7 +279,7 @@ static apb_status fast_score(apb_backend *be, const apb_bweight *fc1, const apb_
   void *buf;
   if ((st = apb_cpu_scratch(c, per * (size_t)nth, op, &buf, err))) return st;
   const float *x = qkv;
-  blas_begin();
+  apb_ref_blas_hold();
 #pragma omp parallel for num_threads(nth) schedule(dynamic, 1)
   for (int64_t ci = 0; ci < nchunk; ci++) {
     float *h = (float *)((char *)buf + per * (size_t)omp_get_thread_num()), *s = h + CH * Iw;
@@ -321,7 +295,7 @@ static apb_status fast_score(apb_backend *be, const apb_bweight *fc1, const apb_
     for (int64_t r = 0; r < m; r++)
       for (int64_t j = 0; j < Hkv; j++) scores[j * T + t0 + r] = s[r * Hkv + j];
   }
-  blas_end();
+  apb_ref_blas_release();
   apb_cpu_scratch_free(c, buf, per * (size_t)nth);
   return APB_OK;
 }
