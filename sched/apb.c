@@ -23,6 +23,8 @@ typedef struct apb_state {
   float *host_scores;       /* [Hkv, B] host scratch for the random/uniform scorers */
   size_t *bytes;            /* [H] all-gather sizes */
   int64_t P;                /* passing rows of this host */
+  void *o2;                 /* overlap: [B, Hq, D] local rows against P */
+  float *lse2, *lse_loc;    /* overlap: [Hq, B] each */
 } apb_state;
 
 static int uses_passing(const host_ctx *h) { return h->p->o.method == APB_METHOD_APB && h->p->lp > 0 && h->H > 1; }
@@ -47,6 +49,11 @@ static apb_status star_setup(host_ctx *h, apb_error *err) {
       (st = sched_alloc(h, sizeof(int32_t) * (size_t)h->Hkv * (size_t)nsel, (void **)&s->idx, err)) ||
       (st = sched_alloc(h, (size_t)total * row, &s->pk, err)) || (st = sched_alloc(h, (size_t)total * row, &s->pv, err)))
     return st;
+  if (p->overlap && s->P > 0 &&
+      ((st = sched_alloc(h, (size_t)h->B * (size_t)h->Hq * h->D * h->es, &s->o2, err)) ||
+       (st = sched_alloc(h, (size_t)h->B * (size_t)h->Hq * sizeof(float), (void **)&s->lse2, err)) ||
+       (st = sched_alloc(h, (size_t)h->B * (size_t)h->Hq * sizeof(float), (void **)&s->lse_loc, err))))
+    return st;
   /* this host's C lives in its own slot of the gathered buffers (the all-gather then copies nothing for it) */
   int64_t off = 0;
   for (int r = 0; r < h->r; r++) off += p->n_sel[r];
@@ -60,6 +67,7 @@ static void star_teardown(host_ctx *h) {
   if (!s) return;
   sched_free(h, s->scores), sched_free(h, s->pooled), sched_free(h, s->idx);
   sched_free(h, s->pk), sched_free(h, s->pv);
+  sched_free(h, s->o2), sched_free(h, s->lse2), sched_free(h, s->lse_loc);
   free(s->host_scores);
   free(s->bytes);
   free(s);
@@ -113,6 +121,44 @@ static apb_status compress(host_ctx *h, int layer, apb_state *s, apb_error *err)
   return st;
 }
 
+/* Overlapped form (plan.overlap): the all-gathers run while [A | B] is attended (anchor rows final,
+ * local rows partial); then the local rows attend P alone and the two partials merge by LSE. Local
+ * rows' LSE are columns A.. of lse [Hq, T], so they are copied out and back around the merge. */
+static apb_status attend_overlapped(host_ctx *h, int layer, apb_state *s, apb_battn_args *a, apb_error *err) {
+  apb_backend *be = h->be;
+  apb_comm_req *rk = NULL, *rv = NULL;
+  apb_status st;
+  double t0 = sched_prof_begin(h);
+  st = h->comm->ops->iallgatherv(h->comm, s->ck, s->pk, s->bytes, &rk, err);
+  if (!st) st = h->comm->ops->iallgatherv(h->comm, s->cv, s->pv, s->bytes, &rv, err);
+  sched_prof_end(h, APB_STAGE_COMM, t0);
+  if (!st) st = sched_attn(h, a, err); /* no P: everything that does not need the passing block */
+  t0 = sched_prof_begin(h);
+  apb_status w1 = h->comm->ops->wait(h->comm, rk, err);
+  apb_status w2 = h->comm->ops->wait(h->comm, rv, err);
+  sched_prof_end(h, APB_STAGE_COMM, t0);
+  if (st) return st;
+  if (w1 || w2) return w1 ? w1 : w2;
+  int64_t sh[3] = {s->P, h->Hkv, h->D};
+  if ((st = sched_hook_act(h, "passing_k", layer, s->pk, 3, sh, err)) ||
+      (st = sched_hook_act(h, "passing_v", layer, s->pv, 3, sh, err)))
+    return st;
+  int64_t qw = (int64_t)h->Hq * h->D;
+  apb_battn_args b = {.P = s->P, .A = 0, .B = h->B, .Hq = h->Hq, .Hkv = h->Hkv, .D = h->D, .local_keys = 0,
+                      .q = sched_row(h, h->q, h->A, qw), .kp = s->pk, .vp = s->pv, .o = s->o2, .lse = s->lse2};
+  if ((st = sched_attn(h, &b, err))) return st;
+  t0 = sched_prof_begin(h);
+  size_t T = (size_t)h->T, Bn = (size_t)h->B, f = sizeof(float);
+  void *o_loc = sched_row(h, h->o, h->A, qw);
+  const void *op[2] = {o_loc, s->o2};
+  const float *lp[2] = {s->lse_loc, s->lse2};
+  st = be->ops->copy2d(be, s->lse_loc, Bn * f, h->lse + h->A, T * f, Bn * f, (size_t)h->Hq, err);
+  if (!st) st = be->ops->merge(be, 2, op, lp, h->B, h->Hq, h->D, o_loc, s->lse_loc, err);
+  if (!st) st = be->ops->copy2d(be, h->lse + h->A, T * f, s->lse_loc, Bn * f, Bn * f, (size_t)h->Hq, err);
+  sched_prof_end(h, APB_STAGE_ATTN, t0);
+  return st;
+}
+
 static apb_status star_attend(host_ctx *h, int layer, apb_error *err) {
   apb_state *s = h->mstate;
   apb_status st;
@@ -125,6 +171,7 @@ static apb_status star_attend(host_ctx *h, int layer, apb_error *err) {
     st = compress(h, layer, s, err);
     sched_prof_end(h, APB_STAGE_SCORE, t0);
     if (st) return st;
+    if (h->p->overlap && s->P > 0) return attend_overlapped(h, layer, s, &a, err);
     /* APB.md 3.5: every host contributes its C (host H-1: nothing); host h keeps the first h */
     if ((st = sched_allgatherv(h, s->ck, s->pk, s->bytes, err)) ||
         (st = sched_allgatherv(h, s->cv, s->pv, s->bytes, err)))

@@ -41,6 +41,7 @@ void apb_run_opts_default(apb_run_opts *o) {
   o->seed = 0;
   o->max_new_tokens = 0;
   o->ffn_chunk = -1;
+  o->overlap = -1;
 }
 
 static void split_even(int64_t n, int parts, int64_t *start) {
@@ -76,6 +77,7 @@ apb_status apb_plan_make(const apb_run_opts *o, int64_t n, int64_t q_len, const 
   p->n = n;
   p->q_len = q_len;
   p->ffn_chunk = o->ffn_chunk < 0 ? 8192 : o->ffn_chunk;
+  p->overlap = o->overlap < 0 ? 1 : o->overlap != 0;
   if (p->ffn_chunk < 1)
     return apb_error_set(err, APB_EINVAL, "--ffn-chunk must be >= 1 row, got %lld", (long long)o->ffn_chunk);
   split_even(n, H, p->block_start);

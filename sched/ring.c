@@ -7,7 +7,8 @@
  * zigzag: the document is cut into 2H chunks and host h holds chunks h and 2H-1-h, so every host does
  * the same causal work. Chunk c of queries sees chunk c' fully when c' < c and causally when c' == c.
  * The K/V of both chunks travel together around the ring.
- * The K/V buffer of a host is [k | v] of all its rows (host_ctx.kv), sent as is.
+ * The K/V buffer of a host is [k | v] of all its rows (host_ctx.kv), sent as is; the next block's
+ * transfer (isendrecv) runs while the current one is attended.
  */
 #include <stdlib.h>
 
@@ -90,27 +91,42 @@ static apb_status ring_attend(host_ctx *h, int layer, apb_error *err) {
                         .o = sched_row(h, h->o, c0, (int64_t)h->Hq * h->D), .lse = s->lse_hi};
     if ((st = sched_attn(h, &b, err))) return st;
   }
-  const void *send = h->kv;
-  int64_t send_rows = h->B;
-  for (int step = 1; step < H; step++) {
-    int j = (r - step + H) % H;
-    int64_t jrows = rows_of(h, j);
+  /* Step s receives the block of host j = r - s while the block received at step s-1 (from host
+   * r - s + 1) is sent on and, at the same time, attended: the transfer hides behind the compute.
+   * Blocks are merged in arrival order, as without the prefetch. */
+  const void *cur = h->kv;
+  int cur_host = r;
+  for (int step = 1; step <= H; step++) {
     void *recv = s->buf[step & 1];
-    if ((st = sched_sendrecv(h, send, 2 * (size_t)send_rows * row, (r + 1) % H, recv,
-                                     2 * (size_t)jrows * row, (r - 1 + H) % H, err)))
-      return st;
-    const char *rk = recv, *rv = (const char *)recv + (size_t)jrows * row;
-    if (!zig) {
-      if (j < r && (st = attend_full_merge(h, s, 0, h->B, rk, rv, jrows, h->lse, err))) return st;
-    } else {
-      int64_t j0 = p->chunk_start[j + 1] - p->chunk_start[j];
-      /* lo chunk r sees chunk j iff j < r; chunk 2H-1-j is always later */
-      if (j < r && (st = attend_full_merge(h, s, 0, c0, rk, rv, j0, s->lse_lo, err))) return st;
-      /* hi chunk 2H-1-r sees chunk j always, and chunk 2H-1-j iff j > r (both contiguous in recv) */
-      if ((st = attend_full_merge(h, s, c0, c1, rk, rv, j > r ? jrows : j0, s->lse_hi, err))) return st;
+    int j = (r - step + H) % H;
+    apb_comm_req *req = NULL;
+    if (step < H) {
+      double t0 = sched_prof_begin(h);
+      st = h->comm->ops->isendrecv(h->comm, cur, 2 * (size_t)rows_of(h, cur_host) * row, (r + 1) % H, recv,
+                                   2 * (size_t)rows_of(h, j) * row, (r - 1 + H) % H, &req, err);
+      sched_prof_end(h, APB_STAGE_COMM, t0);
+      if (st) return st;
     }
-    send = recv;
-    send_rows = jrows;
+    if (cur_host != r) { /* attend the block that arrived at the previous step */
+      int64_t jrows = rows_of(h, cur_host);
+      const char *rk = cur, *rv = (const char *)cur + (size_t)jrows * row;
+      if (!zig) {
+        if (cur_host < r) st = attend_full_merge(h, s, 0, h->B, rk, rv, jrows, h->lse, err);
+      } else {
+        int64_t j0 = p->chunk_start[cur_host + 1] - p->chunk_start[cur_host];
+        /* lo chunk r sees chunk j iff j < r; chunk 2H-1-j is always later */
+        if (cur_host < r) st = attend_full_merge(h, s, 0, c0, rk, rv, j0, s->lse_lo, err);
+        /* hi chunk 2H-1-r sees chunk j always, and chunk 2H-1-j iff j > r (both contiguous) */
+        if (!st) st = attend_full_merge(h, s, c0, c1, rk, rv, cur_host > r ? jrows : j0, s->lse_hi, err);
+      }
+    }
+    double t0 = sched_prof_begin(h);
+    apb_status ws = h->comm->ops->wait(h->comm, req, err);
+    sched_prof_end(h, APB_STAGE_COMM, t0);
+    if (st) return st;
+    if (ws) return ws;
+    cur = recv;
+    cur_host = j;
   }
   if (zig) { /* lse [Hq, T] = [lse_lo | lse_hi] per head */
     size_t T = (size_t)h->T;

@@ -57,6 +57,8 @@ static void help(void) {
       "  --pool W            max-pool window over scores, odd (default 5 retaining, 1 otherwise)\n"
       "  --max-new-tokens N  greedy tokens after the query (default 8)\n"
       "  --ffn-chunk R       rows per MLP chunk (default 8192)\n"
+      "  --overlap 0|1       apb: attend [A|B] while the passing block is gathered, then merge\n"
+      "                      (default 1; 0: one attention call after the all-gather)\n"
       "Execution:\n"
       "  --backend NAME      fast (default), naive (the oracle; slow), cuda-bf16, cuda-f32\n"
       "  --threads N         OpenMP threads (default: OMP_NUM_THREADS or every core)\n"
@@ -514,7 +516,7 @@ int cmd_run(int argc, char **argv) {
   c.methods[0] = APB_METHOD_DENSE, c.methods[1] = APB_METHOD_RING, c.methods[2] = APB_METHOD_STAR,
   c.methods[3] = APB_METHOD_APB, c.n_methods = 4;
   enum { O_MODEL = 256, O_HEADS, O_PRESET, O_SEED, O_TOKENS, O_SYN, O_QLEN, O_METHOD, O_HOSTS, O_ANCHOR, O_PASSING,
-         O_QOFF, O_EMBED, O_SCORER, O_POOL, O_NEW, O_FFNC, O_BACKEND, O_THREADS, O_CONC, O_DUMP, O_DUMPL, O_JSON,
+         O_QOFF, O_EMBED, O_SCORER, O_POOL, O_NEW, O_FFNC, O_OVERLAP, O_BACKEND, O_THREADS, O_CONC, O_DUMP, O_DUMPL, O_JSON,
          O_QUIET, O_HELP };
   static const struct option opts[] = {
       {"model", required_argument, 0, O_MODEL}, {"heads", required_argument, 0, O_HEADS},
@@ -525,7 +527,7 @@ int cmd_run(int argc, char **argv) {
       {"passing", required_argument, 0, O_PASSING}, {"query-offset", required_argument, 0, O_QOFF},
       {"embed-query", required_argument, 0, O_EMBED}, {"scorer", required_argument, 0, O_SCORER},
       {"pool", required_argument, 0, O_POOL}, {"max-new-tokens", required_argument, 0, O_NEW},
-      {"ffn-chunk", required_argument, 0, O_FFNC}, {"backend", required_argument, 0, O_BACKEND},
+      {"ffn-chunk", required_argument, 0, O_FFNC}, {"overlap", required_argument, 0, O_OVERLAP}, {"backend", required_argument, 0, O_BACKEND},
       {"threads", required_argument, 0, O_THREADS}, {"concurrent", no_argument, 0, O_CONC},
       {"dump", required_argument, 0, O_DUMP}, {"dump-layers", no_argument, 0, O_DUMPL},
       {"json", no_argument, 0, O_JSON}, {"quiet", no_argument, 0, O_QUIET}, {"help", no_argument, 0, O_HELP},
@@ -579,6 +581,7 @@ int cmd_run(int argc, char **argv) {
     case O_POOL: rc = cli_parse_int(CMD, "--pool", optarg, 1, 1 << 20, &c.o.pool); break;
     case O_NEW: rc = cli_parse_i64(CMD, "--max-new-tokens", optarg, 0, 1 << 20, &c.o.max_new_tokens); break;
     case O_FFNC: rc = cli_parse_i64(CMD, "--ffn-chunk", optarg, 1, BIG, &c.o.ffn_chunk); break;
+    case O_OVERLAP: rc = cli_parse_int(CMD, "--overlap", optarg, 0, 1, &c.o.overlap); break;
     case O_BACKEND: c.backend = optarg; break;
     case O_THREADS: rc = cli_parse_int(CMD, "--threads", optarg, 1, 4096, &c.threads); break;
     case O_CONC: c.concurrent = 1; break;

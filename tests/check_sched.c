@@ -3,7 +3,8 @@
  *   apb with H = 1 equals dense; apb with l_p = 0 equals star with the same anchor (query not
  *   embedded); apb with l_a = 0 and l_p >= l_b equals dense; ring, zigzag and ulysses equal dense for
  *   every H; the decode (LSE merge over H hosts) gives dense's logits and tokens; results are bitwise
- *   identical across thread counts and between the in-process and the MPI run (mpirun -np 2 and 4).
+ *   identical across thread counts and between the in-process and the MPI run (mpirun -np 2 and 4);
+ *   the overlapped apb attention computes the same function as the single call.
  * Also: the cost model's FLOP and byte counts equal what the simulator counted, and bad input to
  * `apb run` gets a clear error and a non-zero exit. Document lengths include 1023 and 1025.
  */
@@ -165,6 +166,22 @@ START_TEST(test_apb_no_anchor_all_passing_is_dense) {
 }
 END_TEST
 
+/* the overlapped apb attention (split around the all-gather, merged by LSE) computes the same function */
+START_TEST(test_apb_overlap_same_function) {
+  run_out a, b;
+  apb_run_opts o = opts(APB_METHOD_APB, hosts[1 + _i]);
+  o.anchor = 64, o.passing = 48;
+  o.overlap = 0;
+  run(&o, 1025, 5, 0, &a);
+  o.overlap = 1;
+  run(&o, 1025, 5, 0, &b);
+  char what[64];
+  snprintf(what, sizeof what, "apb overlap vs not, H=%d", hosts[1 + _i]);
+  assert_matches(what, &b, &a);
+  run_free(&a), run_free(&b);
+}
+END_TEST
+
 START_TEST(test_threads_bitwise) {
   apb_method ms[] = {APB_METHOD_APB, APB_METHOD_RING, APB_METHOD_ULYSSES};
   run_out a, b;
@@ -311,6 +328,7 @@ int main(void) {
   tcase_add_loop_test(ti, test_apb_h1_is_dense, 0, 2);
   tcase_add_loop_test(ti, test_apb_lp0_is_star, 0, 4);
   tcase_add_loop_test(ti, test_apb_no_anchor_all_passing_is_dense, 0, 8);
+  tcase_add_loop_test(ti, test_apb_overlap_same_function, 0, 4);
   tcase_add_loop_test(ti, test_threads_bitwise, 0, 3);
   tcase_add_loop_test(ti, test_cost_model_counts, 0, 2 * APB_METHOD_COUNT);
   suite_add_tcase(s, ti);

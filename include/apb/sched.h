@@ -61,6 +61,9 @@ typedef struct apb_run_opts {
   uint64_t seed;            /* random scorer */
   int64_t max_new_tokens;   /* greedy decode steps after the query (>= 0) */
   int64_t ffn_chunk;        /* rows per FFN chunk; -1: 8192 */
+  int overlap;              /* apb: attend [A | B] while the passing block is all-gathered, then the
+                               local rows against P, merged by LSE (same function, other rounding);
+                               -1: 1. Ring always prefetches the next block (same arithmetic). */
 } apb_run_opts;
 
 /* Defaults: method apb, hosts 1, everything else -1 / 0 as above, scorer retaining, 0 new tokens. */
@@ -81,6 +84,7 @@ typedef struct apb_plan {
   int64_t n_sel[APB_MAX_HOSTS];               /* apb: compressed rows C_h per KV head (0 for H-1) */
   int64_t excl0;            /* apb: document tokens host 0 excludes from selection (held by the anchor) */
   int64_t ffn_chunk;        /* rows per FFN chunk (bounds the [rows, 2F] intermediate) */
+  int overlap;              /* apb: split attention around the all-gather (see apb_run_opts) */
 } apb_plan;
 
 /* Resolve defaults and validate. Errors name the option: more hosts than tokens, l_a > l_b, l_p < 0,
