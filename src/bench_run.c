@@ -153,6 +153,7 @@ static double mem_bound(const apb_plan *p, const apb_model_config *c, int r, int
     double tot = 0;
     for (int h = 0; h < p->H; h++) tot += (double)p->n_sel[h];
     b += 2 * 4 * Hkv * (double)B + 4 * Hkv * (double)p->n_sel[r] + 2 * tot * Hkv * D * es;
+    if (p->overlap && r > 0) b += (double)B * (Hq * D * es + 2 * 4 * Hq); /* o2, lse2, lse_loc */
     break;
   }
   case APB_METHOD_RING:
