@@ -4,7 +4,9 @@
  * What it is: dispatch and bookkeeping. "naive" and "fast" are ref/backend_naive.c and
  * ref/backend_fast.c; "cuda", "cuda-bf16" and "cuda-f32" go to apb_backend_cuda (gpu/, or the
  * APB_ENODEVICE stub of lib/cuda_stub.c when built without CUDA). apb_bmodel_create makes every weight
- * of an apb_model through be->ops->weight_create, in the fused layouts of apb/model.h.
+ * of an apb_model through be->ops->weight_create, in the fused layouts of apb/model.h;
+ * apb_bmodel_generate makes a preset's weights (on the host for the CPU backends, on the device for
+ * CUDA through apb_cuda_bmodel_generate) and the bmodel then owns its apb_model.
  *
  * What it deliberately is not: a registry or plugin system; the names are a fixed list.
  *
@@ -14,6 +16,8 @@
 
 #include <stdlib.h>
 #include <string.h>
+
+#include "apb/cuda.h"
 
 apb_status apb_backend_create(const char *name, int device, const apb_cpu_opts *o, apb_backend **out,
                               apb_error *err) {
@@ -130,5 +134,22 @@ void apb_bmodel_destroy(apb_backend *be, apb_bmodel *bm) {
   if (bm->embed) wd(be, bm->embed);
   if (bm->final_norm) wd(be, bm->final_norm);
   free(bm->layers);
+  apb_model_free(bm->owned); /* last: the loop above read its configuration */
   free(bm);
+}
+
+apb_status apb_bmodel_generate(apb_backend *be, apb_preset p, uint64_t seed, apb_bmodel **out, apb_error *err) {
+  if (!out) return apb_error_set(err, APB_EINVAL, "bmodel_generate: out is NULL");
+  *out = NULL;
+  if (!be || !be->ops) return apb_error_set(err, APB_EINVAL, "bmodel_generate: be is NULL");
+  if (be->device >= 0) return apb_cuda_bmodel_generate(be, p, seed, out, err); /* the CUDA backend */
+  apb_model *m = NULL;
+  apb_status st = apb_model_generate(p, seed, &m, err);
+  if (st != APB_OK) return st;
+  if ((st = apb_bmodel_create(be, m, out, err)) != APB_OK) {
+    apb_model_free(m);
+    return st;
+  }
+  (*out)->owned = m;
+  return APB_OK;
 }

@@ -81,4 +81,20 @@ apb_status apb_backend_cuda(int device, apb_dtype act, apb_backend **out, apb_er
   if (out) *out = NULL;
   return apb_error_set(err, APB_ENODEVICE, "backend cuda: this libapb was built without CUDA");
 }
+
+apb_status apb_backend_cuda_set_attn(apb_backend *be, apb_cuda_attn_impl impl, apb_error *err) {
+  (void)be, (void)impl;
+  return apb_error_set(err, APB_ENODEVICE, "backend_cuda_set_attn: this libapb was built without CUDA");
+}
+
+apb_status apb_cuda_bmodel_generate(apb_backend *be, apb_preset p, uint64_t seed, apb_bmodel **out, apb_error *err) {
+  (void)be, (void)p, (void)seed;
+  if (out) *out = NULL;
+  return apb_error_set(err, APB_ENODEVICE, "bmodel_generate: this libapb was built without CUDA");
+}
+
+void *apb_cuda_backend_stream(struct apb_backend *be) {
+  (void)be;
+  return NULL;
+}
 #endif

@@ -185,10 +185,22 @@ typedef struct apb_bmodel {
   struct apb_blayer {
     apb_bweight *attn_norm, *wqkv, *wo, *ffn_norm, *w_gate_up, *w_down, *fc1, *fc2;
   } *layers;
+  apb_model *owned;           /* the model m when this bmodel owns it (apb_bmodel_generate): freed by
+                                 apb_bmodel_destroy after the weights; NULL otherwise */
 } apb_bmodel;
 
 apb_status apb_bmodel_create(apb_backend *be, const apb_model *m, apb_bmodel **out, apb_error *err);
 void apb_bmodel_destroy(apb_backend *be, apb_bmodel *bm); /* with the creating instance; NULL is allowed */
+
+/* A generated preset model (apb/model.h) in be's memory, owning its apb_model (bm->owned):
+ *   - CPU backends: apb_model_generate(p, seed) on the host, then apb_bmodel_create; the weights are
+ *     lib/gen.c's, bitwise;
+ *   - CUDA (apb_cuda_bmodel_generate, gpu/gen.cu): bm->m holds only the configuration and scorer width
+ *     (every weight pointer NULL, nothing on the host) and every weight is drawn on the device from a
+ *     counter-based hash with lib/gen.c's distributions and scales, but NOT lib/gen.c's numbers: a run
+ *     that compares the GPU with the CPU must use apb_model_generate + apb_bmodel_create instead.
+ * Destroy with apb_bmodel_destroy(be, bm). */
+apb_status apb_bmodel_generate(apb_backend *be, apb_preset p, uint64_t seed, apb_bmodel **out, apb_error *err);
 
 #ifdef __cplusplus
 }

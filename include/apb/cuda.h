@@ -10,6 +10,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "apb/backend.h"
 #include "apb/dtype.h"
 #include "apb/status.h"
 
@@ -53,7 +54,12 @@ typedef enum apb_cuda_attn_impl {
   APB_CUDA_ATTN_SIMPLE = 0, /* one warp per (row, head), fp32 CUDA-core math; F32 or BF16; any D */
   APB_CUDA_ATTN_TC = 1,     /* tensor cores (mma.sync bf16, fp32 accumulate), BF16 only; best variant */
   APB_CUDA_ATTN_TC_W16 = 2, /* TC forcing 16 rows per warp (64 per CTA); for tests and benchmarks */
-  APB_CUDA_ATTN_TC_W32 = 3  /* TC forcing 32 rows per warp (128 per CTA; D <= 128, else as W16) */
+  APB_CUDA_ATTN_TC_W32 = 3, /* TC forcing 32 rows per warp (128 per CTA; D <= 128, else as W16) */
+  APB_CUDA_ATTN_HOPPER = 4, /* sm_90a kernel (gpu/attn_hopper.cu: wgmma, TMA, warp specialization), BF16
+                             * only, D 64 and 128; best variant. Other D, a GPU other than compute
+                             * capability 9.0, or pointers not 16-byte aligned run TC instead */
+  APB_CUDA_ATTN_HOPPER_V1 = 5, /* HOPPER forcing its first version (S, softmax, P V in turn); tests, benchmarks */
+  APB_CUDA_ATTN_HOPPER_V2 = 6  /* HOPPER forcing softmax/P V overlap without warpgroup ping-pong; likewise */
 } apb_cuda_attn_impl;
 
 /* Enqueue the attention on `stream` (a cudaStream_t; NULL is the default stream) and return without
@@ -90,6 +96,29 @@ void apb_cuda_timer_destroy(apb_cuda_timer *t);
 apb_status apb_cuda_timer_start(apb_cuda_timer *t, void *stream, apb_error *err);
 apb_status apb_cuda_timer_stop(apb_cuda_timer *t, void *stream, apb_error *err);
 apb_status apb_cuda_timer_ms(apb_cuda_timer *t, float *ms, apb_error *err);
+
+/* ---------------------------------------------------------------- the backend's stream
+ * For the NCCL communicator (gpu/comm_nccl.c), which enqueues collectives on the stream of the CUDA
+ * backend instance they belong to, so that they are ordered with its kernels without a host sync.
+ * Defined by the CUDA backend (gpu/backend_cuda.cu). */
+struct apb_backend;
+/* The cudaStream_t (as void *) on which CUDA backend instance be enqueues all of its work; never NULL
+ * for a CUDA instance (each owns its stream). NULL for a backend that is not CUDA's, and always NULL
+ * without the CUDA backend. */
+void *apb_cuda_backend_stream(struct apb_backend *be);
+
+/* ---------------------------------------------------------------- the CUDA compute backend (gpu/)
+ * apb_backend_cuda (apb/backend.h) makes an instance; these reach what only the CUDA backend has. */
+
+/* Choose the attention kernel of a CUDA backend instance (default: APB_CUDA_ATTN_TC for BF16 storage,
+ * APB_CUDA_ATTN_SIMPLE for F32, or the environment variable APB_CUDA_ATTN = simple | tc | tc_w16 |
+ * tc_w32 | hopper | hopper_v1 | hopper_v2 read when the instance is made). APB_EINVAL for another backend, an unknown impl, or a
+ * tensor-core impl on an F32 instance. */
+apb_status apb_backend_cuda_set_attn(apb_backend *be, apb_cuda_attn_impl impl, apb_error *err);
+
+/* apb_bmodel_generate for a CUDA instance (apb/backend.h says what it makes). APB_EINVAL when be is
+ * not a CUDA instance or p is not a preset; APB_ENOMEM when the device memory does not suffice. */
+apb_status apb_cuda_bmodel_generate(apb_backend *be, apb_preset p, uint64_t seed, apb_bmodel **out, apb_error *err);
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,651 @@
+/* gpu/backend_cuda.cu: the "cuda" compute backend of apb/backend.h: instances, memory, weights, the
+ * linear op (cuBLAS) and the attention op (apb_cuda_attn of gpu/attn.cu).
+ *
+ * What it is:
+ *   - an instance per (device, act): its own non-blocking cudaStream and a cuBLAS handle bound to it;
+ *     every op of the instance is enqueued on that stream in submission order, `sync` waits for it.
+ *     Each op first makes the instance's device current on the calling thread (simulated hosts call
+ *     from their own threads). act is BF16 (storage bf16, fp32 accumulation) or F32 (fp32 everywhere,
+ *     TF32 never used: CUBLAS_COMPUTE_32F with CUBLAS_DEFAULT_MATH);
+ *   - memory: alloc is cudaMalloc (256-byte aligned), free waits for the stream and cudaFree's; memset,
+ *     copy, copy2d are stream-ordered (copy/copy2d reject overlapping ranges with APB_EINVAL, as the
+ *     CPU does); upload/download move raw bytes and return when the host buffer may be reused or
+ *     read; upload_f32/download_f32 convert on the device (fp32 staging chunks in op scratch and a
+ *     conversion kernel; bf16 rounding is round-to-nearest-even, as apb_f32_to_bf16);
+ *   - accounting for `mem`: bytes requested by alloc, weight bytes, and op scratch while an op holds
+ *     it (cudaMallocAsync/cudaFreeAsync on the stream), as current and high-water mark;
+ *   - weights: w [N, K] in act (converted once on the device), bias [N] in fp32 holding bf16-rounded
+ *     values in BF16 mode, so the bias epilogue adds in fp32 and rounds the sum once;
+ *   - linear: y [T, N] = x [T, K] W^T by cublasGemmEx (BF16 in and out with CUBLAS_COMPUTE_32F and
+ *     reductions kept in fp32, or F32 in and out). With a bias the sum must be rounded once: in F32
+ *     mode the GEMM writes y and an epilogue kernel adds the bias in place; in BF16 mode the GEMM
+ *     writes fp32 row chunks to scratch and the epilogue adds the bias and rounds to bf16 into y;
+ *   - attn: apb_cuda_attn on the instance's stream with the instance's kernel choice: environment
+ *     variable APB_CUDA_ATTN = simple | tc | tc_w16 | tc_w32 | hopper | hopper_v1 | hopper_v2 at
+ *     creation, or apb_backend_cuda_set_attn; default tc for BF16, simple for F32 (the tensor-core
+ *     kernels need bf16 storage).
+ * The other ops are in gpu/ops.cu and gpu/select.cu; the shared declarations in gpu/cuda_int.h.
+ *
+ * What it deliberately is not: a caching allocator (scratch comes from CUDA's stream-ordered pool),
+ * a graph-captured or fused layer (each op is one or a few kernels), or a place that prints or exits.
+ * Every CUDA and cuBLAS call is checked (APB_CU, APB_CUBLAS) and every launch is followed by
+ * APB_CU_LAUNCH.
+ *
+ * Tested in tests/check_gpu_agree.c: every op against the naive oracle (and, in BF16 mode, against the
+ * CPU's bf16 emulation), memory ops and accounting, validation messages, and whole runs.
+ */
+#include <limits.h>
+#include <math.h>
+#include <new>
+#include <stdlib.h>
+#include <string.h>
+
+#include "apb/attn.h"
+#include "cuda_int.h"
+
+/* fp32 elements per staging chunk of upload_f32 / download_f32 / weight_create (64 MiB). */
+#define CU_STAGE_ELEMS ((size_t)1 << 24)
+/* fp32 elements of the BF16 linear-with-bias scratch (row chunks of at most this many outputs). */
+#define CU_BIAS_ELEMS ((size_t)1 << 24)
+
+/* ---------------------------------------------------------------- instance helpers */
+
+apb_status cu_enter(cu_be *c, apb_error *err) {
+  apb_status st = APB_OK;
+  APB_CU(cudaSetDevice(c->dev));
+done:
+  return st;
+}
+
+static void count_add(cu_be *c, size_t bytes) {
+  size_t now = c->cur.fetch_add(bytes) + bytes;
+  size_t pk = c->peak.load();
+  while (now > pk && !c->peak.compare_exchange_weak(pk, now)) {
+  }
+}
+
+static void count_sub(cu_be *c, size_t bytes) { c->cur.fetch_sub(bytes); }
+
+apb_status cu_scratch(cu_be *c, size_t bytes, const char *op, void **p, apb_error *err) {
+  apb_status st = APB_OK;
+  *p = NULL;
+  if (bytes == 0) return APB_OK;
+  cudaError_t e = cudaMallocAsync(p, bytes, c->stream);
+  if (e != cudaSuccess) {
+    *p = NULL;
+    cudaGetLastError();
+    return apb_error_set(err, APB_ENOMEM, "%s: cannot allocate %zu bytes of device scratch on device %d: %s", op,
+                         bytes, c->dev, cudaGetErrorString(e));
+  }
+  count_add(c, bytes);
+  return st;
+}
+
+void cu_scratch_free(cu_be *c, void *p, size_t bytes) {
+  if (!p) return;
+  cudaFreeAsync(p, c->stream);
+  count_sub(c, bytes);
+}
+
+apb_status cu_read(cu_be *c, void *host, const void *dev, size_t bytes, apb_error *err) {
+  apb_status st = APB_OK;
+  APB_CU(cudaMemcpyAsync(host, dev, bytes, cudaMemcpyDeviceToHost, c->stream));
+  APB_CU(cudaStreamSynchronize(c->stream));
+done:
+  return st;
+}
+
+/* ---------------------------------------------------------------- validation */
+
+apb_status cu_need(apb_error *err, const char *op, const char *arg, const void *p) {
+  if (p) return APB_OK;
+  return apb_error_set(err, APB_EINVAL, "%s: %s is NULL", op, arg);
+}
+
+apb_status cu_len(apb_error *err, const char *op, const char *arg, int64_t v, int64_t lo) {
+  if (v >= lo) return APB_OK;
+  return apb_error_set(err, APB_EINVAL, "%s: %s=%lld must be >= %lld", op, arg, (long long)v, (long long)lo);
+}
+
+apb_status cu_weight_check(const cu_be *c, apb_error *err, const char *op, const char *arg, const apb_bweight *w,
+                           int64_t N, int64_t K) {
+  if (!w) return apb_error_set(err, APB_EINVAL, "%s: weight %s is NULL", op, arg);
+  if ((N >= 0 && w->N != N) || (K >= 0 && w->K != K)) {
+    char want_n[32] = "N", want_k[32] = "K";
+    if (N >= 0) snprintf(want_n, sizeof want_n, "%lld", (long long)N);
+    if (K >= 0) snprintf(want_k, sizeof want_k, "%lld", (long long)K);
+    return apb_error_set(err, APB_EINVAL, "%s: weight %s is [%lld, %lld], expected [%s, %s]", op, arg,
+                         (long long)w->N, (long long)w->K, want_n, want_k);
+  }
+  if (w->dt != c->be.act)
+    return apb_error_set(err, APB_EINVAL, "%s: weight %s is stored as %s but this instance computes in %s", op, arg,
+                         apb_dtype_name(w->dt), apb_dtype_name(c->be.act));
+  return APB_OK;
+}
+
+apb_status cu_disjoint(apb_error *err, const char *op, const char *an, const void *a, size_t na, const char *bn,
+                       const void *b, size_t nb) {
+  if (!a || !b || na == 0 || nb == 0) return APB_OK;
+  uintptr_t a0 = (uintptr_t)a, b0 = (uintptr_t)b;
+  if (a0 < b0 + nb && b0 < a0 + na)
+    return apb_error_set(err, APB_EINVAL, "%s: %s [%p, +%zu bytes) overlaps %s [%p, +%zu bytes)", op, an, a, na, bn,
+                         b, nb);
+  return APB_OK;
+}
+
+/* ---------------------------------------------------------------- memory ops */
+
+static apb_status cu_alloc(apb_backend *be, size_t bytes, void **p, apb_error *err) {
+  if (!p) return apb_error_set(err, APB_EINVAL, "alloc: p is NULL");
+  *p = NULL;
+  if (bytes == 0) return APB_OK;
+  cu_be *c = cu_of(be);
+  apb_status st = cu_enter(c, err);
+  if (st != APB_OK) return st;
+  cudaError_t e = cudaMalloc(p, bytes);
+  if (e != cudaSuccess) {
+    *p = NULL;
+    cudaGetLastError();
+    return apb_error_set(err, APB_ENOMEM, "alloc: cannot allocate %zu bytes on device %d: %s", bytes, c->dev,
+                         cudaGetErrorString(e));
+  }
+  try {
+    std::lock_guard<std::mutex> g(c->mu);
+    c->sizes[*p] = bytes;
+  } catch (...) {
+    cudaFree(*p);
+    *p = NULL;
+    return apb_error_set(err, APB_ENOMEM, "alloc: out of host memory for the allocation table");
+  }
+  count_add(c, bytes);
+  return APB_OK;
+}
+
+static void cu_free(apb_backend *be, void *p) {
+  if (!p) return;
+  cu_be *c = cu_of(be);
+  size_t bytes = 0;
+  {
+    std::lock_guard<std::mutex> g(c->mu);
+    auto it = c->sizes.find(p);
+    if (it != c->sizes.end()) {
+      bytes = it->second;
+      c->sizes.erase(it);
+    }
+  }
+  /* The stream's queued kernels may still use p: wait for them before the memory goes. Errors cannot
+   * be reported from free (it returns nothing); a sticky fault shows at the next checked call. */
+  cudaSetDevice(c->dev);
+  cudaStreamSynchronize(c->stream);
+  cudaFree(p);
+  count_sub(c, bytes);
+}
+
+static apb_status cu_memset(apb_backend *be, void *p, int byte, size_t bytes, apb_error *err) {
+  if (bytes == 0) return APB_OK;
+  if (!p) return apb_error_set(err, APB_EINVAL, "memset: p is NULL (%zu bytes)", bytes);
+  cu_be *c = cu_of(be);
+  apb_status st = cu_enter(c, err);
+  if (st != APB_OK) return st;
+  APB_CU(cudaMemsetAsync(p, byte, bytes, c->stream));
+done:
+  return st;
+}
+
+static apb_status cu_copy(apb_backend *be, void *dst, const void *src, size_t bytes, apb_error *err) {
+  const char *op = "copy";
+  if (bytes == 0 || dst == src) return APB_OK;
+  apb_status st;
+  if ((st = cu_need(err, op, "dst", dst)) || (st = cu_need(err, op, "src", src)) ||
+      (st = cu_disjoint(err, op, "dst", dst, bytes, "src", src, bytes)))
+    return st;
+  cu_be *c = cu_of(be);
+  if ((st = cu_enter(c, err))) return st;
+  APB_CU(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, c->stream));
+done:
+  return st;
+}
+
+/* floor(a / b) for b > 0. */
+static int64_t floordiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+static apb_status cu_copy2d(apb_backend *be, void *dst, size_t dpitch, const void *src, size_t spitch, size_t width,
+                            size_t rows, apb_error *err) {
+  const char *op = "copy2d";
+  apb_status st;
+  if (width == 0 || rows == 0) return APB_OK;
+  if ((st = cu_need(err, op, "dst", dst)) || (st = cu_need(err, op, "src", src))) return st;
+  if (width > dpitch || width > spitch)
+    return apb_error_set(err, APB_EINVAL, "%s: width=%zu exceeds a pitch (dpitch=%zu, spitch=%zu)", op, width,
+                         dpitch, spitch);
+  const size_t maxp = dpitch > spitch ? dpitch : spitch;
+  if (rows > (size_t)INT64_MAX / 4 / maxp)
+    return apb_error_set(err, APB_EINVAL, "%s: %zu rows of pitch %zu is too large", op, rows, maxp);
+  /* Overlap, row against row: dst row i starts at d0 = (dst - src) + i * dpitch relative to src; the
+   * src rows j with [j * spitch, + width) meeting [d0, d0 + width) form one range of j. */
+  const int64_t span_d = (int64_t)((rows - 1) * dpitch + width), span_s = (int64_t)((rows - 1) * spitch + width);
+  if (cu_disjoint(NULL, op, "", dst, (size_t)span_d, "", src, (size_t)span_s) != APB_OK) {
+    const int64_t base = (int64_t)((intptr_t)dst - (intptr_t)src), w = (int64_t)width;
+    const int64_t sp = (int64_t)spitch, dp = (int64_t)dpitch;
+    for (int64_t i = 0; i < (int64_t)rows; i++) {
+      const int64_t d0 = base + i * dp;
+      int64_t jlo = floordiv(d0 - w, sp) + 1, jhi = floordiv(d0 + w - 1, sp);
+      if (jlo < 0) jlo = 0;
+      if (jhi > (int64_t)rows - 1) jhi = (int64_t)rows - 1;
+      if (jlo <= jhi)
+        return apb_error_set(err, APB_EINVAL, "%s: dst row %lld overlaps src row %lld (width %zu, pitches %zu/%zu)",
+                             op, (long long)i, (long long)jlo, width, dpitch, spitch);
+    }
+  }
+  cu_be *c = cu_of(be);
+  if ((st = cu_enter(c, err))) return st;
+  APB_CU(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, rows, cudaMemcpyDeviceToDevice, c->stream));
+done:
+  return st;
+}
+
+/* Host -> device raw bytes; returns once the host buffer may be reused (whatever kind of memory it is). */
+static apb_status cu_upload(apb_backend *be, void *dst, const void *host, size_t bytes, apb_error *err) {
+  const char *op = "upload";
+  if (bytes == 0) return APB_OK;
+  apb_status st;
+  if ((st = cu_need(err, op, "dst", dst)) || (st = cu_need(err, op, "host", host))) return st;
+  cu_be *c = cu_of(be);
+  if ((st = cu_enter(c, err))) return st;
+  APB_CU(cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, c->stream));
+  APB_CU(cudaStreamSynchronize(c->stream));
+done:
+  return st;
+}
+
+/* Device -> host raw bytes, after every op submitted before it. */
+static apb_status cu_download(apb_backend *be, void *host, const void *src, size_t bytes, apb_error *err) {
+  const char *op = "download";
+  if (bytes == 0) return APB_OK;
+  apb_status st;
+  if ((st = cu_need(err, op, "host", host)) || (st = cu_need(err, op, "src", src))) return st;
+  cu_be *c = cu_of(be);
+  if ((st = cu_enter(c, err))) return st;
+  APB_CU(cudaMemcpyAsync(host, src, bytes, cudaMemcpyDeviceToHost, c->stream));
+  APB_CU(cudaStreamSynchronize(c->stream));
+done:
+  return st;
+}
+
+/* dst [n] (device, dt) = host fp32 [n], converted on the device in staging chunks; waits at the end. */
+static apb_status put_f32(cu_be *c, const char *op, void *dst, apb_dtype dt, const float *host, size_t n,
+                          apb_error *err) {
+  apb_status st = APB_OK;
+  void *stage = NULL;
+  const size_t chunk = n < CU_STAGE_ELEMS ? n : CU_STAGE_ELEMS;
+  if (dt == APB_DT_F32) {
+    APB_CU(cudaMemcpyAsync(dst, host, n * sizeof(float), cudaMemcpyHostToDevice, c->stream));
+  } else {
+    APB_TRY(cu_scratch(c, chunk * sizeof(float), op, &stage, err));
+    for (size_t i = 0; i < n; i += chunk) {
+      const size_t m = n - i < chunk ? n - i : chunk;
+      APB_CU(cudaMemcpyAsync(stage, host + i, m * sizeof(float), cudaMemcpyHostToDevice, c->stream));
+      APB_TRY(cu_convert(c, (char *)dst + i * apb_dtype_size(dt), dt, stage, APB_DT_F32, m, err));
+    }
+  }
+  APB_CU(cudaStreamSynchronize(c->stream));
+done:
+  cu_scratch_free(c, stage, chunk * sizeof(float));
+  return st;
+}
+
+static apb_status cu_upload_f32(apb_backend *be, void *dst, const float *host, size_t n, apb_error *err) {
+  const char *op = "upload_f32";
+  if (n > SIZE_MAX / sizeof(float)) return apb_error_set(err, APB_EINVAL, "%s: n=%zu elements is too large", op, n);
+  if (n == 0) return APB_OK;
+  apb_status st;
+  if ((st = cu_need(err, op, "dst", dst)) || (st = cu_need(err, op, "host", host))) return st;
+  cu_be *c = cu_of(be);
+  if ((st = cu_enter(c, err))) return st;
+  return put_f32(c, op, dst, be->act, host, n, err);
+}
+
+static apb_status cu_download_f32(apb_backend *be, float *host, const void *src, size_t n, apb_error *err) {
+  const char *op = "download_f32";
+  if (n > SIZE_MAX / sizeof(float)) return apb_error_set(err, APB_EINVAL, "%s: n=%zu elements is too large", op, n);
+  if (n == 0) return APB_OK;
+  apb_status st;
+  if ((st = cu_need(err, op, "host", host)) || (st = cu_need(err, op, "src", src))) return st;
+  cu_be *c = cu_of(be);
+  if ((st = cu_enter(c, err))) return st;
+  void *stage = NULL;
+  const size_t chunk = n < CU_STAGE_ELEMS ? n : CU_STAGE_ELEMS;
+  if (be->act == APB_DT_F32) {
+    APB_CU(cudaMemcpyAsync(host, src, n * sizeof(float), cudaMemcpyDeviceToHost, c->stream));
+  } else {
+    APB_TRY(cu_scratch(c, chunk * sizeof(float), op, &stage, err));
+    for (size_t i = 0; i < n; i += chunk) {
+      const size_t m = n - i < chunk ? n - i : chunk;
+      APB_TRY(cu_convert(c, stage, APB_DT_F32, (const char *)src + i * apb_dtype_size(be->act), be->act, m, err));
+      APB_CU(cudaMemcpyAsync(host + i, stage, m * sizeof(float), cudaMemcpyDeviceToHost, c->stream));
+    }
+  }
+  APB_CU(cudaStreamSynchronize(c->stream));
+done:
+  cu_scratch_free(c, stage, chunk * sizeof(float));
+  return st;
+}
+
+static apb_status cu_sync(apb_backend *be, apb_error *err) {
+  cu_be *c = cu_of(be);
+  apb_status st = cu_enter(c, err);
+  if (st != APB_OK) return st;
+  APB_CU(cudaStreamSynchronize(c->stream));
+done:
+  return st;
+}
+
+/* ---------------------------------------------------------------- weights */
+
+apb_status cu_weight_new(cu_be *c, int64_t N, int64_t K, int has_bias, apb_bweight **out, apb_error *err) {
+  const char *op = "weight_create";
+  apb_status st = APB_OK;
+  *out = NULL;
+  if ((st = cu_len(err, op, "N", N, 1)) || (st = cu_len(err, op, "K", K, 1))) return st;
+  if (N > INT64_MAX / 8 / K)
+    return apb_error_set(err, APB_EINVAL, "%s: [%lld, %lld] is too large", op, (long long)N, (long long)K);
+  apb_bweight *bw = (apb_bweight *)calloc(1, sizeof *bw);
+  if (!bw) return apb_error_set(err, APB_ENOMEM, "%s: cannot allocate the weight descriptor", op);
+  bw->N = N, bw->K = K, bw->dt = c->be.act;
+  const size_t wb = (size_t)N * (size_t)K * apb_dtype_size(c->be.act), bb = has_bias ? (size_t)N * sizeof(float) : 0;
+  cudaError_t e = cudaMalloc(&bw->w, wb);
+  if (e == cudaSuccess && bb) e = cudaMalloc((void **)&bw->b, bb);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    if (bw->w) cudaFree(bw->w);
+    free(bw);
+    return apb_error_set(err, APB_ENOMEM, "%s: cannot allocate %zu bytes on device %d for [%lld, %lld]: %s", op,
+                         wb + bb, c->dev, (long long)N, (long long)K, cudaGetErrorString(e));
+  }
+  bw->bytes = wb + bb;
+  count_add(c, bw->bytes);
+  *out = bw;
+  return st;
+}
+
+static void cu_weight_destroy(apb_backend *be, apb_bweight *w) {
+  if (!w) return;
+  cu_be *c = cu_of(be);
+  cudaSetDevice(c->dev);
+  cudaStreamSynchronize(c->stream);
+  cudaFree(w->w);
+  if (w->b) cudaFree(w->b);
+  count_sub(c, w->bytes);
+  free(w);
+}
+
+static apb_status cu_weight_create(apb_backend *be, const float *w, int64_t N, int64_t K, const float *bias,
+                                   apb_bweight **out, apb_error *err) {
+  const char *op = "weight_create";
+  apb_status st;
+  if ((st = cu_need(err, op, "out", out))) return st;
+  *out = NULL;
+  if ((st = cu_need(err, op, "w", w))) return st;
+  cu_be *c = cu_of(be);
+  apb_bweight *bw = NULL;
+  if ((st = cu_enter(c, err)) || (st = cu_weight_new(c, N, K, bias != NULL, &bw, err))) return st;
+  APB_TRY(put_f32(c, op, bw->w, bw->dt, w, (size_t)N * (size_t)K, err));
+  if (bias) {
+    APB_TRY(put_f32(c, op, bw->b, APB_DT_F32, bias, (size_t)N, err));
+    if (bw->dt == APB_DT_BF16) {
+      APB_TRY(cu_round_bf16_f32(c, bw->b, (size_t)N, err));
+      APB_CU(cudaStreamSynchronize(c->stream));
+    }
+  }
+  *out = bw;
+  bw = NULL;
+done:
+  if (bw) cu_weight_destroy(be, bw);
+  return st;
+}
+
+/* ---------------------------------------------------------------- linear */
+
+apb_status cu_gemm_nt(cu_be *c, int64_t m, int64_t n, int64_t K, const void *x, const void *w, void *y, apb_dtype yt,
+                      int64_t ldy, apb_error *err) {
+  apb_status st = APB_OK;
+  const float one = 1.0f, zero = 0.0f;
+  const cudaDataType at = c->be.act == APB_DT_BF16 ? CUDA_R_16BF : CUDA_R_32F;
+  const cudaDataType ct = yt == APB_DT_BF16 ? CUDA_R_16BF : CUDA_R_32F;
+  if (m > INT_MAX || n > INT_MAX || K > INT_MAX || ldy > INT_MAX)
+    return apb_error_set(err, APB_EINVAL, "gemm: [%lld x %lld] x [%lld]^T (ldy %lld) exceeds cuBLAS's int range",
+                         (long long)m, (long long)K, (long long)n, (long long)ldy);
+  if (m == 0) return APB_OK;
+  /* Row-major y [m, n] is column-major y^T [n x m]: y^T = W x^T, W (row-major [n, K]) read as the
+   * column-major [K x n] matrix W^T and transposed, x (row-major [m, K]) as column-major [K x m]. */
+  APB_CUBLAS(cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n, (int)m, (int)K, &one, w, at, (int)K, x, at,
+                          (int)K, &zero, y, ct, (int)ldy, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+done:
+  return st;
+}
+
+/* y [rows, N] (act) = src [rows, N] (fp32, row stride ld) + b [N], rounded once; src may be y (F32). */
+template <typename TO>
+__global__ void bias_kernel(const float *src, int64_t ld, const float *b, TO *y, int64_t rows, int64_t N) {
+  const int64_t total = rows * N;
+  for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t r = e / N, n = e % N;
+    st_f(y + e, src[r * ld + n] + b[n]);
+  }
+}
+
+static apb_status launch_bias(cu_be *c, const float *src, int64_t ld, const float *b, void *y, int64_t rows, int64_t N,
+                              apb_error *err) {
+  apb_status st = APB_OK;
+  const unsigned g = cu_blocks(rows * N, 256);
+  if (c->be.act == APB_DT_BF16)
+    bias_kernel<apb_bf16><<<g, 256, 0, c->stream>>>(src, ld, b, (apb_bf16 *)y, rows, N);
+  else
+    bias_kernel<float><<<g, 256, 0, c->stream>>>(src, ld, b, (float *)y, rows, N);
+  APB_CU_LAUNCH();
+done:
+  return st;
+}
+
+static apb_status cu_linear(apb_backend *be, const apb_bweight *w, const void *x, int64_t T, void *y, apb_error *err) {
+  const char *op = "linear";
+  cu_be *c = cu_of(be);
+  apb_status st;
+  if ((st = cu_weight_check(c, err, op, "w", w, -1, -1)) || (st = cu_len(err, op, "T", T, 0))) return st;
+  if (T == 0) return APB_OK;
+  const int64_t N = w->N, K = w->K;
+  const size_t es = apb_act_size(be);
+  if ((st = cu_need(err, op, "x", x)) || (st = cu_need(err, op, "y", y)) ||
+      (st = cu_disjoint(err, op, "y", y, (size_t)(T * N) * es, "x", x, (size_t)(T * K) * es)))
+    return st;
+  if ((st = cu_enter(c, err))) return st;
+  void *tmp = NULL;
+  int64_t chunk = 0;
+  if (!w->b) {
+    APB_TRY(cu_gemm_nt(c, T, N, K, x, w->w, y, be->act, N, err));
+  } else if (be->act == APB_DT_F32) {
+    APB_TRY(cu_gemm_nt(c, T, N, K, x, w->w, y, APB_DT_F32, N, err));
+    APB_TRY(launch_bias(c, (const float *)y, N, w->b, y, T, N, err));
+  } else {
+    chunk = (int64_t)(CU_BIAS_ELEMS / (size_t)N);
+    if (chunk < 1) chunk = 1;
+    if (chunk > T) chunk = T;
+    APB_TRY(cu_scratch(c, (size_t)chunk * (size_t)N * sizeof(float), op, &tmp, err));
+    for (int64_t r0 = 0; r0 < T; r0 += chunk) {
+      const int64_t m = T - r0 < chunk ? T - r0 : chunk;
+      APB_TRY(cu_gemm_nt(c, m, N, K, (const char *)x + (size_t)(r0 * K) * es, w->w, tmp, APB_DT_F32, N, err));
+      APB_TRY(launch_bias(c, (const float *)tmp, N, w->b, (char *)y + (size_t)(r0 * N) * es, m, N, err));
+    }
+  }
+done:
+  cu_scratch_free(c, tmp, (size_t)chunk * (size_t)N * sizeof(float));
+  return st;
+}
+
+/* ---------------------------------------------------------------- attention */
+
+static apb_status cu_attn(apb_backend *be, const apb_battn_args *a, apb_error *err) {
+  const char *op = "attn";
+  if (!a) return apb_error_set(err, APB_EINVAL, "%s: args is NULL", op);
+  apb_attn_args h;
+  memset(&h, 0, sizeof h);
+  h.P = a->P, h.A = a->A, h.B = a->B, h.Hq = a->Hq, h.Hkv = a->Hkv, h.D = a->D;
+  h.local_keys = a->local_keys, h.scale = a->scale;
+  h.q = (const float *)a->q, h.kp = (const float *)a->kp, h.vp = (const float *)a->vp;
+  h.ka = (const float *)a->ka, h.va = (const float *)a->va, h.kb = (const float *)a->kb;
+  h.vb = (const float *)a->vb, h.o = (float *)a->o, h.lse = a->lse;
+  apb_status st = apb_attn_validate(&h, err);
+  if (st != APB_OK) return apb_error_set(err, st, "%s", op);
+  if (a->A + a->B > 0 && !a->lse)
+    return apb_error_set(err, APB_EINVAL, "%s: lse is NULL; the backend op requires it ([Hq, A+B] = [%d, %lld])", op,
+                         a->Hq, (long long)(a->A + a->B));
+  cu_be *c = cu_of(be);
+  if ((st = cu_enter(c, err))) return st;
+  apb_cuda_attn_args x;
+  memset(&x, 0, sizeof x);
+  x.P = a->P, x.A = a->A, x.B = a->B, x.Hq = a->Hq, x.Hkv = a->Hkv, x.D = a->D;
+  x.local_keys = a->local_keys, x.scale = a->scale, x.dtype = be->act;
+  x.q = a->q, x.kp = a->kp, x.vp = a->vp, x.ka = a->ka, x.va = a->va, x.kb = a->kb, x.vb = a->vb;
+  x.o = a->o, x.lse = a->lse;
+  st = apb_cuda_attn(&x, c->attn, (void *)c->stream, err);
+  if (st != APB_OK) return apb_error_set(err, st, "%s", op);
+  return APB_OK;
+}
+
+/* ---------------------------------------------------------------- instance */
+
+static void cu_mem(const apb_backend *be, size_t *current, size_t *peak) {
+  const cu_be *c = cu_of(be);
+  if (current) *current = c->cur.load();
+  if (peak) *peak = c->peak.load();
+}
+
+static void cu_destroy(apb_backend *be) {
+  if (!be) return;
+  cu_be *c = cu_of(be);
+  cudaSetDevice(c->dev);
+  if (c->stream) cudaStreamSynchronize(c->stream);
+  if (c->rope_dev) cudaFree(c->rope_dev);
+  if (c->blas) cublasDestroy(c->blas);
+  if (c->stream) cudaStreamDestroy(c->stream);
+  delete c;
+}
+
+static const apb_backend_ops cu_ops = {
+    cu_destroy,
+    cu_alloc,
+    cu_free,
+    cu_memset,
+    cu_copy,
+    cu_copy2d,
+    cu_upload,
+    cu_download,
+    cu_upload_f32,
+    cu_download_f32,
+    cu_sync,
+    cu_weight_create,
+    cu_weight_destroy,
+    cu_embed,
+    cu_rmsnorm,
+    cu_linear,
+    cu_split_rope,
+    cu_swiglu,
+    cu_add,
+    cu_attn,
+    cu_merge,
+    cu_score_retaining,
+    cu_maxpool,
+    cu_topk,
+    cu_gather,
+    cu_mem,
+};
+
+/* The attention kernels by name (apb/cuda.h), for APB_CUDA_ATTN. */
+static const struct {
+  const char *name;
+  apb_cuda_attn_impl impl;
+} attn_names[] = {
+    {"simple", APB_CUDA_ATTN_SIMPLE},       {"tc", APB_CUDA_ATTN_TC},
+    {"tc_w16", APB_CUDA_ATTN_TC_W16},       {"tc_w32", APB_CUDA_ATTN_TC_W32},
+    {"hopper", APB_CUDA_ATTN_HOPPER},       {"hopper_v1", APB_CUDA_ATTN_HOPPER_V1},
+    {"hopper_v2", APB_CUDA_ATTN_HOPPER_V2},
+};
+#define N_ATTN_NAMES (sizeof attn_names / sizeof attn_names[0])
+
+/* APB_CUDA_ATTN: NULL or empty gives the default for act; an unknown name is APB_EINVAL. */
+static apb_status attn_from_env(apb_dtype act, apb_cuda_attn_impl *impl, apb_error *err) {
+  const char *s = getenv("APB_CUDA_ATTN");
+  *impl = act == APB_DT_BF16 ? APB_CUDA_ATTN_TC : APB_CUDA_ATTN_SIMPLE;
+  if (!s || !*s) return APB_OK;
+  size_t i = 0;
+  while (i < N_ATTN_NAMES && strcmp(s, attn_names[i].name) != 0) i++;
+  if (i == N_ATTN_NAMES)
+    return apb_error_set(err, APB_EINVAL,
+                         "backend cuda: APB_CUDA_ATTN=%s is not one of simple, tc, tc_w16, tc_w32, hopper, "
+                         "hopper_v1, hopper_v2", s);
+  *impl = attn_names[i].impl;
+  if (*impl != APB_CUDA_ATTN_SIMPLE && act != APB_DT_BF16)
+    return apb_error_set(err, APB_EINVAL,
+                         "backend cuda: APB_CUDA_ATTN=%s needs bf16 storage; the F32 backend runs simple only", s);
+  return APB_OK;
+}
+
+extern "C" apb_status apb_backend_cuda(int device, apb_dtype act, apb_backend **out, apb_error *err) {
+  if (!out) return apb_error_set(err, APB_EINVAL, "backend cuda: out is NULL");
+  *out = NULL;
+  if (act != APB_DT_BF16 && act != APB_DT_F32)
+    return apb_error_set(err, APB_EINVAL, "backend cuda: act %s; the CUDA backend stores BF16 or F32",
+                         apb_dtype_name(act));
+  apb_cuda_attn_impl impl;
+  apb_status st = attn_from_env(act, &impl, err);
+  if (st != APB_OK) return st;
+  int n = 0;
+  if ((st = apb_cuda_device_count(&n, err))) return st;
+  if (device < 0 || device >= n)
+    return apb_error_set(err, APB_EINVAL, "backend cuda: device %d does not exist (%d device%s)", device, n,
+                         n == 1 ? "" : "s");
+  cu_be *c = new (std::nothrow) cu_be();
+  if (!c) return apb_error_set(err, APB_ENOMEM, "backend cuda: cannot allocate the instance");
+  c->be.name = "cuda";
+  c->be.act = act;
+  c->be.device = device;
+  c->be.ops = &cu_ops;
+  c->be.impl = c;
+  c->dev = device;
+  c->attn = impl;
+  c->cur.store(0);
+  c->peak.store(0);
+  c->stream = NULL;
+  c->blas = NULL;
+  c->rope_dev = NULL;
+  c->rope_cap = 0;
+  APB_CU(cudaSetDevice(device));
+  APB_CU(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
+  APB_CUBLAS(cublasCreate(&c->blas));
+  APB_CUBLAS(cublasSetStream(c->blas, c->stream));
+  APB_CUBLAS(cublasSetMathMode(c->blas, (cublasMath_t)(CUBLAS_DEFAULT_MATH |
+                                                       CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)));
+  *out = &c->be;
+  c = NULL;
+done:
+  if (c) cu_destroy(&c->be);
+  return st;
+}
+
+int cu_is_instance(const apb_backend *be) { return be && be->ops == &cu_ops; }
+
+extern "C" apb_status apb_backend_cuda_set_attn(apb_backend *be, apb_cuda_attn_impl impl, apb_error *err) {
+  if (!cu_is_instance(be))
+    return apb_error_set(err, APB_EINVAL, "backend_cuda_set_attn: not a CUDA backend instance");
+  size_t i = 0;
+  while (i < N_ATTN_NAMES && attn_names[i].impl != impl) i++;
+  if (i == N_ATTN_NAMES) return apb_error_set(err, APB_EINVAL, "backend_cuda_set_attn: unknown impl %d", (int)impl);
+  if (impl != APB_CUDA_ATTN_SIMPLE && be->act != APB_DT_BF16)
+    return apb_error_set(err, APB_EINVAL, "backend_cuda_set_attn: the tensor-core kernels need bf16 storage");
+  cu_of(be)->attn = impl;
+  return APB_OK;
+}
+
+extern "C" void *apb_cuda_backend_stream(struct apb_backend *be) {
+  return cu_is_instance(be) ? (void *)cu_of(be)->stream : NULL;
+}

@@ -1,0 +1,502 @@
+/* gpu/ops.cu: the elementwise and row ops of the "cuda" backend (apb/backend.h): embed, rmsnorm,
+ * split_rope, swiglu, add, the LSE merge, and the fp32 <-> bf16 conversions the memory ops use.
+ *
+ * What it is (each op: device helpers, kernel, launcher taking the instance's stream, then the op that
+ * validates like the CPU backends and dispatches on the act dtype):
+ *   - embed: a device check of the ids first (the first out-of-vocabulary index is read back and named,
+ *     and nothing is written), then a row copy of the table (exact, no rounding: the table is act);
+ *   - rmsnorm: one block per row, the sum of squares in fp32 (each thread a strided partial sum, then
+ *     a fixed-order warp-shuffle and shared-memory tree), y = (x * inv) * w in fp32 (HF's order) and
+ *     one rounding; y may be x (each element is read and written by the same thread, after the sum);
+ *   - split_rope: HF rotate-half (APB.md 3.3). The inverse frequencies come from apb_rope_inv_freq on
+ *     the host in double (validated as the CPU does) and are cached on the device; per (token, pair)
+ *     the angle pos * f and its cosine and sine are computed in double and shared by the token's
+ *     Hq + Hkv heads, and the rotation is done in double and rounded once: the CPU backends' arithmetic,
+ *     so F32 agrees with the oracle to the last bit in practice (an fp32 angle would be off by up to
+ *     pos * 2^-24 ~ 8e-3 rad at 128K positions). v is a strided 2-D copy (exact);
+ *   - swiglu: silu(g) * u = g / (1 + exp(-g)) * u, in double for F32 storage and in fp32 for BF16;
+ *   - add: one fp32 addition per element, rounded once (bitwise the CPU's);
+ *   - merge (APB.md 4): one warp per (row, head): m = max lse_i (NaN if any is NaN), weights
+ *     exp(lse_i - m) / sum in double, skipping -inf partials; rows that no partial saw get o = 0 and
+ *     lse = -inf (never NaN); o accumulated in double and rounded once. Every partial of a (row, head)
+ *     is read before its output is written, so o and lse may alias part 0. Up to 32 parts travel as a
+ *     kernel parameter; more go through a device table in op scratch.
+ *
+ * What it deliberately is not: fused with its neighbours (each op is one kernel), vectorised beyond
+ * what the compiler does, or tuned; these ops are memory-bound and small next to GEMMs and attention.
+ *
+ * Tested in tests/check_gpu_agree.c against the naive oracle (F32: apb_tolerance(APB_PREC_F32, k);
+ * BF16: within twice the CPU's bf16 emulation), bitwise where the op is exact (embed, add, v).
+ */
+#include <limits.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda_int.h"
+
+#define CU_THREADS 256
+#define CU_MERGE_PARTS 32 /* partials passed by value; more go through device memory */
+
+/* ================================================================ device helpers */
+
+__device__ __forceinline__ float warp_sum_f(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+/* Sum of v over the block (blockDim.x a multiple of 32, at most 1024), the same order on every run;
+ * every thread gets the result. sh: [32] shared floats. */
+__device__ float block_sum_f(float v, float *sh) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_sum_f(v);
+  __syncthreads(); /* sh may still be read from a previous call */
+  if (lane == 0) sh[wid] = v;
+  __syncthreads();
+  if (wid == 0) {
+    float t = lane < nw ? sh[lane] : 0.0f;
+    t = warp_sum_f(t);
+    if (lane == 0) sh[0] = t;
+  }
+  __syncthreads();
+  return sh[0];
+}
+
+/* ================================================================ conversions */
+
+template <typename TO, typename TI>
+__global__ void convert_kernel(TO *dst, const TI *src, size_t n) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    st_f(dst + i, ld_f(src + i));
+}
+
+__global__ void round_bf16_kernel(float *x, size_t n) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    x[i] = __bfloat162float(__float2bfloat16_rn(x[i]));
+}
+
+apb_status cu_convert(cu_be *c, void *dst, apb_dtype dt_dst, const void *src, apb_dtype dt_src, size_t n,
+                      apb_error *err) {
+  apb_status st = APB_OK;
+  const unsigned g = cu_blocks((int64_t)n, CU_THREADS);
+  if (n == 0) return APB_OK;
+  if (dt_dst == dt_src) {
+    APB_CU(cudaMemcpyAsync(dst, src, n * apb_dtype_size(dt_dst), cudaMemcpyDeviceToDevice, c->stream));
+  } else if (dt_dst == APB_DT_BF16 && dt_src == APB_DT_F32) {
+    convert_kernel<apb_bf16, float><<<g, CU_THREADS, 0, c->stream>>>((apb_bf16 *)dst, (const float *)src, n);
+    APB_CU_LAUNCH();
+  } else if (dt_dst == APB_DT_F32 && dt_src == APB_DT_BF16) {
+    convert_kernel<float, apb_bf16><<<g, CU_THREADS, 0, c->stream>>>((float *)dst, (const apb_bf16 *)src, n);
+    APB_CU_LAUNCH();
+  } else {
+    return apb_error_set(err, APB_EUNSUPPORTED, "convert: %s -> %s (F32 and BF16 only)", apb_dtype_name(dt_src),
+                         apb_dtype_name(dt_dst));
+  }
+done:
+  return st;
+}
+
+apb_status cu_round_bf16_f32(cu_be *c, float *x, size_t n, apb_error *err) {
+  apb_status st = APB_OK;
+  if (n == 0) return APB_OK;
+  round_bf16_kernel<<<cu_blocks((int64_t)n, CU_THREADS), CU_THREADS, 0, c->stream>>>(x, n);
+  APB_CU_LAUNCH();
+done:
+  return st;
+}
+
+/* ================================================================ embed */
+
+/* *first = min over t of the t with ids[t] outside [0, V) (left at ULLONG_MAX when none). */
+__global__ void ids_check_kernel(const int32_t *ids, int64_t T, int64_t V, unsigned long long *first) {
+  for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < T; t += (int64_t)gridDim.x * blockDim.x)
+    if (ids[t] < 0 || ids[t] >= V) atomicMin(first, (unsigned long long)t);
+}
+
+/* out [T, E] = table [ids[t], E]: element copies, no rounding (both are act). */
+template <typename T>
+__global__ void embed_kernel(const T *table, const int32_t *ids, int64_t nt, int64_t E, T *out) {
+  const int64_t total = nt * E;
+  for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t t = e / E, j = e % E;
+    out[e] = table[(int64_t)ids[t] * E + j];
+  }
+}
+
+apb_status cu_embed(apb_backend *be, const apb_bweight *table, const int32_t *ids, int64_t T, void *out,
+                    apb_error *err) {
+  const char *op = "embed";
+  cu_be *c = cu_of(be);
+  apb_status st;
+  if ((st = cu_weight_check(c, err, op, "table", table, -1, -1)) || (st = cu_len(err, op, "T", T, 0))) return st;
+  if (T == 0) return APB_OK;
+  if ((st = cu_need(err, op, "ids", ids)) || (st = cu_need(err, op, "out", out))) return st;
+  if ((st = cu_enter(c, err))) return st;
+  unsigned long long *first = NULL, bad = 0;
+  const unsigned g = cu_blocks(T * table->K, CU_THREADS);
+  APB_TRY(cu_scratch(c, sizeof *first, op, (void **)&first, err));
+  APB_CU(cudaMemsetAsync(first, 0xFF, sizeof *first, c->stream));
+  ids_check_kernel<<<cu_blocks(T, CU_THREADS), CU_THREADS, 0, c->stream>>>(ids, T, table->N, first);
+  APB_CU_LAUNCH();
+  APB_TRY(cu_read(c, &bad, first, sizeof bad, err));
+  if (bad != ~0ull) {
+    int32_t v = 0;
+    APB_TRY(cu_read(c, &v, ids + bad, sizeof v, err));
+    st = apb_error_set(err, APB_EINVAL, "%s: ids[%lld]=%d is out of the vocabulary [0, %lld)", op, (long long)bad,
+                       (int)v, (long long)table->N);
+    goto done;
+  }
+  if (be->act == APB_DT_BF16)
+    embed_kernel<apb_bf16><<<g, CU_THREADS, 0, c->stream>>>((const apb_bf16 *)table->w, ids, T, table->K,
+                                                             (apb_bf16 *)out);
+  else
+    embed_kernel<float><<<g, CU_THREADS, 0, c->stream>>>((const float *)table->w, ids, T, table->K, (float *)out);
+  APB_CU_LAUNCH();
+done:
+  cu_scratch_free(c, first, sizeof *first);
+  return st;
+}
+
+/* ================================================================ rmsnorm */
+
+/* One block per row (grid-stride over rows): y [T, E] = x * (1 / sqrt(mean(x^2) + eps)) * w [E]. */
+template <typename T>
+__global__ void rmsnorm_kernel(const T *x, const T *w, float eps, int64_t nt, int64_t E, T *y) {
+  __shared__ float sh[32];
+  for (int64_t t = blockIdx.x; t < nt; t += gridDim.x) {
+    const T *xr = x + t * E;
+    T *yr = y + t * E;
+    float ss = 0.0f;
+    for (int64_t e = threadIdx.x; e < E; e += blockDim.x) {
+      const float v = ld_f(xr + e);
+      ss = fmaf(v, v, ss);
+    }
+    ss = block_sum_f(ss, sh);
+    const float inv = 1.0f / sqrtf(ss / (float)E + eps);
+    for (int64_t e = threadIdx.x; e < E; e += blockDim.x) st_f(yr + e, (ld_f(xr + e) * inv) * ld_f(w + e));
+  }
+}
+
+apb_status cu_rmsnorm(apb_backend *be, const apb_bweight *w, float eps, const void *x, int64_t T, void *y,
+                      apb_error *err) {
+  const char *op = "rmsnorm";
+  cu_be *c = cu_of(be);
+  apb_status st;
+  if ((st = cu_weight_check(c, err, op, "w", w, 1, -1)) || (st = cu_len(err, op, "T", T, 0))) return st;
+  if (!isfinite(eps) || eps < 0)
+    return apb_error_set(err, APB_EINVAL, "%s: eps=%g must be finite and >= 0", op, (double)eps);
+  if (T == 0) return APB_OK;
+  if ((st = cu_need(err, op, "x", x)) || (st = cu_need(err, op, "y", y))) return st;
+  if ((st = cu_enter(c, err))) return st;
+  const unsigned g = T < 65535 * 16 ? (unsigned)T : 65535u * 16u;
+  if (be->act == APB_DT_BF16)
+    rmsnorm_kernel<apb_bf16><<<g, CU_THREADS, 0, c->stream>>>((const apb_bf16 *)x, (const apb_bf16 *)w->w, eps, T,
+                                                               w->K, (apb_bf16 *)y);
+  else
+    rmsnorm_kernel<float><<<g, CU_THREADS, 0, c->stream>>>((const float *)x, (const float *)w->w, eps, T, w->K,
+                                                            (float *)y);
+  APB_CU_LAUNCH();
+done:
+  return st;
+}
+
+/* ================================================================ split_rope */
+
+/* Per (token t, pair i): a = pos[t] * f[i] in double; every q and k head of the token rotates its pair
+ * (i, i + D/2) by a. qkv [T, (Hq+2Hkv)*D] -> q [T, Hq, D], k [T, Hkv, D]. */
+template <typename T>
+__global__ void rope_kernel(const T *qkv, int64_t nt, int Hq, int Hkv, int D, const int32_t *pos, const double *f,
+                            T *q, T *k) {
+  const int half = D / 2;
+  const int64_t QKV = (int64_t)(Hq + 2 * Hkv) * D, total = nt * half;
+  for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t t = e / half;
+    const int i = (int)(e % half);
+    double sn, cs;
+    sincos((double)pos[t] * f[i], &sn, &cs);
+    const T *row = qkv + t * QKV;
+    for (int h = 0; h < Hq + Hkv; h++) {
+      const T *src = row + (int64_t)h * D;
+      T *dst = h < Hq ? q + (t * Hq + h) * (int64_t)D : k + (t * Hkv + (h - Hq)) * (int64_t)D;
+      const double x1 = ld_f(src + i), x2 = ld_f(src + i + half);
+      st_f(dst + i, x1 * cs - x2 * sn);
+      st_f(dst + i + half, x2 * cs + x1 * sn);
+    }
+  }
+}
+
+/* Make c->rope_dev hold f [n] (host); uploads only when the cached table differs. */
+static apb_status rope_table(cu_be *c, const double *f, int n, apb_error *err) {
+  apb_status st = APB_OK;
+  if ((int)c->rope_host.size() == n && memcmp(c->rope_host.data(), f, (size_t)n * sizeof *f) == 0) return APB_OK;
+  if (n > c->rope_cap) {
+    if (c->rope_dev) {
+      APB_CU(cudaStreamSynchronize(c->stream));
+      APB_CU(cudaFree(c->rope_dev));
+      c->rope_dev = NULL, c->rope_cap = 0;
+    }
+    APB_CU(cudaMalloc((void **)&c->rope_dev, (size_t)n * sizeof *f));
+    c->rope_cap = n;
+  }
+  c->rope_host.clear();
+  /* pageable host -> device: returns once f has been staged, so f may go right after */
+  APB_CU(cudaMemcpyAsync(c->rope_dev, f, (size_t)n * sizeof *f, cudaMemcpyHostToDevice, c->stream));
+  try {
+    c->rope_host.assign(f, f + n);
+  } catch (...) {
+    return apb_error_set(err, APB_ENOMEM, "split_rope: out of host memory for the frequency cache");
+  }
+done:
+  return st;
+}
+
+apb_status cu_split_rope(apb_backend *be, const void *qkv, int64_t T, int Hq, int Hkv, int D, const int32_t *pos,
+                         const apb_rope *rope, void *q, void *k, void *v, apb_error *err) {
+  const char *op = "split_rope";
+  cu_be *c = cu_of(be);
+  apb_status st;
+  if ((st = cu_len(err, op, "T", T, 0)) || (st = cu_len(err, op, "Hq", Hq, 1)) || (st = cu_len(err, op, "Hkv", Hkv, 1)) ||
+      (st = cu_need(err, op, "rope", rope)))
+    return st;
+  if (D < 2 || D % 2)
+    return apb_error_set(err, APB_EINVAL, "%s: head dim D=%d must be even and >= 2 (rotate-half)", op, D);
+  const int64_t QKV = ((int64_t)Hq + 2 * (int64_t)Hkv) * D;
+  if (T > INT64_MAX / 4 / QKV)
+    return apb_error_set(err, APB_EINVAL, "%s: shape too large (T=%lld, Hq=%d, Hkv=%d, D=%d)", op, (long long)T, Hq,
+                         Hkv, D);
+  if (T == 0) return APB_OK;
+  const size_t es = apb_act_size(be);
+  const size_t bq = (size_t)T * Hq * D * es, bk = (size_t)T * Hkv * D * es, bx = (size_t)T * QKV * es;
+  if ((st = cu_need(err, op, "qkv", qkv)) || (st = cu_need(err, op, "pos", pos)) || (st = cu_need(err, op, "q", q)) ||
+      (st = cu_need(err, op, "k", k)) || (st = cu_need(err, op, "v", v)) ||
+      (st = cu_disjoint(err, op, "q", q, bq, "qkv", qkv, bx)) || (st = cu_disjoint(err, op, "k", k, bk, "qkv", qkv, bx)) ||
+      (st = cu_disjoint(err, op, "v", v, bk, "qkv", qkv, bx)) || (st = cu_disjoint(err, op, "q", q, bq, "k", k, bk)) ||
+      (st = cu_disjoint(err, op, "q", q, bq, "v", v, bk)) || (st = cu_disjoint(err, op, "k", k, bk, "v", v, bk)))
+    return st;
+  double *f = (double *)malloc((size_t)(D / 2) * sizeof *f);
+  if (!f) return apb_error_set(err, APB_ENOMEM, "%s: cannot allocate %d inverse frequencies", op, D / 2);
+  apb_rope_inv_freq(rope, D, f);
+  for (int i = 0; i < D / 2; i++)
+    if (!isfinite(f[i]) || f[i] < 0) {
+      st = apb_error_set(err, APB_EINVAL, "%s: inverse frequency %d of %d is %g (rope theta=%g, type %d)", op, i,
+                         D / 2, f[i], rope->theta, (int)rope->type);
+      free(f);
+      return st;
+    }
+  const unsigned g = cu_blocks(T * (D / 2), CU_THREADS);
+  APB_TRY(cu_enter(c, err));
+  APB_TRY(rope_table(c, f, D / 2, err));
+  if (be->act == APB_DT_BF16)
+    rope_kernel<apb_bf16><<<g, CU_THREADS, 0, c->stream>>>((const apb_bf16 *)qkv, T, Hq, Hkv, D, pos, c->rope_dev,
+                                                            (apb_bf16 *)q, (apb_bf16 *)k);
+  else
+    rope_kernel<float><<<g, CU_THREADS, 0, c->stream>>>((const float *)qkv, T, Hq, Hkv, D, pos, c->rope_dev,
+                                                         (float *)q, (float *)k);
+  APB_CU_LAUNCH();
+  /* v [T, Hkv, D] = the last Hkv*D columns of each qkv row */
+  APB_CU(cudaMemcpy2DAsync(v, (size_t)Hkv * D * es, (const char *)qkv + (size_t)(Hq + Hkv) * D * es, (size_t)QKV * es,
+                           (size_t)Hkv * D * es, (size_t)T, cudaMemcpyDeviceToDevice, c->stream));
+done:
+  free(f);
+  return st;
+}
+
+/* ================================================================ swiglu */
+
+template <typename T>
+__global__ void swiglu_kernel(const T *gu, int64_t nt, int64_t F, T *out) {
+  typedef typename cu_math<T>::type M;
+  const int64_t total = nt * F;
+  for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t t = e / F, i = e % F;
+    const M g = (M)ld_f(gu + t * 2 * F + i), u = (M)ld_f(gu + t * 2 * F + F + i);
+    st_f(out + e, g / ((M)1 + exp(-g)) * u);
+  }
+}
+
+apb_status cu_swiglu(apb_backend *be, const void *gu, int64_t T, int64_t F, void *out, apb_error *err) {
+  const char *op = "swiglu";
+  cu_be *c = cu_of(be);
+  apb_status st;
+  if ((st = cu_len(err, op, "T", T, 0)) || (st = cu_len(err, op, "F", F, 1))) return st;
+  if (T == 0) return APB_OK;
+  const size_t es = apb_act_size(be);
+  if ((st = cu_need(err, op, "gu", gu)) || (st = cu_need(err, op, "out", out)) ||
+      (st = cu_disjoint(err, op, "out", out, (size_t)(T * F) * es, "gu", gu, (size_t)(T * 2 * F) * es)))
+    return st;
+  if ((st = cu_enter(c, err))) return st;
+  const unsigned g = cu_blocks(T * F, CU_THREADS);
+  if (be->act == APB_DT_BF16)
+    swiglu_kernel<apb_bf16><<<g, CU_THREADS, 0, c->stream>>>((const apb_bf16 *)gu, T, F, (apb_bf16 *)out);
+  else
+    swiglu_kernel<float><<<g, CU_THREADS, 0, c->stream>>>((const float *)gu, T, F, (float *)out);
+  APB_CU_LAUNCH();
+done:
+  return st;
+}
+
+/* ================================================================ add */
+
+template <typename T>
+__global__ void add_kernel(T *y, const T *x, size_t n) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    st_f(y + i, ld_f(y + i) + ld_f(x + i));
+}
+
+apb_status cu_add(apb_backend *be, void *y, const void *x, size_t n, apb_error *err) {
+  const char *op = "add";
+  cu_be *c = cu_of(be);
+  apb_status st;
+  if (n == 0) return APB_OK;
+  if ((st = cu_need(err, op, "y", y)) || (st = cu_need(err, op, "x", x))) return st;
+  if ((st = cu_enter(c, err))) return st;
+  const unsigned g = cu_blocks((int64_t)n, CU_THREADS);
+  if (be->act == APB_DT_BF16)
+    add_kernel<apb_bf16><<<g, CU_THREADS, 0, c->stream>>>((apb_bf16 *)y, (const apb_bf16 *)x, n);
+  else
+    add_kernel<float><<<g, CU_THREADS, 0, c->stream>>>((float *)y, (const float *)x, n);
+  APB_CU_LAUNCH();
+done:
+  return st;
+}
+
+/* ================================================================ merge (APB.md 4) */
+
+/* Partials as a kernel parameter (n <= CU_MERGE_PARTS) ... */
+struct MergeParam {
+  const void *o[CU_MERGE_PARTS];
+  const float *l[CU_MERGE_PARTS];
+  __device__ const void *op(int i) const { return o[i]; }
+  __device__ const float *lp(int i) const { return l[i]; }
+};
+/* ... or as device tables o [n], l [n]. */
+struct MergeTable {
+  const void *const *o;
+  const float *const *l;
+  __device__ const void *op(int i) const { return o[i]; }
+  __device__ const float *lp(int i) const { return l[i]; }
+};
+
+/* One warp per (row r, head h); lane j owns columns j, j + 32, ... (D <= 32 * CU_MERGE_COLS). */
+#define CU_MERGE_COLS 8
+template <typename T, typename Parts>
+__global__ void merge_kernel(Parts parts, int n, int64_t nt, int Hq, int D, T *o, float *lse) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = (int64_t)gridDim.x * (blockDim.x >> 5);
+  for (int64_t wi = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); wi < nt * Hq; wi += warps) {
+    const int64_t r = wi / Hq;
+    const int h = (int)(wi % Hq);
+    const int64_t li = (int64_t)h * nt + r, oi = (r * Hq + h) * (int64_t)D;
+    /* m: the max lse, NaN when any is NaN (the CPU's rule) */
+    double m = -INFINITY;
+    int any_nan = 0;
+    for (int i = lane; i < n; i += 32) {
+      const double l = parts.lp(i)[li];
+      if (isnan(l)) any_nan = 1;
+      else if (l > m) m = l;
+    }
+    for (int s = 16; s > 0; s >>= 1) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, s));
+    any_nan = __any_sync(0xffffffffu, any_nan);
+    if (any_nan) m = NAN;
+    double sum = 0.0;
+    for (int i = lane; i < n; i += 32) {
+      const double l = parts.lp(i)[li];
+      sum += l == -INFINITY ? 0.0 : exp(l - m);
+    }
+    for (int s = 16; s > 0; s >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, s);
+    double acc[CU_MERGE_COLS];
+#pragma unroll
+    for (int j = 0; j < CU_MERGE_COLS; j++) acc[j] = 0.0;
+    const int seen = !(m == -INFINITY);
+    if (seen) {
+      for (int c0 = 0; c0 < n; c0 += 32) {
+        const int i = c0 + lane;
+        double wi_ = 0.0;
+        if (i < n) {
+          const double l = parts.lp(i)[li];
+          wi_ = l == -INFINITY ? 0.0 : exp(l - m) / sum;
+        }
+        const int cnt = n - c0 < 32 ? n - c0 : 32;
+        for (int j = 0; j < cnt; j++) {
+          const double wj = __shfl_sync(0xffffffffu, wi_, j);
+          if (wj == 0.0) continue;
+          const T *oj = (const T *)parts.op(c0 + j) + oi;
+#pragma unroll
+          for (int q = 0; q < CU_MERGE_COLS; q++) {
+            const int d = lane + 32 * q;
+            if (d < D) acc[q] += wj * (double)ld_f(oj + d);
+          }
+        }
+      }
+    }
+    __syncwarp(); /* every lane has read every partial's lse (and o) of this (r, h): outputs may alias part 0 */
+#pragma unroll
+    for (int q = 0; q < CU_MERGE_COLS; q++) {
+      const int d = lane + 32 * q;
+      if (d < D) st_f(o + oi + d, seen ? acc[q] : 0.0);
+    }
+    if (lse && lane == 0) lse[li] = seen ? (float)(m + log(sum)) : -INFINITY;
+  }
+}
+
+template <typename T, typename Parts>
+static apb_status launch_merge(cu_be *c, const Parts &parts, int n, int64_t T_, int Hq, int D, void *o, float *lse,
+                               apb_error *err) {
+  apb_status st = APB_OK;
+  const unsigned g = cu_blocks(T_ * Hq, CU_THREADS / 32);
+  merge_kernel<T, Parts><<<g, CU_THREADS, 0, c->stream>>>(parts, n, T_, Hq, D, (T *)o, lse);
+  APB_CU_LAUNCH();
+done:
+  return st;
+}
+
+apb_status cu_merge(apb_backend *be, int n, const void *const *o_parts, const float *const *lse_parts, int64_t T,
+                    int Hq, int D, void *o, float *lse, apb_error *err) {
+  const char *op = "merge";
+  cu_be *c = cu_of(be);
+  if (n < 1) return apb_error_set(err, APB_EINVAL, "%s: n=%d partials, need >= 1", op, n);
+  if (T < 0 || Hq < 1 || D < 1)
+    return apb_error_set(err, APB_EINVAL, "%s: bad shape T=%lld, Hq=%d, D=%d (need T >= 0, Hq, D >= 1)", op,
+                         (long long)T, Hq, D);
+  if (D > 32 * CU_MERGE_COLS)
+    return apb_error_set(err, APB_EUNSUPPORTED, "%s: D=%d; the CUDA merge supports D <= %d", op, D, 32 * CU_MERGE_COLS);
+  if (T == 0) return APB_OK;
+  if (!o_parts || !lse_parts || !o)
+    return apb_error_set(err, APB_EINVAL, "%s: %s is NULL", op, !o_parts ? "o_parts" : !lse_parts ? "lse_parts" : "o");
+  for (int i = 0; i < n; i++)
+    if (!o_parts[i] || !lse_parts[i])
+      return apb_error_set(err, APB_EINVAL, "%s: %s[%d] is NULL", op, !o_parts[i] ? "o_parts" : "lse_parts", i);
+  apb_status st = cu_enter(c, err);
+  if (st != APB_OK) return st;
+  const int bf = be->act == APB_DT_BF16;
+  void *tab = NULL;
+  const size_t tb = 2 * (size_t)n * sizeof(void *);
+  if (n <= CU_MERGE_PARTS) {
+    MergeParam p;
+    memset(&p, 0, sizeof p);
+    for (int i = 0; i < n; i++) p.o[i] = o_parts[i], p.l[i] = lse_parts[i];
+    st = bf ? launch_merge<apb_bf16>(c, p, n, T, Hq, D, o, lse, err) : launch_merge<float>(c, p, n, T, Hq, D, o, lse, err);
+  } else {
+    /* the pointer table goes up through op scratch; pageable host -> device returns once staged */
+    const void **h = (const void **)malloc(tb);
+    if (!h) return apb_error_set(err, APB_ENOMEM, "%s: out of host memory for %d partials", op, n);
+    for (int i = 0; i < n; i++) h[i] = o_parts[i], h[n + i] = lse_parts[i];
+    st = cu_scratch(c, tb, op, &tab, err);
+    if (st == APB_OK) {
+      cudaError_t e = cudaMemcpyAsync(tab, h, tb, cudaMemcpyHostToDevice, c->stream);
+      if (e != cudaSuccess)
+        st = apb_error_set(err, APB_EDEVICE, "%s: cudaMemcpyAsync of the partials table on device %d: %s", op, c->dev,
+                           cudaGetErrorString(e));
+    }
+    free(h);
+    if (st == APB_OK) {
+      MergeTable p;
+      p.o = (const void *const *)tab;
+      p.l = (const float *const *)((const void **)tab + n);
+      st = bf ? launch_merge<apb_bf16>(c, p, n, T, Hq, D, o, lse, err) : launch_merge<float>(c, p, n, T, Hq, D, o, lse, err);
+    }
+  }
+  cu_scratch_free(c, tab, tb);
+  return st;
+}
