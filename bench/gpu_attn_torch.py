@@ -120,7 +120,7 @@ def main():
     dev = torch.cuda.get_device_name(0)
     print(f"# {dev}, torch {torch.__version__}\n# bf16, Hq {a.hq}, Hkv {a.hkv}, D {a.d}, "
           f"median of {a.reps} after {a.warmup} warm-up")
-    print(f"{'shape':34s} {'impl':8s} {'ms':>10s} {'best_ms':>10s} {'TFLOP/s':>9s}", flush=True)
+    print(f"{'shape':34s} {'impl':10s} {'ms':>10s} {'best_ms':>10s} {'TFLOP/s':>9s}", flush=True)
     shapes = [("dense", 0, 0, int(n)) for n in a.tokens.split(",") if n]
     if a.apb_shape:
         shapes.append(("apb", 6144, 4096, 32768))
@@ -134,13 +134,13 @@ def main():
                 fn = dense_fn(be, B, a.hq, a.hkv, a.d) if kind == "dense" else apb_fn(be, P, A, B, a.hq, a.hkv, a.d)
                 med, best = timed(fn, a.warmup, a.reps)
             except Exception as ex:  # a backend that refuses a shape: say so and go on
-                print(f"{label:34s} {name:8s} failed: {type(ex).__name__}: {str(ex)[:200]}", flush=True)
+                print(f"{label:34s} {name:10s} failed: {type(ex).__name__}: {str(ex)[:200]}", flush=True)
                 continue
             finally:
                 fn = None
                 torch.cuda.empty_cache()
             tf = fl / (med * 1e-3) / 1e12
-            print(f"{label:34s} {name:8s} {med:10.3f} {best:10.3f} {tf:9.1f}", flush=True)
+            print(f"{label:34s} {name:10s} {med:10.3f} {best:10.3f} {tf:9.1f}", flush=True)
             results.append(dict(shape=kind, label=label, P=P, A=A, B=B, Hq=a.hq, Hkv=a.hkv, D=a.d, impl=name,
                                 ms=round(med, 4), best_ms=round(best, 4), flop=fl, tflops=round(tf, 2)))
     if a.json:

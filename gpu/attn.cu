@@ -41,6 +41,11 @@
 #include "apb/cuda.h"
 #include "gpu_common.h"
 
+/* gpu/attn_hopper.cu: the sm_90a kernel behind APB_CUDA_ATTN_HOPPER*; *done = 0 when it does not take
+ * the case (then TC runs). variant 0 is its best, 1 and 2 the forced earlier versions. */
+apb_status apb_cuda_attn_hopper(const apb_cuda_attn_args *x, float scale, int variant, void *stream, int *done,
+                                apb_error *err);
+
 namespace {
 
 typedef __nv_bfloat16 bf16;
@@ -593,7 +598,8 @@ extern "C" apb_status apb_cuda_attn(const apb_cuda_attn_args *x, apb_cuda_attn_i
   if (x->D > kMaxD)
     return apb_error_set(err, APB_EUNSUPPORTED, "cuda_attn: D=%d; the CUDA kernels support D <= %d", x->D, kMaxD);
   if (impl != APB_CUDA_ATTN_SIMPLE && impl != APB_CUDA_ATTN_TC && impl != APB_CUDA_ATTN_TC_W16 &&
-      impl != APB_CUDA_ATTN_TC_W32)
+      impl != APB_CUDA_ATTN_TC_W32 && impl != APB_CUDA_ATTN_HOPPER && impl != APB_CUDA_ATTN_HOPPER_V1 &&
+      impl != APB_CUDA_ATTN_HOPPER_V2)
     return apb_error_set(err, APB_EINVAL, "cuda_attn: unknown impl %d", (int)impl);
   if (impl != APB_CUDA_ATTN_SIMPLE && x->dtype != APB_DT_BF16)
     return apb_error_set(err, APB_EUNSUPPORTED,
@@ -617,6 +623,12 @@ extern "C" apb_status apb_cuda_attn(const apb_cuda_attn_args *x, apb_cuda_attn_i
   for (size_t i = 0; i < sizeof ptrs / sizeof ptrs[0]; i++)
     if (ptrs[i] && !aligned16(ptrs[i])) ok = 0;
   if (!ok) return launch_simple(a, x->dtype, s, err);
+  if (impl == APB_CUDA_ATTN_HOPPER || impl == APB_CUDA_ATTN_HOPPER_V1 || impl == APB_CUDA_ATTN_HOPPER_V2) {
+    const int variant = impl == APB_CUDA_ATTN_HOPPER_V1 ? 1 : impl == APB_CUDA_ATTN_HOPPER_V2 ? 2 : 0;
+    int done = 0;
+    const apb_status hs = apb_cuda_attn_hopper(x, a.scale, variant, stream, &done, err);
+    if (hs != APB_OK || done) return hs;
+  }
   const int wide = impl != APB_CUDA_ATTN_TC_W16; /* W32 unless asked otherwise (D <= 128 only) */
   if (x->D <= 64) return wide ? launch_tc<64, 64, 2>(a, s, err) : launch_tc<64, 64, 1>(a, s, err);
   if (x->D <= 128) return wide ? launch_tc<128, 64, 2>(a, s, err) : launch_tc<128, 64, 1>(a, s, err);

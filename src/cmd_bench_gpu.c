@@ -1,16 +1,22 @@
 /* src/cmd_bench_gpu.c: `apb bench gpu-attn`, the speed of the CUDA attention (gpu/attn.cu) on one GPU.
  *
- * It times apb_cuda_attn on dense causal attention at a list of token counts (P = A = 0, B = n) and,
+ * It times apb_cuda_attn (the Hopper kernel of gpu/attn_hopper.cu beside the earlier TC kernel of
+ * gpu/attn.cu) on dense causal attention at a list of token counts (P = A = 0, B = n) and,
  * with --apb-shape, on the APB shape of the last of 4 hosts at 128K (P 6144 passing keys, A 4096
  * anchor rows, B 32768 local rows), with random bf16 inputs (never zeros), CUDA events around each call,
  * the median of --reps runs after --warmup runs. Useful TFLOP/s counts only the visible (row, key)
  * pairs, as apb_attn_flops does: 4 * pairs * D * Hq. bench/gpu_attn_torch.py prints the same columns
  * for torch SDPA (flash and cuDNN) on the same shapes.
  *
- * Not here: correctness (tests/check_gpu_attn.c), the CPU benchmarks (src/cmd_bench.c). It calls only
+ * With --check it also compares, per shape, the output of every impl with that of the first impl it
+ * timed (relative Frobenius error and largest difference of o, largest LSE difference), at sizes the CPU
+ * oracle of the tests cannot reach; two correct bf16 kernels differ by a few 1e-3.
+ *
+ * Not here: correctness against the oracle (tests/check_gpu_attn.c), the CPU benchmarks (src/cmd_bench.c). It calls only
  * apb_* functions, so it compiles and links without CUDA; such a build prints that and returns 1.
  * Tested on the GPU machines through bench/gpu_session.sh (stage bench-attn).
  */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,8 +30,8 @@ static const char *const cmd = "bench gpu-attn";
 
 static const char help_text[] =
     "Usage: apb bench gpu-attn [--tokens LIST] [--hq N] [--hkv N] [--d N] [--reps N] [--warmup N]\n"
-    "                          [--impl simple|tc|tc_w16|tc_w32|all] [--simple-max N] [--apb-shape]\n"
-    "                          [--seed N] [--json FILE]\n"
+    "                          [--impl IMPL] [--simple-max N] [--apb-shape]\n"
+    "                          [--check] [--seed N] [--json FILE]\n"
     "\n"
     "Times the CUDA attention (apb_cuda_attn, bf16 storage) on one GPU: dense causal attention over each\n"
     "token count, and with --apb-shape the APB shape of the last of 4 hosts at 128K (6144 passing keys,\n"
@@ -39,30 +45,40 @@ static const char help_text[] =
     "  --d N           head dim, 1..256 (default 128)\n"
     "  --reps N        timed runs per shape and impl; the median is reported (default 10)\n"
     "  --warmup N      untimed runs first (default 2)\n"
-    "  --impl I        simple, tc (the default TC variant), tc_w16 or tc_w32 (forced TC variants), or\n"
-    "                  all: every one of them (tc then duplicates one variant, a noise check) (default tc)\n"
+    "  --impl LIST     comma-separated kernels, timed in this order: simple, tc (the default TC variant),\n"
+    "                  tc_w16 or tc_w32 (forced TC variants), hopper (the sm_90a kernel, its best\n"
+    "                  variant), hopper_v1 or hopper_v2 (its forced earlier versions); new means tc,hopper\n"
+    "                  and all every one of them (tc and hopper then duplicate one variant each, a noise\n"
+    "                  check) (default new)\n"
     "  --simple-max N  skip the simple kernel on shapes with more than N rows: it is a correctness path,\n"
     "                  seconds per call at 16K (default 8192)\n"
     "  --apb-shape     also time the APB shape\n"
     "  --seed N        input seed (default 1)\n"
+    "  --check         compare every impl's o and LSE with the first impl's, per shape; a relative\n"
+    "                  Frobenius difference of o above 2e-2 (twice the bf16 bound against the oracle), a\n"
+    "                  NaN, or an LSE difference above 1e-3 fails the run\n"
     "  --json FILE     also write the results as JSON\n"
     "  -h, --help      this text\n"
     "\n"
     "Exit status: 0 measured, 1 no CUDA in this build, no GPU, or a failed run, 2 usage error.\n";
 
-enum { IMPL_SIMPLE, IMPL_TC, IMPL_TC_W16, IMPL_TC_W32, IMPL_ALL };
-static const char *const impl_names[] = {"simple", "tc", "tc_w16", "tc_w32", "all"};
-static const apb_cuda_attn_impl impl_values[] = {APB_CUDA_ATTN_SIMPLE, APB_CUDA_ATTN_TC, APB_CUDA_ATTN_TC_W16,
-                                                 APB_CUDA_ATTN_TC_W32};
+enum { IMPL_SIMPLE, IMPL_TC, IMPL_TC_W16, IMPL_TC_W32, IMPL_HOPPER, IMPL_HOPPER_V1, IMPL_HOPPER_V2, N_IMPL,
+       IMPL_NEW = N_IMPL, IMPL_ALL };
+static const char *const impl_names[] = {"simple", "tc",        "tc_w16",    "tc_w32", "hopper",
+                                         "hopper_v1", "hopper_v2", "new",      "all"};
+static const apb_cuda_attn_impl impl_values[] = {APB_CUDA_ATTN_SIMPLE, APB_CUDA_ATTN_TC,        APB_CUDA_ATTN_TC_W16,
+                                                 APB_CUDA_ATTN_TC_W32, APB_CUDA_ATTN_HOPPER,    APB_CUDA_ATTN_HOPPER_V1,
+                                                 APB_CUDA_ATTN_HOPPER_V2};
 
 #define MAX_TOKENS 16
 
 typedef struct bench_opts {
   int64_t tokens[MAX_TOKENS];
   int ntokens;
-  int hq, hkv, d, reps, warmup, impl;
+  int hq, hkv, d, reps, warmup;
+  int impls[N_IMPL], nimpl; /* what --impl asked for, in order, each once */
   int64_t simple_max;
-  int apb_shape;
+  int apb_shape, check;
   int64_t seed;
   const char *json;
 } bench_opts;
@@ -79,20 +95,48 @@ typedef struct bench_bufs {
   float *lse;
 } bench_bufs;
 
+/* --impl: a comma-separated list of impl names and the groups new and all. */
+static int parse_impls(const char *arg, bench_opts *o) {
+  char buf[256];
+  if (strlen(arg) >= sizeof buf) return cli_usage(cmd, "--impl list too long");
+  strcpy(buf, arg);
+  o->nimpl = 0;
+  for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+    int k = 0, add[N_IMPL], nadd = 0;
+    const int rc = cli_parse_choice(cmd, "--impl", tok, impl_names, N_IMPL + 2, &k);
+    if (rc) return rc;
+    if (k == IMPL_ALL)
+      for (int i = 0; i < N_IMPL; i++) add[nadd++] = i;
+    else if (k == IMPL_NEW)
+      add[nadd++] = IMPL_TC, add[nadd++] = IMPL_HOPPER;
+    else
+      add[nadd++] = k;
+    for (int i = 0; i < nadd; i++) {
+      int seen = 0;
+      for (int j = 0; j < o->nimpl; j++) seen |= o->impls[j] == add[i];
+      if (!seen) o->impls[o->nimpl++] = add[i];
+    }
+  }
+  if (o->nimpl == 0) return cli_usage(cmd, "--impl names no kernel");
+  return CLI_OK;
+}
+
 static int parse(int argc, char **argv, bench_opts *o) {
-  enum { O_TOKENS = 256, O_HQ, O_HKV, O_D, O_REPS, O_WARMUP, O_IMPL, O_SIMPLE_MAX, O_APB, O_SEED, O_JSON };
+  enum { O_TOKENS = 256, O_HQ, O_HKV, O_D, O_REPS, O_WARMUP, O_IMPL, O_SIMPLE_MAX, O_APB, O_SEED, O_JSON, O_CHECK };
   static const struct option opts[] = {
       {"tokens", required_argument, NULL, O_TOKENS}, {"hq", required_argument, NULL, O_HQ},
       {"hkv", required_argument, NULL, O_HKV},       {"d", required_argument, NULL, O_D},
       {"reps", required_argument, NULL, O_REPS},     {"warmup", required_argument, NULL, O_WARMUP},
       {"impl", required_argument, NULL, O_IMPL},     {"simple-max", required_argument, NULL, O_SIMPLE_MAX},
       {"apb-shape", no_argument, NULL, O_APB},       {"seed", required_argument, NULL, O_SEED},
-      {"json", required_argument, NULL, O_JSON},     {"help", no_argument, NULL, 'h'},
+      {"json", required_argument, NULL, O_JSON},     {"check", no_argument, NULL, O_CHECK},
+      {"help", no_argument, NULL, 'h'},
       {NULL, 0, NULL, 0}};
   static const int64_t default_tokens[] = {8192, 16384, 32768, 65536, 131072};
-  *o = (bench_opts){.ntokens = 5, .hq = 32, .hkv = 8, .d = 128, .reps = 10, .warmup = 2, .impl = IMPL_TC,
+  *o = (bench_opts){.ntokens = 5, .hq = 32, .hkv = 8, .d = 128, .reps = 10, .warmup = 2,
                     .simple_max = 8192, .seed = 1};
   memcpy(o->tokens, default_tokens, sizeof default_tokens);
+  o->impls[0] = IMPL_TC, o->impls[1] = IMPL_HOPPER, o->nimpl = 2;
   int c, rc = 0;
   while (rc == 0 && (c = cli_getopt(cmd, argc, argv, opts)) != -1) {
     switch (c) {
@@ -105,13 +149,14 @@ static int parse(int argc, char **argv, bench_opts *o) {
     case O_D: rc = cli_parse_int(cmd, "--d", optarg, 1, 256, &o->d); break;
     case O_REPS: rc = cli_parse_int(cmd, "--reps", optarg, 1, 10000, &o->reps); break;
     case O_WARMUP: rc = cli_parse_int(cmd, "--warmup", optarg, 0, 1000, &o->warmup); break;
-    case O_IMPL: rc = cli_parse_choice(cmd, "--impl", optarg, impl_names, 5, &o->impl); break;
+    case O_IMPL: rc = parse_impls(optarg, o); break;
     case O_SIMPLE_MAX:
       rc = cli_parse_i64(cmd, "--simple-max", optarg, 0, INT64_C(1) << 24, &o->simple_max);
       break;
     case O_APB: o->apb_shape = 1; break;
     case O_SEED: rc = cli_parse_i64(cmd, "--seed", optarg, 0, INT64_MAX, &o->seed); break;
     case O_JSON: o->json = optarg; break;
+    case O_CHECK: o->check = 1; break;
     default: return CLI_USAGE;
     }
   }
@@ -155,6 +200,63 @@ static apb_status bufs_alloc(bench_bufs *b, const bench_shape *s, const bench_op
   if (st == APB_OK) st = apb_cuda_synchronize(err);
   if (st != APB_OK) bufs_free(b);
   return st;
+}
+
+/* --check state of one shape: the first impl's o (bf16 bits) and lse on the host, and a buffer for the
+ * others'. */
+typedef struct agree {
+  uint16_t *ref_o, *o;
+  float *ref_lse, *lse;
+  const char *ref_name;
+  int failed;
+} agree;
+
+static void agree_free(agree *g) {
+  free(g->ref_o), free(g->o), free(g->ref_lse), free(g->lse);
+  memset(g, 0, sizeof *g);
+}
+
+/* Bring back o and lse of the impl just timed; the first becomes the reference, the others are compared
+ * with it and one line is printed. APB_ENOMEM when the host cannot hold two copies. */
+static apb_status agree_step(agree *g, const bench_bufs *b, const bench_shape *s, const bench_opts *o,
+                             const char *name, apb_error *err) {
+  const size_t no = (size_t)(s->A + s->B) * o->hq * o->d, nl = (size_t)(s->A + s->B) * o->hq;
+  const int first = g->ref_o == NULL;
+  if (first) {
+    g->ref_o = malloc(no * 2), g->o = malloc(no * 2);
+    g->ref_lse = malloc(nl * sizeof(float)), g->lse = malloc(nl * sizeof(float));
+    if (!g->ref_o || !g->o || !g->ref_lse || !g->lse) {
+      agree_free(g);
+      return apb_error_set(err, APB_ENOMEM, "no host memory for two copies of o (%zu MiB each)", no * 2 >> 20);
+    }
+    g->ref_name = name;
+  }
+  apb_status st = apb_cuda_memcpy(first ? g->ref_o : g->o, b->o, no * 2, err);
+  if (st == APB_OK) st = apb_cuda_memcpy(first ? g->ref_lse : g->lse, b->lse, nl * sizeof(float), err);
+  if (st != APB_OK || first) return st;
+  double d2 = 0, r2 = 0, dmax = 0, lmax = 0;
+  size_t nan = 0;
+  for (size_t i = 0; i < no; i++) {
+    const double x = apb_bf16_to_f32(g->o[i]), r = apb_bf16_to_f32(g->ref_o[i]);
+    if (isnan(x) || isnan(r)) {
+      nan++;
+      continue;
+    }
+    d2 += (x - r) * (x - r), r2 += r * r;
+    if (fabs(x - r) > dmax) dmax = fabs(x - r);
+  }
+  for (size_t i = 0; i < nl; i++) {
+    const double x = g->lse[i], r = g->ref_lse[i];
+    if (isnan(x) || isnan(r)) nan++;
+    else if (x != r && fabs(x - r) > lmax) lmax = isinf(x) || isinf(r) ? INFINITY : fabs(x - r);
+  }
+  const double rel = r2 > 0 ? sqrt(d2 / r2) : sqrt(d2);
+  const int bad = nan > 0 || !(rel <= 2e-2) || !(lmax <= 1e-3);
+  printf("  %-10s vs %-10s o rel_fro %.3g, max |diff| %.3g; lse max |diff| %.3g; NaN %zu%s\n", name, g->ref_name,
+         rel, dmax, lmax, nan, bad ? "  MISMATCH" : "");
+  fflush(stdout);
+  if (bad) g->failed = 1;
+  return APB_OK;
 }
 
 static int cmp_float(const void *a, const void *b) {
@@ -202,11 +304,6 @@ int cmd_bench_gpu_attn(int argc, char **argv) {
   int nshapes = 0;
   for (int i = 0; i < o.ntokens; i++) shapes[nshapes++] = (bench_shape){"dense", 0, 0, o.tokens[i]};
   if (o.apb_shape) shapes[nshapes++] = (bench_shape){"apb", 6144, 4096, 32768};
-  int impls[4], nimpl = 0;
-  if (o.impl == IMPL_ALL)
-    for (int i = 0; i < 4; i++) impls[nimpl++] = i;
-  else
-    impls[nimpl++] = o.impl;
 
   FILE *js = NULL;
   if (o.json) {
@@ -221,7 +318,7 @@ int cmd_bench_gpu_attn(int argc, char **argv) {
   }
   printf("# %s\n# bf16, Hq %d, Hkv %d, D %d, median of %d after %d warm-up\n", dev, o.hq, o.hkv, o.d, o.reps,
          o.warmup);
-  printf("%-34s %-8s %10s %10s %9s\n", "shape", "impl", "ms", "best_ms", "TFLOP/s");
+  printf("%-34s %-10s %10s %10s %9s\n", "shape", "impl", "ms", "best_ms", "TFLOP/s");
   fflush(stdout);
 
   float *ms = malloc((size_t)o.reps * sizeof *ms);
@@ -246,10 +343,11 @@ int cmd_bench_gpu_attn(int argc, char **argv) {
                (long long)s->B);
     else
       snprintf(label, sizeof label, "%s causal n=%lld", s->kind, (long long)s->B);
-    for (int ii = 0; ii < nimpl && st == APB_OK; ii++) {
-      const int impl = impls[ii];
+    agree ag = {0};
+    for (int ii = 0; ii < o.nimpl && st == APB_OK; ii++) {
+      const int impl = o.impls[ii];
       if (impl == IMPL_SIMPLE && s->A + s->B > o.simple_max) {
-        printf("%-34s %-8s %10s %10s %9s  (skipped: more rows than --simple-max %lld)\n", label, "simple", "-",
+        printf("%-34s %-10s %10s %10s %9s  (skipped: more rows than --simple-max %lld)\n", label, "simple", "-",
                "-", "-", (long long)o.simple_max);
         continue;
       }
@@ -257,7 +355,7 @@ int cmd_bench_gpu_attn(int argc, char **argv) {
       st = time_impl(&x, impl_values[impl], &o, tm, ms, &med, &best, &err);
       if (st != APB_OK) break;
       const double tflops = flop / (med * 1e-3) / 1e12;
-      printf("%-34s %-8s %10.3f %10.3f %9.1f\n", label, impl_names[impl], med, best, tflops);
+      printf("%-34s %-10s %10.3f %10.3f %9.1f\n", label, impl_names[impl], med, best, tflops);
       fflush(stdout);
       if (js)
         fprintf(js,
@@ -267,10 +365,22 @@ int cmd_bench_gpu_attn(int argc, char **argv) {
                 nres ? "," : "", s->kind, label, (long long)s->P, (long long)s->A, (long long)s->B, o.hq, o.hkv,
                 o.d, impl_names[impl], med, best, flop, tflops);
       nres++;
+      if (o.check) {
+        st = agree_step(&ag, &b, s, &o, impl_names[impl], &err);
+        if (st == APB_ENOMEM) {
+          printf("  (--check skipped: %s)\n", err.msg);
+          apb_error_clear(&err);
+          st = APB_OK;
+          o.check = 0;
+        }
+        if (ag.failed) rc = CLI_FAIL;
+      }
     }
+    agree_free(&ag);
     bufs_free(&b);
   }
   if (st != APB_OK) rc = cli_report(cmd, st, &err);
+  else if (rc != CLI_OK) rc = cli_fail(cmd, "--check: outputs disagree (see the MISMATCH lines above)");
   apb_cuda_timer_destroy(tm);
   free(ms);
   if (js) {

@@ -6,15 +6,17 @@
  * default scale and explicit ones; mild and peaky scores):
  *   - F32 storage, SIMPLE: o within apb_tolerance(APB_PREC_F32, k) of apb_attn_naive on the same fp32
  *     inputs, k the keys of the longest row;
- *   - BF16 storage, SIMPLE and every TC variant (TC, TC_W16, TC_W32), on bf16-rounded inputs: o within
- *     apb_tolerance(APB_PREC_BF16, k) of apb_attn_naive on those rounded inputs, and its relative
- *     Frobenius error at most twice that of the CPU bf16 emulation below;
+ *   - BF16 storage, SIMPLE, every TC variant (TC, TC_W16, TC_W32) and every Hopper variant (HOPPER,
+ *     HOPPER_V1, HOPPER_V2: gpu/attn_hopper.cu for D 64 and 128 on compute capability 9.0, TC for
+ *     the other D), on bf16-rounded inputs: o within apb_tolerance(APB_PREC_BF16, k) of
+ *     apb_attn_naive on those rounded inputs, and its relative Frobenius error at most twice that of
+ *     the CPU bf16 emulation below;
  *   - LSE (fp32 in every path) within apb_tolerance(APB_PREC_F32, D + k): the dot product (D terms)
  *     and the exponential sum (k terms) both feed it;
  *   - every output buffer is poisoned with 0xFF bytes (NaN in f32 and bf16) before each run, and has a
  *     guard region after it that must come back intact; a NaN left anywhere fails the comparison;
- *   - TC run twice (the second time without LSE) gives bitwise-identical o: no race, and lse = NULL is
- *     honoured;
+ *   - TC and HOPPER run twice (the second time without LSE) give bitwise-identical o: no race, and
+ *     lse = NULL is honoured;
  *   - argument validation: APB_EINVAL / APB_EUNSUPPORTED with messages, and A + B = 0 is a no-op.
  *
  * The CPU bf16 emulation ("the same computation done in bf16 on the CPU", docs/gpu-attention.md): the
@@ -69,6 +71,11 @@ static const gcase all_cases[] = {
     {"star D200 A67 B97 G4", 0, 67, 97, 4, 1, 200, 1, 0, 1, 0},
     {"apb D36 (TC falls back) P1 A1 B97", 1, 1, 97, 4, 2, 36, 1, 0, 1, 0},
     {"apb P67 A67 B1025 scale0.2 peaky", 67, 67, 1025, 8, 2, 128, 1, 0.2f, 4, 0},
+    /* For the Hopper kernel's pipeline: many key tiles per CTA (its stage parities wrap several
+     * times), segments of 1.5 to 2.5 key tiles, GQA 4 (32 tokens per CTA) and 1 (128). */
+    {"dense B2048 G4 (many key tiles)", 0, 0, 2048, 4, 1, 128, 1, 0, 1, 0},
+    {"apb P200 A300 B700 G4 peaky", 200, 300, 700, 8, 2, 128, 1, 0, 4, 0},
+    {"apb P129 A255 B513 G1 D64", 129, 255, 513, 2, 2, 64, 1, 0, 1, 1},
 };
 enum { N_ALL = sizeof all_cases / sizeof all_cases[0] };
 
@@ -76,9 +83,10 @@ enum { N_ALL = sizeof all_cases / sizeof all_cases[0] };
 static const gcase *run_cases[N_ALL];
 static int n_run_cases;
 
-static const apb_cuda_attn_impl bf16_impls[] = {APB_CUDA_ATTN_SIMPLE, APB_CUDA_ATTN_TC, APB_CUDA_ATTN_TC_W16,
-                                                APB_CUDA_ATTN_TC_W32};
-static const char *const impl_names[] = {"simple", "tc", "tc_w16", "tc_w32"};
+static const apb_cuda_attn_impl bf16_impls[] = {APB_CUDA_ATTN_SIMPLE,    APB_CUDA_ATTN_TC,        APB_CUDA_ATTN_TC_W16,
+                                                APB_CUDA_ATTN_TC_W32,    APB_CUDA_ATTN_HOPPER_V1, APB_CUDA_ATTN_HOPPER_V2,
+                                                APB_CUDA_ATTN_HOPPER};
+static const char *const impl_names[] = {"simple", "tc", "tc_w16", "tc_w32", "hopper", "hopper_v1", "hopper_v2"};
 
 #define GUARD_BYTES 256
 #define GUARD_BYTE 0x5A
@@ -392,6 +400,7 @@ START_TEST(test_validation) {
   y = x, y.dtype = APB_DT_F32;
   ck_assert_int_eq(apb_cuda_attn(&y, APB_CUDA_ATTN_TC, NULL, &err), APB_EUNSUPPORTED);
   ck_assert_msg(strstr(err.msg, "SIMPLE") != NULL, "message '%s' does not point to SIMPLE", err.msg);
+  ck_assert_int_eq(apb_cuda_attn(&y, APB_CUDA_ATTN_HOPPER, NULL, &err), APB_EUNSUPPORTED);
   ck_assert_int_eq(apb_cuda_attn(&x, (apb_cuda_attn_impl)9, NULL, &err), APB_EINVAL);
   /* No rows: nothing to do, nothing launched, whatever the pointers. */
   y = x, y.B = 0, y.q = NULL, y.o = NULL, y.kb = NULL, y.vb = NULL;
