@@ -42,7 +42,7 @@
 #include "gpu_common.h"
 
 /* gpu/attn_hopper.cu: the sm_90a kernel behind APB_CUDA_ATTN_HOPPER*; *done = 0 when it does not take
- * the case (then TC runs). variant 0 is its best, 1 and 2 the forced earlier versions. */
+ * the case (then TC runs). variant 0 is its best, 1 to 5 the forced variants. */
 apb_status apb_cuda_attn_hopper(const apb_cuda_attn_args *x, float scale, int variant, void *stream, int *done,
                                 apb_error *err);
 
@@ -598,8 +598,7 @@ extern "C" apb_status apb_cuda_attn(const apb_cuda_attn_args *x, apb_cuda_attn_i
   if (x->D > kMaxD)
     return apb_error_set(err, APB_EUNSUPPORTED, "cuda_attn: D=%d; the CUDA kernels support D <= %d", x->D, kMaxD);
   if (impl != APB_CUDA_ATTN_SIMPLE && impl != APB_CUDA_ATTN_TC && impl != APB_CUDA_ATTN_TC_W16 &&
-      impl != APB_CUDA_ATTN_TC_W32 && impl != APB_CUDA_ATTN_HOPPER && impl != APB_CUDA_ATTN_HOPPER_V1 &&
-      impl != APB_CUDA_ATTN_HOPPER_V2)
+      impl != APB_CUDA_ATTN_TC_W32 && (impl < APB_CUDA_ATTN_HOPPER || impl > APB_CUDA_ATTN_HOPPER_V5))
     return apb_error_set(err, APB_EINVAL, "cuda_attn: unknown impl %d", (int)impl);
   if (impl != APB_CUDA_ATTN_SIMPLE && x->dtype != APB_DT_BF16)
     return apb_error_set(err, APB_EUNSUPPORTED,
@@ -623,8 +622,9 @@ extern "C" apb_status apb_cuda_attn(const apb_cuda_attn_args *x, apb_cuda_attn_i
   for (size_t i = 0; i < sizeof ptrs / sizeof ptrs[0]; i++)
     if (ptrs[i] && !aligned16(ptrs[i])) ok = 0;
   if (!ok) return launch_simple(a, x->dtype, s, err);
-  if (impl == APB_CUDA_ATTN_HOPPER || impl == APB_CUDA_ATTN_HOPPER_V1 || impl == APB_CUDA_ATTN_HOPPER_V2) {
-    const int variant = impl == APB_CUDA_ATTN_HOPPER_V1 ? 1 : impl == APB_CUDA_ATTN_HOPPER_V2 ? 2 : 0;
+  if (impl >= APB_CUDA_ATTN_HOPPER && impl <= APB_CUDA_ATTN_HOPPER_V5) {
+    /* HOPPER -> its best variant (0); HOPPER_Vk -> variant k. */
+    const int variant = impl == APB_CUDA_ATTN_HOPPER ? 0 : (int)impl - (int)APB_CUDA_ATTN_HOPPER;
     int done = 0;
     const apb_status hs = apb_cuda_attn_hopper(x, a.scale, variant, stream, &done, err);
     if (hs != APB_OK || done) return hs;

@@ -1,7 +1,7 @@
 /* gpu/attn_hopper.cu: APB's segmented attention for one host (shared/APB.md 3.6) on Hopper (sm_90a):
  * the same function as apb_attn_naive (apb/attn.h) and the SIMPLE/TC kernels of gpu/attn.cu, written
  * for the H100's own instructions. Reached through apb_cuda_attn (apb/cuda.h) with
- * APB_CUDA_ATTN_HOPPER (or the forced variants _V1, _V2); bf16 storage, fp32 accumulation, D = 64 and
+ * APB_CUDA_ATTN_HOPPER (or the forced variants _V1 to _V5); bf16 storage, fp32 accumulation, D = 64 and
  * 128 (other D, another GPU, or pointers that are not 16-byte aligned go to the TC kernel instead).
  *
  * Legend (as gpu/attn.cu): T = A + B query rows, P passing keys, A anchor rows/keys, B local rows/keys,
@@ -32,7 +32,9 @@
  *     softmax of tile t with the P V product of tile t-1 inside each consumer warpgroup (issue S(t),
  *     issue PV(t-1), wait for S(t) only, softmax, then wait for PV); 3 adds ping-pong scheduling of the
  *     two consumer warpgroups (named barriers: one warpgroup issues its two products while the other
- *     does its softmax).
+ *     does its softmax). Stages S: 2 at D = 128, 4 at D = 64; variants 4 and 5 are 2 and 3 with one
+ *     more stage (3 at D = 128 fills the 227 KiB of shared memory). APB_CUDA_ATTN_HOPPER runs 2 at
+ *     D = 128 and 3 at D = 64, the fastest on an H100 (docs/performance.md).
  *   - CTAs are numbered longest first (the last local row tiles see the most keys) and the grid is
  *     not persistent: the hardware hands the next CTA to whichever SM frees up first, which is the
  *     longest-first greedy schedule for causal balance.
@@ -58,8 +60,8 @@
 /* Called by apb_cuda_attn (gpu/attn.cu) after it validated x (shapes, BF16 storage); sets *done = 1
  * when it launched, *done = 0 when this kernel does not take the case (D not 64/128, a device other than
  * compute capability 9.0, a pointer not 16-byte aligned, a length past 2^31): then the caller runs TC.
- * variant: 1, 2 or 3 (see the top of the file), 0 for the best one (kBestVariant). scale in natural-log
- * units. */
+ * variant: 1 to 5 (see the top of the file), 0 for the best one for D (kBestVariantD*). scale in
+ * natural-log units. */
 apb_status apb_cuda_attn_hopper(const apb_cuda_attn_args *x, float scale, int variant, void *stream, int *done,
                                 apb_error *err);
 
@@ -72,17 +74,21 @@ constexpr int kBN = 128;          /* keys per K/V tile */
 constexpr int kThreads = 384;     /* producer warpgroup + 2 consumer warpgroups */
 constexpr int kProducerRegs = 40; /* setmaxnreg: 128 x 40 + 256 x 232 = 64512 = 384 x 168 at launch */
 constexpr int kConsumerRegs = 232;
-constexpr int kBestVariant = 3;   /* what APB_CUDA_ATTN_HOPPER runs (docs/performance.md) */
+constexpr uint32_t kQBlk = kBM * 128;  /* bytes of one 64-column block of Q in shared memory */
+constexpr uint32_t kKVBlk = kBN * 128; /* bytes of one 64-column block of a K or V tile */
+/* What APB_CUDA_ATTN_HOPPER runs, measured on an H100 (docs/performance.md): at D = 128 the
+ * intra-warpgroup overlap alone (ping-pong added nothing there), at D = 64, where the softmax
+ * outweighs the halved products, overlap plus ping-pong (+17%). */
+constexpr int kBestVariantD128 = 2;
+constexpr int kBestVariantD64 = 3;
 
-/* Compile-time shape for head dim D: shared memory is Q [D/64][BM][64], then K [S][D/64][BN][64], then
+/* Compile-time shape for head dim D and S stages: shared memory is Q [D/64][BM][64], then K [S][D/64][BN][64], then
  * V [S][D/64][BN][64] (bf16, each [rows][64] block 128-byte swizzled by the TMA unit), then the
  * mbarriers. Every block starts on a 1024-byte boundary (the swizzle pattern's period). */
-template <int D>
+template <int D, int S>
 struct HopCfg {
-  static constexpr int kStages = D == 64 ? 4 : 2;
+  static constexpr int kStages = S;
   static constexpr int kDB = D / 64;                  /* 64-column (128-byte) blocks of a row */
-  static constexpr uint32_t kQBlk = kBM * 128;        /* bytes of one Q column block */
-  static constexpr uint32_t kKVBlk = kBN * 128;       /* bytes of one K or V column block */
   static constexpr uint32_t kSmemQ = kBM * D * 2;
   static constexpr uint32_t kSmemKV = kBN * D * 2;    /* one K or V tile */
   static constexpr uint32_t kBarBytes = 8 * (1 + 4 * kStages);
@@ -346,13 +352,12 @@ __device__ __forceinline__ void wgmma_rs_n64(float (&d)[32], const uint32_t (&a)
 /* S = Q K^T for one tile: q_base is this warpgroup's 64 rows of Q, k_base the tile's stage. */
 template <int D>
 __device__ __forceinline__ void issue_qk(float (&s)[64], uint32_t q_base, uint32_t k_base) {
-  typedef HopCfg<D> C;
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < D / 16; kk++) {
     const uint32_t in_blk = (uint32_t)(kk & 3) * 32; /* 16 bf16 = 32 bytes per K step */
-    const uint64_t da = sw128_desc(q_base + (uint32_t)(kk >> 2) * C::kQBlk + in_blk, 16);
-    const uint64_t db = sw128_desc(k_base + (uint32_t)(kk >> 2) * C::kKVBlk + in_blk, 16);
+    const uint64_t da = sw128_desc(q_base + (uint32_t)(kk >> 2) * kQBlk + in_blk, 16);
+    const uint64_t db = sw128_desc(k_base + (uint32_t)(kk >> 2) * kKVBlk + in_blk, 16);
     wgmma_ss_n128(s, da, db, kk > 0);
   }
   wgmma_commit();
@@ -365,7 +370,7 @@ __device__ __forceinline__ void issue_pv(float (&o)[D / 2], const uint32_t (&pf)
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < kBN / 16; kk++) {
-    const uint64_t dv = sw128_desc(v_base + (uint32_t)kk * 2048u, HopCfg<D>::kKVBlk);
+    const uint64_t dv = sw128_desc(v_base + (uint32_t)kk * 2048u, kKVBlk);
     if constexpr (D == 128) wgmma_rs_n128(o, pf[kk], dv);
     else wgmma_rs_n64(o, pf[kk], dv);
   }
@@ -439,14 +444,13 @@ __device__ __forceinline__ void to_p(uint32_t (&pf)[kBN / 16][4], const float (&
 
 /* ================================================================ the kernel
  *
- * grid: (nlt + nat) * Hkv * gsplit CTAs of 384 threads, HopCfg<D>::kSmem bytes of dynamic shared memory,
+ * grid: (nlt + nat) * Hkv * gsplit CTAs of 384 threads, HopCfg<D, S>::kSmem bytes of dynamic shared memory,
  * one CTA per SM. Barriers in shared memory after V: [0] Q full, [1+s] K full, [1+S+s] V full,
  * [1+2S+s] K empty, [1+3S+s] V empty. Full barriers: one arrival (the producer's expect_tx) plus the
  * TMA bytes; empty barriers: all 256 consumer threads. Tile t uses stage t % S in phase (t / S) & 1. */
-template <int D, int V>
+template <int D, int V, int S>
 __global__ void __launch_bounds__(kThreads, 1) attn_hopper_kernel(const __grid_constant__ HopParams p) {
-  typedef HopCfg<D> C;
-  constexpr int S = C::kStages;
+  typedef HopCfg<D, S> C;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t sQ = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const uint32_t sK = sQ + C::kSmemQ, sV = sK + S * C::kSmemKV, bars = sV + S * C::kSmemKV;
@@ -475,7 +479,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_hopper_kernel(const __grid_c
       mbar_expect_tx(barQ, p.q_bytes);
 #pragma unroll
       for (int db = 0; db < C::kDB; db++)
-        tma_load_3d(sQ + (uint32_t)db * C::kQBlk, &p.tq, barQ, db * 64, w.hk * p.G + w.g0, w.row0);
+        tma_load_3d(sQ + (uint32_t)db * kQBlk, &p.tq, barQ, db * 64, w.hk * p.G + w.g0, w.row0);
       for (int t = 0; t < w.ntiles; t++) {
         const int st = t % S;
         const uint32_t ph = (uint32_t)(t / S) & 1u;
@@ -484,13 +488,13 @@ __global__ void __launch_bounds__(kThreads, 1) attn_hopper_kernel(const __grid_c
         mbar_expect_tx(full_k(st), C::kSmemKV);
 #pragma unroll
         for (int db = 0; db < C::kDB; db++)
-          tma_load_3d(sK + (uint32_t)st * C::kSmemKV + (uint32_t)db * C::kKVBlk, &p.tk[x.seg], full_k(st), db * 64,
+          tma_load_3d(sK + (uint32_t)st * C::kSmemKV + (uint32_t)db * kKVBlk, &p.tk[x.seg], full_k(st), db * 64,
                       w.hk, x.ks);
         mbar_wait(empty_v(st), ph ^ 1u);
         mbar_expect_tx(full_v(st), C::kSmemKV);
 #pragma unroll
         for (int db = 0; db < C::kDB; db++)
-          tma_load_3d(sV + (uint32_t)st * C::kSmemKV + (uint32_t)db * C::kKVBlk, &p.tv[x.seg], full_v(st), db * 64,
+          tma_load_3d(sV + (uint32_t)st * C::kSmemKV + (uint32_t)db * kKVBlk, &p.tv[x.seg], full_v(st), db * 64,
                       w.hk, x.ks);
       }
     }
@@ -639,22 +643,29 @@ apb_status encode_map(EncodeTiledFn fn, CUtensorMap *m, const void *base, int D,
   return APB_OK;
 }
 
-template <int D, int V>
+template <int D, int V, int S>
 apb_status launch(const HopParams &hp, unsigned blocks, cudaStream_t stream, apb_error *err) {
   apb_status st = APB_OK;
-  APB_CU(cudaFuncSetAttribute(attn_hopper_kernel<D, V>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              (int)HopCfg<D>::kSmem));
-  attn_hopper_kernel<D, V><<<blocks, kThreads, HopCfg<D>::kSmem, stream>>>(hp);
+  APB_CU(cudaFuncSetAttribute(attn_hopper_kernel<D, V, S>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              (int)HopCfg<D, S>::kSmem));
+  attn_hopper_kernel<D, V, S><<<blocks, kThreads, HopCfg<D, S>::kSmem, stream>>>(hp);
   APB_CU_LAUNCH();
 done:
   return st;
 }
 
+/* Variants 1-3 with the base stage count (2 at D = 128, 4 at D = 64); 4 and 5 are 2 and 3 with one
+ * more stage (at D = 128 that fills the 227 KiB of shared memory). */
 template <int D>
 apb_status launch_variant(const HopParams &hp, unsigned blocks, int variant, cudaStream_t stream, apb_error *err) {
-  if (variant == 1) return launch<D, 1>(hp, blocks, stream, err);
-  if (variant == 2) return launch<D, 2>(hp, blocks, stream, err);
-  return launch<D, 3>(hp, blocks, stream, err);
+  constexpr int S = D == 64 ? 4 : 2;
+  switch (variant) {
+  case 1: return launch<D, 1, S>(hp, blocks, stream, err);
+  case 2: return launch<D, 2, S>(hp, blocks, stream, err);
+  case 3: return launch<D, 3, S>(hp, blocks, stream, err);
+  case 4: return launch<D, 2, S + 1>(hp, blocks, stream, err);
+  default: return launch<D, 3, S + 1>(hp, blocks, stream, err);
+  }
 }
 
 int aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
@@ -665,8 +676,8 @@ apb_status apb_cuda_attn_hopper(const apb_cuda_attn_args *x, float scale, int va
                                 apb_error *err) {
   apb_status st = APB_OK;
   *done = 0;
-  if (variant < 0 || variant > 3) return apb_error_set(err, APB_EINVAL, "cuda_attn hopper: variant %d", variant);
-  if (variant == 0) variant = kBestVariant;
+  if (variant < 0 || variant > 5) return apb_error_set(err, APB_EINVAL, "cuda_attn hopper: variant %d", variant);
+  if (variant == 0) variant = x->D == 64 ? kBestVariantD64 : kBestVariantD128;
   if (x->dtype != APB_DT_BF16 || (x->D != 64 && x->D != 128)) return APB_OK;
   /* int coordinates and offsets in the kernel; far beyond any shape that fits a GPU today. */
   const int64_t lim = INT_MAX / 2;

@@ -47,9 +47,9 @@ static const char help_text[] =
     "  --warmup N      untimed runs first (default 2)\n"
     "  --impl LIST     comma-separated kernels, timed in this order: simple, tc (the default TC variant),\n"
     "                  tc_w16 or tc_w32 (forced TC variants), hopper (the sm_90a kernel, its best\n"
-    "                  variant), hopper_v1 or hopper_v2 (its forced earlier versions); new means tc,hopper\n"
-    "                  and all every one of them (tc and hopper then duplicate one variant each, a noise\n"
-    "                  check) (default new)\n"
+    "                  variant), hopper_v1 .. hopper_v5 (its forced variants, docs/performance.md); new\n"
+    "                  means tc,hopper and all every one of them (tc and hopper then duplicate one\n"
+    "                  variant each, a noise check) (default new)\n"
     "  --simple-max N  skip the simple kernel on shapes with more than N rows: it is a correctness path,\n"
     "                  seconds per call at 16K (default 8192)\n"
     "  --apb-shape     also time the APB shape\n"
@@ -62,13 +62,11 @@ static const char help_text[] =
     "\n"
     "Exit status: 0 measured, 1 no CUDA in this build, no GPU, or a failed run, 2 usage error.\n";
 
-enum { IMPL_SIMPLE, IMPL_TC, IMPL_TC_W16, IMPL_TC_W32, IMPL_HOPPER, IMPL_HOPPER_V1, IMPL_HOPPER_V2, N_IMPL,
+/* Indexed by apb_cuda_attn_impl, then the two group names. */
+enum { IMPL_TC = APB_CUDA_ATTN_TC, IMPL_HOPPER = APB_CUDA_ATTN_HOPPER, N_IMPL = APB_CUDA_ATTN_HOPPER_V5 + 1,
        IMPL_NEW = N_IMPL, IMPL_ALL };
-static const char *const impl_names[] = {"simple", "tc",        "tc_w16",    "tc_w32", "hopper",
-                                         "hopper_v1", "hopper_v2", "new",      "all"};
-static const apb_cuda_attn_impl impl_values[] = {APB_CUDA_ATTN_SIMPLE, APB_CUDA_ATTN_TC,        APB_CUDA_ATTN_TC_W16,
-                                                 APB_CUDA_ATTN_TC_W32, APB_CUDA_ATTN_HOPPER,    APB_CUDA_ATTN_HOPPER_V1,
-                                                 APB_CUDA_ATTN_HOPPER_V2};
+static const char *const impl_names[] = {"simple",    "tc",        "tc_w16",    "tc_w32",    "hopper",    "hopper_v1",
+                                         "hopper_v2", "hopper_v3", "hopper_v4", "hopper_v5", "new",       "all"};
 
 #define MAX_TOKENS 16
 
@@ -346,13 +344,13 @@ int cmd_bench_gpu_attn(int argc, char **argv) {
     agree ag = {0};
     for (int ii = 0; ii < o.nimpl && st == APB_OK; ii++) {
       const int impl = o.impls[ii];
-      if (impl == IMPL_SIMPLE && s->A + s->B > o.simple_max) {
+      if (impl == APB_CUDA_ATTN_SIMPLE && s->A + s->B > o.simple_max) {
         printf("%-34s %-10s %10s %10s %9s  (skipped: more rows than --simple-max %lld)\n", label, "simple", "-",
                "-", "-", (long long)o.simple_max);
         continue;
       }
       float med = 0, best = 0;
-      st = time_impl(&x, impl_values[impl], &o, tm, ms, &med, &best, &err);
+      st = time_impl(&x, (apb_cuda_attn_impl)impl, &o, tm, ms, &med, &best, &err);
       if (st != APB_OK) break;
       const double tflops = flop / (med * 1e-3) / 1e12;
       printf("%-34s %-10s %10.3f %10.3f %9.1f\n", label, impl_names[impl], med, best, tflops);

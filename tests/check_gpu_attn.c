@@ -7,8 +7,8 @@
  *   - F32 storage, SIMPLE: o within apb_tolerance(APB_PREC_F32, k) of apb_attn_naive on the same fp32
  *     inputs, k the keys of the longest row;
  *   - BF16 storage, SIMPLE, every TC variant (TC, TC_W16, TC_W32) and every Hopper variant (HOPPER,
- *     HOPPER_V1, HOPPER_V2: gpu/attn_hopper.cu for D 64 and 128 on compute capability 9.0, TC for
- *     the other D), on bf16-rounded inputs: o within apb_tolerance(APB_PREC_BF16, k) of
+ *     HOPPER_V1 to _V5: gpu/attn_hopper.cu for D 64 and 128 on compute capability 9.0, TC for the
+ *     other D), on bf16-rounded inputs: o within apb_tolerance(APB_PREC_BF16, k) of
  *     apb_attn_naive on those rounded inputs, and its relative Frobenius error at most twice that of
  *     the CPU bf16 emulation below;
  *   - LSE (fp32 in every path) within apb_tolerance(APB_PREC_F32, D + k): the dot product (D terms)
@@ -26,7 +26,8 @@
  *
  * Needs a GPU: exits 77 (SKIP) before Check starts when apb_cuda_device_count fails, and runs with
  * CK_FORK=no so that no forked child inherits CUDA state. APB_GPU_SMALL=1 keeps a few small cases (for
- * compute-sanitizer). Every case prints its error figures to stderr.
+ * compute-sanitizer); APB_GPU_IMPLS=name,name,... keeps those BF16 impls. Every case prints its error
+ * figures to stderr.
  */
 #include "testutil.h"
 
@@ -83,10 +84,25 @@ enum { N_ALL = sizeof all_cases / sizeof all_cases[0] };
 static const gcase *run_cases[N_ALL];
 static int n_run_cases;
 
-static const apb_cuda_attn_impl bf16_impls[] = {APB_CUDA_ATTN_SIMPLE,    APB_CUDA_ATTN_TC,        APB_CUDA_ATTN_TC_W16,
-                                                APB_CUDA_ATTN_TC_W32,    APB_CUDA_ATTN_HOPPER_V1, APB_CUDA_ATTN_HOPPER_V2,
-                                                APB_CUDA_ATTN_HOPPER};
-static const char *const impl_names[] = {"simple", "tc", "tc_w16", "tc_w32", "hopper", "hopper_v1", "hopper_v2"};
+static const apb_cuda_attn_impl bf16_impls[] = {
+    APB_CUDA_ATTN_SIMPLE,    APB_CUDA_ATTN_TC,        APB_CUDA_ATTN_TC_W16,    APB_CUDA_ATTN_TC_W32,
+    APB_CUDA_ATTN_HOPPER_V1, APB_CUDA_ATTN_HOPPER_V2, APB_CUDA_ATTN_HOPPER_V3, APB_CUDA_ATTN_HOPPER_V4,
+    APB_CUDA_ATTN_HOPPER_V5, APB_CUDA_ATTN_HOPPER};
+enum { N_BF16_IMPLS = sizeof bf16_impls / sizeof bf16_impls[0] };
+static const char *const impl_names[] = {"simple",    "tc",        "tc_w16",    "tc_w32",    "hopper",
+                                         "hopper_v1", "hopper_v2", "hopper_v3", "hopper_v4", "hopper_v5"};
+
+/* The BF16 impls this run checks: all, or those APB_GPU_IMPLS names (comma-separated impl_names, e.g.
+ * for a compute-sanitizer run of one kernel). */
+static int impl_selected(apb_cuda_attn_impl impl) {
+  const char *sel = getenv("APB_GPU_IMPLS");
+  if (!sel || !*sel) return 1;
+  const char *name = impl_names[impl];
+  const size_t n = strlen(name);
+  for (const char *p = sel; (p = strstr(p, name)) != NULL; p += n)
+    if ((p == sel || p[-1] == ',') && (p[n] == 0 || p[n] == ',')) return 1;
+  return 0;
+}
 
 #define GUARD_BYTES 256
 #define GUARD_BYTE 0x5A
@@ -344,8 +360,9 @@ START_TEST(test_bf16) {
   const double e_emu = rel_fro(emu, ref, h.nq), e_rnd = rel_fro(rnd, ref, h.nq);
   dprob d;
   dprob_init(&d, &h, APB_DT_BF16);
-  for (size_t m = 0; m < sizeof bf16_impls / sizeof bf16_impls[0]; m++) {
+  for (size_t m = 0; m < N_BF16_IMPLS; m++) {
     const apb_cuda_attn_impl impl = bf16_impls[m];
+    if (!impl_selected(impl)) continue;
     run_gpu(c, &h, &d, APB_DT_BF16, impl, 1, o_raw, o, lse);
     char what[160];
     snprintf(what, sizeof what, "%s: bf16 %s o", c->name, impl_names[impl]);
@@ -401,7 +418,7 @@ START_TEST(test_validation) {
   ck_assert_int_eq(apb_cuda_attn(&y, APB_CUDA_ATTN_TC, NULL, &err), APB_EUNSUPPORTED);
   ck_assert_msg(strstr(err.msg, "SIMPLE") != NULL, "message '%s' does not point to SIMPLE", err.msg);
   ck_assert_int_eq(apb_cuda_attn(&y, APB_CUDA_ATTN_HOPPER, NULL, &err), APB_EUNSUPPORTED);
-  ck_assert_int_eq(apb_cuda_attn(&x, (apb_cuda_attn_impl)9, NULL, &err), APB_EINVAL);
+  ck_assert_int_eq(apb_cuda_attn(&x, (apb_cuda_attn_impl)99, NULL, &err), APB_EINVAL);
   /* No rows: nothing to do, nothing launched, whatever the pointers. */
   y = x, y.B = 0, y.q = NULL, y.o = NULL, y.kb = NULL, y.vb = NULL;
   ck_assert_int_eq(apb_cuda_attn(&y, APB_CUDA_ATTN_TC, NULL, &err), APB_OK);

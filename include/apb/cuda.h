@@ -56,10 +56,14 @@ typedef enum apb_cuda_attn_impl {
   APB_CUDA_ATTN_TC_W16 = 2, /* TC forcing 16 rows per warp (64 per CTA); for tests and benchmarks */
   APB_CUDA_ATTN_TC_W32 = 3, /* TC forcing 32 rows per warp (128 per CTA; D <= 128, else as W16) */
   APB_CUDA_ATTN_HOPPER = 4, /* sm_90a kernel (gpu/attn_hopper.cu: wgmma, TMA, warp specialization), BF16
-                             * only, D 64 and 128; best variant. Other D, a GPU other than compute
-                             * capability 9.0, or pointers not 16-byte aligned run TC instead */
+                             * only, D 64 and 128; best variant (V2 at D 128, V3 at D 64). Other D, a
+                             * GPU other than compute capability 9.0, or pointers not 16-byte aligned
+                             * run TC instead */
   APB_CUDA_ATTN_HOPPER_V1 = 5, /* HOPPER forcing its first version (S, softmax, P V in turn); tests, benchmarks */
-  APB_CUDA_ATTN_HOPPER_V2 = 6  /* HOPPER forcing softmax/P V overlap without warpgroup ping-pong; likewise */
+  APB_CUDA_ATTN_HOPPER_V2 = 6, /* HOPPER forcing softmax/P V overlap without warpgroup ping-pong; likewise */
+  APB_CUDA_ATTN_HOPPER_V3 = 7, /* HOPPER forcing overlap plus ping-pong of the two consumer warpgroups */
+  APB_CUDA_ATTN_HOPPER_V4 = 8, /* HOPPER_V2 with one more K/V pipeline stage */
+  APB_CUDA_ATTN_HOPPER_V5 = 9  /* HOPPER_V3 with one more K/V pipeline stage */
 } apb_cuda_attn_impl;
 
 /* Enqueue the attention on `stream` (a cudaStream_t; NULL is the default stream) and return without
