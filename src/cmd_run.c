@@ -7,16 +7,20 @@
  * table on stdout (or JSON with --json); progress on stderr when it is a terminal; --dump writes the
  * final hidden states, the logits of the last query token and the generated tokens. Not here: the
  * schedules themselves (sched/), or any printing inside the library. Tested by tests/check_sched.c
- * (end to end, including mpirun) and tests/check_cli.c.
+ * (end to end, including mpirun) and tests/check_cli.c; the GPU paths (--gpus, and a CUDA backend
+ * under mpirun, both through NCCL) by tests/check_gpu_nccl.c.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "apb/backend.h"
+#include "apb/cuda.h"
 #include "apb/model.h"
+#include "apb/nccl.h"
 #include "apb/safetensors.h"
 #include "apb/sched.h"
 #include "apb/sim.h"
@@ -32,7 +36,7 @@ static void help(void) {
       "               [--method LIST] [--hosts H] [--anchor A] [--passing P] [--query-offset S]\n"
       "               [--embed-query 0|1] [--scorer retaining|random|uniform] [--pool W]\n"
       "               [--max-new-tokens N] [--backend naive|fast|cuda-bf16|cuda-f32] [--threads N]\n"
-      "               [--concurrent] [--dump FILE] [--dump-layers] [--json] [--quiet]\n\n"
+      "               [--concurrent | --gpus N] [--dump FILE] [--dump-layers] [--json] [--quiet]\n\n"
       "Runs a prefill of the document with each method on H hosts, then the query and greedy decode\n"
       "(shared/APB.md 3-5), and prints a table against dense.\n\n"
       "Model:\n"
@@ -64,6 +68,9 @@ static void help(void) {
       "  --threads N         OpenMP threads (default: OMP_NUM_THREADS or every core)\n"
       "  --concurrent        simulated hosts run at once (default: one at a time, each using every\n"
       "                      thread, so per-host compute time is exact)\n"
+      "  --gpus N            the hosts on N GPUs of this machine (devices 0..N-1), one thread each,\n"
+      "                      through NCCL (docs/nccl.md); backend cuda-bf16 unless --backend cuda-f32;\n"
+      "                      --hosts defaults to N\n"
       "Output:\n"
       "  --dump FILE         safetensors: hidden [n, E] (final, after the norm, document order),\n"
       "                      logits [V] of the last query token, generated [N] (I32), positions;\n"
@@ -71,7 +78,9 @@ static void help(void) {
       "  --dump-layers       with --dump: layer{l}.host{h}.out [T_h, E] and .selected [Hkv, k]\n"
       "  --json              a JSON summary on stdout instead of the table\n"
       "  --quiet             no progress on stderr\n\n"
-      "Under mpirun (mpirun -np H apb run ...) each process is one host and rank 0 prints and dumps.\n");
+      "Under mpirun (mpirun -np H apb run ...) each process is one host and rank 0 prints and dumps;\n"
+      "with --backend cuda-bf16|cuda-f32 each process takes the GPU of its local rank and the hosts\n"
+      "talk through NCCL.\n");
 }
 
 typedef struct run_cfg {
@@ -83,6 +92,7 @@ typedef struct run_cfg {
   int n_methods;
   apb_run_opts o;
   int threads, concurrent, dump_layers, json, quiet, hosts_given;
+  int gpus;           /* --gpus N: hosts on N GPUs through NCCL (0: simulated hosts) */
 } run_cfg;
 
 /* ---------------------------------------------------------------- inputs */
@@ -282,6 +292,60 @@ static int collect(const run_cfg *c, const apb_model *m, const apb_plan *plan, a
   return CLI_OK;
 }
 
+/* ---------------------------------------------------------------- GPUs through NCCL
+ * --gpus N: the plan's hosts on devices 0..H-1 of this process (apb_nccl_execute). Its rank threads
+ * call the hook at once, so the hook runs under a lock. Under mpirun with a CUDA backend, run_mpi
+ * takes the GPU of the local rank and the MPI-bootstrapped NCCL communicator (apb_comm_nccl_mpi). */
+
+typedef struct locked_hook {
+  apb_hook_fn fn;
+  void *user;
+  pthread_mutex_t mu;
+} locked_hook;
+
+static void locked_hook_fn(void *user, const apb_hook_info *in) {
+  locked_hook *lh = user;
+  pthread_mutex_lock(&lh->mu);
+  lh->fn(lh->user, in);
+  pthread_mutex_unlock(&lh->mu);
+}
+
+static apb_status run_nccl(const apb_sim_opts *so, const apb_plan *plan, const apb_model *m, const int32_t *doc,
+                           const int32_t *query, apb_host_result *res, apb_error *err) {
+  locked_hook lh = {so->hook, so->hook_user, PTHREAD_MUTEX_INITIALIZER};
+  apb_nccl_opts no = {.backend = so->backend, .hook = so->hook ? locked_hook_fn : NULL, .hook_user = &lh,
+                      .want_hidden = so->want_hidden, .profile = so->profile};
+  apb_status st = apb_nccl_execute(plan, m, &no, doc, query, res, NULL, err);
+  pthread_mutex_destroy(&lh.mu);
+  return st;
+}
+
+/* The device of this process under mpirun: its local rank (as the launcher says) modulo the devices
+ * it can see, so that one GPU per process also works when the launcher hides the others. */
+static int mpi_local_device(void) {
+  const char *vars[] = {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID",
+                        "PMI_LOCAL_RANK"};
+  int local = 0, nd = 0;
+  for (size_t i = 0; i < sizeof vars / sizeof *vars; i++) {
+    const char *v = getenv(vars[i]);
+    if (v && *v) {
+      local = atoi(v);
+      break;
+    }
+  }
+  apb_error e = {0};
+  if (apb_cuda_device_count(&nd, &e) == APB_OK && nd > 0) local %= nd;
+  return local < 0 ? 0 : local;
+}
+
+/* A rank that cannot join the NCCL communicator ends the job, so that the others do not wait for it
+ * until their timeout. */
+static void mpi_end_job(const char *why) {
+  apb_comm *hc = NULL;
+  apb_error e = {0};
+  if (apb_comm_mpi(NULL, &hc, &e) == APB_OK) hc->ops->abort(hc, why);
+}
+
 static int run_sim(const run_cfg *c, const apb_model *m, apb_method meth, const int32_t *doc, int64_t n,
                    const int32_t *query, method_result *mr, dump_list *dl) {
   apb_error err = {0};
@@ -302,7 +366,10 @@ static int run_sim(const run_cfg *c, const apb_model *m, apb_method meth, const 
   apb_sim_opts so = {.backend = c->backend, .cpu = {.threads = c->threads}, .concurrent = c->concurrent,
                      .hook = (hs.progress || dl) ? hook_fn : NULL, .hook_user = &hs, .want_hidden = c->dump != NULL};
   double t0 = cli_now();
-  st = apb_sim_execute(plan, m, &so, doc, query, res, NULL, &err);
+  if (c->gpus)
+    st = run_nccl(&so, plan, m, doc, query, res, &err);
+  else
+    st = apb_sim_execute(plan, m, &so, doc, query, res, NULL, &err);
   double wall = cli_now() - t0;
   if (hs.progress) fprintf(stderr, "\r%40s\r", "");
   int rc = st ? cli_report(CMD, st, &err) : CLI_OK;
@@ -326,11 +393,16 @@ static int run_mpi(const run_cfg *c, const apb_model *m, apb_method meth, const 
   apb_bmodel *bm = NULL;
   apb_plan *plan = malloc(sizeof *plan);
   apb_host_result res = {0};
+  apb_comm *hc = NULL; /* host-memory collectives for the figures below: comm, or MPI beside NCCL */
   int rc = CLI_OK;
-  apb_status st = apb_backend_create(c->backend ? c->backend : "fast", 0, &(apb_cpu_opts){.threads = c->threads}, &be, &err);
-  if (!st) st = apb_comm_mpi(be, &comm, &err);
+  int cuda = c->backend && strncmp(c->backend, "cuda", 4) == 0;
+  apb_status st = apb_backend_create(c->backend ? c->backend : "fast", cuda ? mpi_local_device() : 0,
+                                     &(apb_cpu_opts){.threads = c->threads}, &be, &err);
+  if (!st) st = cuda ? apb_comm_nccl_mpi(be, &comm, &err) : apb_comm_mpi(be, &comm, &err);
+  if (!st) st = cuda ? apb_comm_mpi(NULL, &hc, &err) : (hc = comm, APB_OK);
   if (st) {
     rc = cli_report(CMD, st, &err);
+    if (cuda) mpi_end_job(err.msg);
     goto done;
   }
   *is_root = comm->rank == 0;
@@ -359,6 +431,7 @@ static int run_mpi(const run_cfg *c, const apb_model *m, apb_method meth, const 
                      .want_hidden = c->dump != NULL};
   double t0 = cli_now();
   st = apb_host_run(&a, &res, &err);
+  if (!st) st = apb_nccl_sync(comm, &err); /* NCCL: every collective complete and sound */
   if (st) {
     rc = cli_report(CMD, st, &err);
     comm->ops->abort(comm, err.msg);
@@ -376,16 +449,16 @@ static int run_mpi(const run_cfg *c, const apb_model *m, apb_method meth, const 
     double mine[4] = {res.stats.prefill_s, res.stats.prefill_s + res.stats.query_s + res.stats.decode_s,
                       res.stats.attn_flops, (double)res.stats.bytes_sent};
     for (int r = 0; r < H; r++) b[r] = sizeof mine;
-    st = comm->ops->allgatherv(comm, mine, figs, b, &err);
+    st = hc->ops->allgatherv(hc, mine, figs, b, &err);
     if (!st && c->dump) {
       for (int r = 0; r < H; r++) b[r] = (size_t)(plan->block_start[r + 1] - plan->block_start[r]) * sizeof(int64_t);
       if (meth == APB_METHOD_ZIGZAG)
         for (int r = 0; r < H; r++)
           b[r] = (size_t)((plan->chunk_start[r + 1] - plan->chunk_start[r]) +
                           (plan->chunk_start[2 * H - r] - plan->chunk_start[2 * H - 1 - r])) * sizeof(int64_t);
-      st = comm->ops->allgatherv(comm, res.row_pos, pos, b, &err);
+      st = hc->ops->allgatherv(hc, res.row_pos, pos, b, &err);
       for (int r = 0; r < H; r++) b[r] = b[r] / sizeof(int64_t) * (size_t)E * sizeof(float);
-      if (!st) st = comm->ops->allgatherv(comm, res.hidden, hid, b, &err);
+      if (!st) st = hc->ops->allgatherv(hc, res.hidden, hid, b, &err);
     }
     if (st) rc = cli_report(CMD, st, &err);
   }
@@ -421,6 +494,7 @@ static int run_mpi(const run_cfg *c, const apb_model *m, apb_method meth, const 
 done:
   apb_host_result_free(&res);
   if (bm) apb_bmodel_destroy(be, bm);
+  if (hc && hc != comm) apb_comm_destroy(hc);
   if (comm) apb_comm_destroy(comm);
   if (be) apb_backend_destroy(be);
   free(plan);
@@ -517,7 +591,7 @@ int cmd_run(int argc, char **argv) {
   c.methods[3] = APB_METHOD_APB, c.n_methods = 4;
   enum { O_MODEL = 256, O_HEADS, O_PRESET, O_SEED, O_TOKENS, O_SYN, O_QLEN, O_METHOD, O_HOSTS, O_ANCHOR, O_PASSING,
          O_QOFF, O_EMBED, O_SCORER, O_POOL, O_NEW, O_FFNC, O_OVERLAP, O_BACKEND, O_THREADS, O_CONC, O_DUMP, O_DUMPL, O_JSON,
-         O_QUIET, O_HELP };
+         O_QUIET, O_GPUS, O_HELP };
   static const struct option opts[] = {
       {"model", required_argument, 0, O_MODEL}, {"heads", required_argument, 0, O_HEADS},
       {"preset", required_argument, 0, O_PRESET}, {"seed", required_argument, 0, O_SEED},
@@ -530,7 +604,8 @@ int cmd_run(int argc, char **argv) {
       {"ffn-chunk", required_argument, 0, O_FFNC}, {"overlap", required_argument, 0, O_OVERLAP}, {"backend", required_argument, 0, O_BACKEND},
       {"threads", required_argument, 0, O_THREADS}, {"concurrent", no_argument, 0, O_CONC},
       {"dump", required_argument, 0, O_DUMP}, {"dump-layers", no_argument, 0, O_DUMPL},
-      {"json", no_argument, 0, O_JSON}, {"quiet", no_argument, 0, O_QUIET}, {"help", no_argument, 0, O_HELP},
+      {"json", no_argument, 0, O_JSON}, {"quiet", no_argument, 0, O_QUIET}, {"gpus", required_argument, 0, O_GPUS},
+      {"help", no_argument, 0, O_HELP},
       {0, 0, 0, 0}};
   const int64_t BIG = (int64_t)1 << 40;
   int ch, preset_given = 0, syn_given = 0;
@@ -589,6 +664,7 @@ int cmd_run(int argc, char **argv) {
     case O_DUMPL: c.dump_layers = 1; break;
     case O_JSON: c.json = 1; break;
     case O_QUIET: c.quiet = 1; break;
+    case O_GPUS: rc = cli_parse_int(CMD, "--gpus", optarg, 1, APB_MAX_HOSTS, &c.gpus); break;
     case O_HELP: help(); return CLI_OK;
     default: return CLI_USAGE;
     }
@@ -600,6 +676,19 @@ int cmd_run(int argc, char **argv) {
   if (c.tokens_path && syn_given) return cli_usage(CMD, "--tokens and --synthetic are exclusive; give one");
   if (c.dump_layers && !c.dump) return cli_usage(CMD, "--dump-layers needs --dump FILE");
   if (c.dump && c.n_methods != 1) return cli_usage(CMD, "--dump writes one run: give exactly one --method");
+  if (c.gpus) {
+    if (!c.backend) c.backend = "cuda-bf16";
+    if (strncmp(c.backend, "cuda", 4) != 0)
+      return cli_usage(CMD, "--gpus runs on the CUDA backend: --backend cuda-bf16 or cuda-f32, not '%s'", c.backend);
+    if (c.hosts_given && c.o.hosts != c.gpus)
+      return cli_usage(CMD, "--hosts %d with --gpus %d: each host is one GPU", c.o.hosts, c.gpus);
+    if (c.concurrent) return cli_usage(CMD, "--concurrent is for simulated hosts; --gpus hosts always run at once");
+    if (apb_mpi_detect())
+      return cli_usage(CMD, "--gpus is for one process; under mpirun each rank is one GPU (drop --gpus and give "
+                            "--backend cuda-bf16 or cuda-f32)");
+    c.o.hosts = c.gpus;
+    setenv("NCCL_NVLS_ENABLE", "0", 0); /* NVLink multicast stays off on shared machines (docs/nccl.md) */
+  }
   cli_set_threads(c.threads);
 
   apb_error err = {0};
@@ -640,6 +729,7 @@ int cmd_run(int argc, char **argv) {
   memset(mr, 0, sizeof mr);
   dump_list dl = {0};
   int mpi = apb_mpi_detect(), root = 1, done = 0;
+  if (mpi && c.backend && strncmp(c.backend, "cuda", 4) == 0) setenv("NCCL_NVLS_ENABLE", "0", 0);
   for (int i = 0; !rc && i < c.n_methods; i++) {
     if (mpi)
       rc = run_mpi(&c, m, c.methods[i], doc, n, query, &mr[i], &root);
