@@ -74,8 +74,9 @@ apb_status cu_scratch(cu_be *c, size_t bytes, const char *op, void **p, apb_erro
   if (e != cudaSuccess) {
     *p = NULL;
     cudaGetLastError();
-    return apb_error_set(err, APB_ENOMEM, "%s: cannot allocate %zu bytes of device scratch on device %d: %s", op,
-                         bytes, c->dev, cudaGetErrorString(e));
+    return apb_error_set(err, e == cudaErrorMemoryAllocation ? APB_ENOMEM : APB_EDEVICE,
+                         "%s: cannot allocate %zu bytes of device scratch on device %d: %s (%s)", op, bytes, c->dev,
+                         cudaGetErrorString(e), cudaGetErrorName(e));
   }
   count_add(c, bytes);
   return st;
@@ -146,8 +147,9 @@ static apb_status cu_alloc(apb_backend *be, size_t bytes, void **p, apb_error *e
   if (e != cudaSuccess) {
     *p = NULL;
     cudaGetLastError();
-    return apb_error_set(err, APB_ENOMEM, "alloc: cannot allocate %zu bytes on device %d: %s", bytes, c->dev,
-                         cudaGetErrorString(e));
+    return apb_error_set(err, e == cudaErrorMemoryAllocation ? APB_ENOMEM : APB_EDEVICE,
+                         "alloc: cannot allocate %zu bytes on device %d: %s (%s)", bytes, c->dev, cudaGetErrorString(e),
+                         cudaGetErrorName(e));
   }
   try {
     std::lock_guard<std::mutex> g(c->mu);
@@ -359,8 +361,9 @@ apb_status cu_weight_new(cu_be *c, int64_t N, int64_t K, int has_bias, apb_bweig
     cudaGetLastError();
     if (bw->w) cudaFree(bw->w);
     free(bw);
-    return apb_error_set(err, APB_ENOMEM, "%s: cannot allocate %zu bytes on device %d for [%lld, %lld]: %s", op,
-                         wb + bb, c->dev, (long long)N, (long long)K, cudaGetErrorString(e));
+    return apb_error_set(err, e == cudaErrorMemoryAllocation ? APB_ENOMEM : APB_EDEVICE,
+                         "%s: cannot allocate %zu bytes on device %d for [%lld, %lld]: %s (%s)", op, wb + bb, c->dev,
+                         (long long)N, (long long)K, cudaGetErrorString(e), cudaGetErrorName(e));
   }
   bw->bytes = wb + bb;
   count_add(c, bw->bytes);
