@@ -21,7 +21,7 @@
  *     mode the GEMM writes y and an epilogue kernel adds the bias in place; in BF16 mode the GEMM
  *     writes fp32 row chunks to scratch and the epilogue adds the bias and rounds to bf16 into y;
  *   - attn: apb_cuda_attn on the instance's stream with the instance's kernel choice: environment
- *     variable APB_CUDA_ATTN = simple | tc | tc_w16 | tc_w32 | hopper | hopper_v1 | hopper_v2 at
+ *     variable APB_CUDA_ATTN = simple | tc | tc_w16 | tc_w32 | hopper | hopper_v1 .. hopper_v5 at
  *     creation, or apb_backend_cuda_set_attn; default tc for BF16, simple for F32 (the tensor-core
  *     kernels need bf16 storage).
  * The other ops are in gpu/ops.cu and gpu/select.cu; the shared declarations in gpu/cuda_int.h.
@@ -571,7 +571,8 @@ static const struct {
     {"simple", APB_CUDA_ATTN_SIMPLE},       {"tc", APB_CUDA_ATTN_TC},
     {"tc_w16", APB_CUDA_ATTN_TC_W16},       {"tc_w32", APB_CUDA_ATTN_TC_W32},
     {"hopper", APB_CUDA_ATTN_HOPPER},       {"hopper_v1", APB_CUDA_ATTN_HOPPER_V1},
-    {"hopper_v2", APB_CUDA_ATTN_HOPPER_V2},
+    {"hopper_v2", APB_CUDA_ATTN_HOPPER_V2}, {"hopper_v3", APB_CUDA_ATTN_HOPPER_V3},
+    {"hopper_v4", APB_CUDA_ATTN_HOPPER_V4}, {"hopper_v5", APB_CUDA_ATTN_HOPPER_V5},
 };
 #define N_ATTN_NAMES (sizeof attn_names / sizeof attn_names[0])
 
@@ -585,7 +586,7 @@ static apb_status attn_from_env(apb_dtype act, apb_cuda_attn_impl *impl, apb_err
   if (i == N_ATTN_NAMES)
     return apb_error_set(err, APB_EINVAL,
                          "backend cuda: APB_CUDA_ATTN=%s is not one of simple, tc, tc_w16, tc_w32, hopper, "
-                         "hopper_v1, hopper_v2", s);
+                         "hopper_v1 .. hopper_v5", s);
   *impl = attn_names[i].impl;
   if (*impl != APB_CUDA_ATTN_SIMPLE && act != APB_DT_BF16)
     return apb_error_set(err, APB_EINVAL,

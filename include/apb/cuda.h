@@ -116,8 +116,8 @@ void *apb_cuda_backend_stream(struct apb_backend *be);
 
 /* Choose the attention kernel of a CUDA backend instance (default: APB_CUDA_ATTN_TC for BF16 storage,
  * APB_CUDA_ATTN_SIMPLE for F32, or the environment variable APB_CUDA_ATTN = simple | tc | tc_w16 |
- * tc_w32 | hopper | hopper_v1 | hopper_v2 read when the instance is made). APB_EINVAL for another backend, an unknown impl, or a
- * tensor-core impl on an F32 instance. */
+ * tc_w32 | hopper | hopper_v1 .. hopper_v5 read when the instance is made). APB_EINVAL for another
+ * backend, an unknown impl, or a tensor-core impl on an F32 instance. */
 apb_status apb_backend_cuda_set_attn(apb_backend *be, apb_cuda_attn_impl impl, apb_error *err);
 
 /* apb_bmodel_generate for a CUDA instance (apb/backend.h says what it makes). APB_EINVAL when be is
