@@ -178,7 +178,7 @@ typedef struct nc_comm {
   int rank, size, dev;
   ncclComm_t nc;          /* NULL once aborted or destroyed */
   cudaStream_t cs;        /* compute stream: the backend instance's */
-  cudaStream_t xs;        /* communication stream of the i-variants (ours) */
+  cudaStream_t xs;        /* communication stream of the i-variants (ours, highest priority) */
   nc_group *g;            /* in-process group; NULL under MPI */
   apb_comm *boot;         /* MPI communicator of the bootstrap (MPI_Abort on abort); NULL in a group */
   double timeout_s;
@@ -972,8 +972,11 @@ static apb_status comm_alloc(int rank, int size, apb_backend *be, double timeout
   pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
   pthread_cond_init(&x->wd_cv, &ca);
   pthread_condattr_destroy(&ca);
-  int prev = dev_enter(dev);
-  CUCK(rank, dev, cudaStreamCreateWithFlags(&x->xs, cudaStreamNonBlocking));
+  int prev = dev_enter(dev), least = 0, greatest = 0;
+  /* the communication stream gets the highest priority, so that a transfer starts as soon as its
+   * input is ready instead of queueing behind the compute it is meant to overlap */
+  CUCK(rank, dev, cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  CUCK(rank, dev, cudaStreamCreateWithPriority(&x->xs, cudaStreamNonBlocking, greatest));
   CUCK(rank, dev, cudaMalloc((void **)&x->scratch, sizeof(int)));
   CUCK(rank, dev, cudaMemset(x->scratch, 0, sizeof(int)));
   if (check) {
