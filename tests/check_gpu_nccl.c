@@ -31,7 +31,9 @@
  *     to the CPU is reported, not bounded. Every rank's calls and bytes per collective equal the
  *     simulator's, every rank holds the same logits and tokens, and the tokens are printed;
  *   - the program: `apb run --gpus H` (fp32, with --dump) against the same run under mpirun with a
- *     CUDA backend (when built with MPI), and the preset generated on each device.
+ *     CUDA backend (when built with MPI), and the preset generated on each device. The tests that
+ *     start the program run first, before this process makes any CUDA context, so that the children
+ *     get the GPUs even in an exclusive compute mode.
  *
  * Exits 77 (SKIP) before Check forks anything when the library has no NCCL or fewer than two GPUs are
  * present; runs with CK_FORK=no (no CUDA state may cross a fork), so Check cannot time a test out:
@@ -1012,7 +1014,13 @@ int main(void) {
   pthread_detach(dl);
 
   Suite *s = suite_create("gpu_nccl");
-  TCase *tc = tu_tcase("collectives", 600);
+  /* first, while this process holds no CUDA context yet: the child processes then get the GPUs even
+   * when they are in an exclusive compute mode */
+  TCase *tc = tu_tcase("program", 1200);
+  tcase_add_loop_test(tc, test_run_fault, 0, 2 * n_Hs);
+  tcase_add_test(tc, test_run_program);
+  suite_add_tcase(s, tc);
+  tc = tu_tcase("collectives", 600);
   tcase_add_loop_test(tc, test_allgatherv, 0, 5 * n_Hs);
   tcase_add_loop_test(tc, test_sendrecv, 0, 2 * n_Hs);
   tcase_add_loop_test(tc, test_alltoallv, 0, n_Hs);
@@ -1022,12 +1030,10 @@ int main(void) {
   suite_add_tcase(s, tc);
   tc = tu_tcase("failures", 600);
   tcase_add_loop_test(tc, test_failures, 0, 4 * n_Hs);
-  tcase_add_loop_test(tc, test_run_fault, 0, 2 * n_Hs);
   suite_add_tcase(s, tc);
   tc = tu_tcase("end_to_end", 3600);
   tcase_add_loop_test(tc, test_methods_vs_cpu, 0, N_METHODS * n_Hs);
   tcase_add_loop_test(tc, test_preset_on_device, 0, n_Hs);
-  tcase_add_test(tc, test_run_program);
   suite_add_tcase(s, tc);
   int rc = tu_run(s, "check_gpu_nccl");
   apb_model_free(tiny);
