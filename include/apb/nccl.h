@@ -89,7 +89,7 @@ apb_status apb_nccl_sync(apb_comm *c, apb_error *err);
  * Test-only fault injection (docs/nccl.md): with APB_FAULT_RANK=r in the environment (and
  * APB_FAULT_LAYER=l, default 0), rank r fails with APB_EINVAL ("injected fault") at its first
  * collective once its prefill has reached layer l; methods without collectives inside their layers
- * (dense, star) fail at the first collective of the query phase. */
+ * (dense, star) fail at the first collective of the query phase; a run without rank r is unharmed. */
 typedef struct apb_nccl_opts {
   const char *backend;      /* "cuda-bf16" (NULL: this) or "cuda-f32" (fp32 storage, TF32 off) */
   const int *devices;       /* [H]: device of rank r; NULL: rank r on device r */
