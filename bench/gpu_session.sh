@@ -6,12 +6,16 @@
 # it: the GPU machines have no libtool) and .gpudeps/*.deb (Check and jansson, which the GPU machines
 # lack). Packages are unpacked under /tmp, never into /.
 #
-#   bash bench/gpu_session.sh [STAGE ...]      stages: build check gpucheck bench-attn sanitize
+#   bash bench/gpu_session.sh [STAGE ...]      stages: build check gpucheck bench-attn sanitize prefill
+#                                              torch-prefill
 #   bash bench/gpu_session.sh pack             (here) source tarball into .gpudist when make dist fails
 #
 # Default stages: build gpucheck. Logs and results go to $OUT (or ./.out when OUT is unset).
 # bench-attn passes $BENCH_ATTN_ARGS (default: --impl all --apb-shape) to `apb bench gpu-attn` and
-# $TORCH_ATTN_ARGS (default: --apb-shape) to bench/gpu_attn_torch.py.
+# $TORCH_ATTN_ARGS (default: --apb-shape) to bench/gpu_attn_torch.py. prefill passes $PREFILL_ARGS
+# (default: --tokens 131072 --gpus <all visible>) to `apb bench prefill`. torch-prefill runs the PyTorch
+# peer (shared/bench/torch_prefill.py, carried in .gpupeer/, an ignored folder) on every visible GPU
+# with $TORCH_PREFILL_ARGS (default: --tokens 131072).
 set -u
 OUT=${OUT:-$PWD/.out}
 mkdir -p "$OUT"
@@ -93,8 +97,17 @@ for st in "${stages[@]}"; do
     fi
     (cd $bld && "${bench[@]}" ${BENCH_ATTN_ARGS:---impl all --apb-shape} --json "$OUT/gpu_attn.json" 2>&1 | tee "$OUT/gpu_attn.txt")
     python3 "$src/bench/gpu_attn_torch.py" ${TORCH_ATTN_ARGS:---apb-shape} --json "$OUT/gpu_attn_torch.json" 2>&1 | tee "$OUT/gpu_attn_torch.txt" ;;
+  prefill)
+    ng=$(nvidia-smi -L | wc -l)
+    (cd $bld && ./apb bench prefill ${PREFILL_ARGS:---tokens 131072 --gpus $ng} --json "$OUT/prefill.json" 2>&1 \
+       | tee "$OUT/prefill.txt") ;;
+  torch-prefill)
+    ng=$(nvidia-smi -L | wc -l)
+    [ -f "$root/.gpupeer/torch_prefill.py" ] || { log "no .gpupeer/torch_prefill.py carried"; rc_all=1; continue; }
+    (cd /tmp && timeout 580 torchrun --standalone --nproc_per_node=$ng "$root/.gpupeer/torch_prefill.py" \
+       ${TORCH_PREFILL_ARGS:---tokens 131072} 2>&1 | grep -v Warning | tee "$OUT/torch_prefill.txt") ;;
   sanitize)
-    for t in tests/check_gpu_attn; do
+    for t in tests/check_gpu_attn tests/check_gpu_agree; do
       [ -e "$bld/$t" ] || continue
       san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
       for tool in memcheck racecheck initcheck; do

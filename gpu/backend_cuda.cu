@@ -22,7 +22,8 @@
  *     writes fp32 row chunks to scratch and the epilogue adds the bias and rounds to bf16 into y;
  *   - attn: apb_cuda_attn on the instance's stream with the instance's kernel choice: environment
  *     variable APB_CUDA_ATTN = simple | tc | tc_w16 | tc_w32 | hopper | hopper_v1 .. hopper_v5 at
- *     creation, or apb_backend_cuda_set_attn; default tc for BF16, simple for F32 (the tensor-core
+ *     creation, or apb_backend_cuda_set_attn; default hopper for BF16 (TC where the Hopper kernel
+ *     does not apply), simple for F32 (the tensor-core
  *     kernels need bf16 storage).
  * The other ops are in gpu/ops.cu and gpu/select.cu; the shared declarations in gpu/cuda_int.h.
  *
@@ -37,6 +38,7 @@
 #include <limits.h>
 #include <math.h>
 #include <new>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -579,7 +581,8 @@ static const struct {
 /* APB_CUDA_ATTN: NULL or empty gives the default for act; an unknown name is APB_EINVAL. */
 static apb_status attn_from_env(apb_dtype act, apb_cuda_attn_impl *impl, apb_error *err) {
   const char *s = getenv("APB_CUDA_ATTN");
-  *impl = act == APB_DT_BF16 ? APB_CUDA_ATTN_TC : APB_CUDA_ATTN_SIMPLE;
+  /* bf16: the Hopper kernel (it hands shapes it does not take, and non-Hopper GPUs, to TC) */
+  *impl = act == APB_DT_BF16 ? APB_CUDA_ATTN_HOPPER : APB_CUDA_ATTN_SIMPLE;
   if (!s || !*s) return APB_OK;
   size_t i = 0;
   while (i < N_ATTN_NAMES && strcmp(s, attn_names[i].name) != 0) i++;

@@ -107,6 +107,7 @@ double cli_time_sgemm(int g, int reps, uint64_t seed);
 /* bench targets in src/bench_run.c */
 int bench_forward(int argc, char **argv);
 int bench_sim(int argc, char **argv);
+int bench_prefill(int argc, char **argv); /* src/bench_prefill.c */
 
 /* "[3,4,5]" ("[]" for a scalar) into buf [cap]. */
 void cli_format_shape(char *buf, size_t cap, int ndim, const int64_t *shape);

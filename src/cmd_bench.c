@@ -204,6 +204,7 @@ static const cli_command targets[] = {
     {"attn", "causal dense attention (apb_attn_fast) against OpenBLAS sgemm", bench_attn},
     {"gpu-attn", "CUDA attention kernels (dense and the APB shape), TFLOP/s", cmd_bench_gpu_attn},
     {"forward", "a model's dense prefill: tokens/s and the linear layers' rate against sgemm", bench_forward},
+    {"prefill", "multi-GPU prefill per method (NCCL, random bf16 weights made on the GPUs)", bench_prefill},
     {"sim", "simulated hosts: the slowest host's compute time against its FLOPs at the sgemm rate", bench_sim},
 };
 static const int n_targets = (int)(sizeof targets / sizeof targets[0]);

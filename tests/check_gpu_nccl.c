@@ -916,7 +916,8 @@ START_TEST(test_methods_vs_cpu) {
       ck_assert_msg(gpu.gen[t] == one.gen[t], "%s: token %lld is %d with NCCL, %d with simulated hosts on one GPU",
                     what, (long long)t, gpu.gen[t], one.gen[t]);
     assert_same_counts(what, &gpu, &one);
-    assert_same_counts(what, &gpu, &cpu[0]);
+    /* bytes depend on the storage dtype: only the fp32 mode moves what the (fp32) CPU run moves */
+    if (k == 0) assert_same_counts(what, &gpu, &cpu[0]);
     /* 2: the numbers against the CPU */
     char sel_at[64] = "";
     int differ = sel_differ(&gcap, &ccap[k], sel_at, sizeof sel_at);

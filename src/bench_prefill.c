@@ -1,0 +1,217 @@
+/* src/bench_prefill.c: `apb bench prefill`, the multi-GPU prefill benchmark (shared/APB.md 5; the
+ * paper's Table 14 setting on the GPUs we have).
+ *
+ * For each document length, GPU count and method: the llama3-8b-shape preset (or another) with random
+ * bf16 weights generated on every GPU, one rank per GPU (apb_nccl_execute), the prefill of the
+ * document and a short query; reported per run: the prefill time (the slowest rank's), tokens/s, peak
+ * device memory per GPU, the cost model's prediction from the rates measured in the same run, and,
+ * from a second, profiled run, the per-layer breakdown (q/k/v projection, scorer, communication,
+ * attention, o projection, FFN, other) of the slowest rank. The profiled run synchronises around every
+ * stage (which removes any overlap of communication with compute), so its total is not the reported
+ * time. JSON with --json FILE, and beside it FILE.tsv (method, gpus, tokens, prefill seconds, dense
+ * seconds at that length or 0) from which bench/plot_prefill.gp draws the docs/ plots.
+ * Dense always runs on one GPU. Not a test: numbers only; without NCCL or GPUs it says so and fails.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+
+#define CMD "bench prefill"
+#define MAXN 16
+
+static const char help_text[] =
+    "Usage: apb bench prefill [--tokens LIST] [--gpus LIST] [--method LIST] [--preset NAME]\n"
+    "                         [--query-len Q] [--profile 0|1] [--json FILE]\n\n"
+    "Prefill time per method on 1..N GPUs (one rank per GPU, NCCL), random bf16 weights made on the\n"
+    "GPUs. Defaults: --tokens 131072, --gpus 4, --method dense,ring,zigzag,ulysses,star,apb,\n"
+    "--preset llama3-8b-shape, --query-len 64,\n"
+    "--profile 1 (a second run per case for the per-stage breakdown). apb and star use the lengths of\n"
+    "shared/APB.md 2 (apb: l_a = min(l_b/4, 8192), l_p = l_a/2; star: l_a = l_b). Dense uses one GPU.\n";
+
+typedef struct row {
+  const char *method;
+  int gpus;
+  int64_t tokens;
+  double prefill_s, tok_s, pred_s, peak_gib;
+  double stage_s[APB_STAGE_COUNT];
+  int64_t bytes;
+  int ok;
+} row;
+
+static int run_case(const apb_model_config *cfg, int I, apb_preset preset, apb_method m, int gpus, int64_t n,
+                    int64_t q, int profile, row *out) {
+  apb_error err = {0};
+  apb_run_opts o;
+  apb_run_opts_default(&o);
+  o.method = m, o.hosts = m == APB_METHOD_DENSE ? 1 : gpus;
+  apb_plan *plan = malloc(sizeof *plan);
+  int32_t *doc = malloc(sizeof(int32_t) * (size_t)n), *query = malloc(sizeof(int32_t) * (size_t)q);
+  apb_host_result *res = calloc((size_t)gpus, sizeof *res);
+  int rc = CLI_OK;
+  if (!plan || !doc || !query || !res) {
+    rc = cli_fail(CMD, "out of memory");
+    goto done;
+  }
+  apb_rng r;
+  apb_rng_seed(&r, 11);
+  for (int64_t i = 0; i < n; i++) doc[i] = (int32_t)apb_rng_below(&r, (uint64_t)cfg->vocab);
+  for (int64_t i = 0; i < q; i++) query[i] = (int32_t)apb_rng_below(&r, (uint64_t)cfg->vocab);
+  apb_status st = apb_plan_make(&o, n, q, cfg, I, plan, &err);
+  if (st) {
+    rc = cli_report(CMD, st, &err);
+    goto done;
+  }
+  for (int pass = 0; pass < 1 + (profile != 0); pass++) {
+    apb_nccl_opts no = {.backend = "cuda-bf16", .use_preset = 1, .preset = preset, .seed = 1, .profile = pass == 1};
+    st = apb_nccl_execute(plan, NULL, &no, doc, query, res, NULL, &err);
+    if (st) {
+      rc = cli_report(CMD, st, &err);
+      goto done;
+    }
+    int worst = 0;
+    for (int k = 1; k < plan->H; k++)
+      if (res[k].stats.prefill_s > res[worst].stats.prefill_s) worst = k;
+    if (pass == 0) {
+      out->prefill_s = res[worst].stats.prefill_s;
+      out->tok_s = (double)n / out->prefill_s;
+      out->peak_gib = 0;
+      out->bytes = 0;
+      for (int k = 0; k < plan->H; k++) {
+        if ((double)res[k].stats.peak_bytes / 1073741824.0 > out->peak_gib)
+          out->peak_gib = (double)res[k].stats.peak_bytes / 1073741824.0;
+        out->bytes += res[k].stats.bytes_sent;
+      }
+    } else {
+      for (int s = 0; s < APB_STAGE_COUNT; s++) out->stage_s[s] = res[worst].stats.stage_s[s] / cfg->n_layers;
+    }
+    for (int k = 0; k < plan->H; k++) apb_host_result_free(&res[k]);
+  }
+  apb_hw hw;
+  apb_hw_default(&hw);
+  apb_cost *c = calloc((size_t)plan->H, sizeof *c);
+  if (c && apb_cost_plan(plan, cfg, I, 2, &hw, c, &err) == APB_OK) {
+    out->pred_s = 0;
+    for (int k = 0; k < plan->H; k++)
+      if (c[k].t_total > out->pred_s) out->pred_s = c[k].t_total;
+  }
+  free(c);
+  out->method = apb_method_name(m);
+  out->gpus = plan->H;
+  out->tokens = n;
+  out->ok = 1;
+done:
+  free(plan), free(doc), free(query), free(res);
+  return rc;
+}
+
+int bench_prefill(int argc, char **argv) {
+  int64_t tokens[MAXN] = {131072}, gpus_l[MAXN] = {4};
+  int nt = 1, ng = 1, nm = 0, profile = 1;
+  int64_t q = 64;
+  apb_method ms[APB_METHOD_COUNT];
+  for (int i = 0; i < APB_METHOD_COUNT; i++) ms[nm++] = (apb_method)i;
+  apb_preset preset = APB_PRESET_LLAMA3_8B;
+  const char *json = NULL;
+  enum { O_TOK = 256, O_GPUS, O_METHOD, O_PRESET, O_Q, O_PROF, O_JSON };
+  static const struct option opts[] = {
+      {"tokens", required_argument, 0, O_TOK},     {"gpus", required_argument, 0, O_GPUS},
+      {"method", required_argument, 0, O_METHOD},  {"preset", required_argument, 0, O_PRESET},
+      {"query-len", required_argument, 0, O_Q},
+      {"profile", required_argument, 0, O_PROF},   {"json", required_argument, 0, O_JSON},
+      {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
+  int ch;
+  while ((ch = cli_getopt(CMD, argc, argv, opts)) != -1) {
+    int rc = 0;
+    switch (ch) {
+    case O_TOK: rc = cli_parse_i64_list(CMD, "--tokens", optarg, 16, (int64_t)1 << 24, tokens, MAXN, &nt); break;
+    case O_GPUS: rc = cli_parse_i64_list(CMD, "--gpus", optarg, 1, 64, gpus_l, MAXN, &ng); break;
+    case O_METHOD: {
+      nm = 0;
+      char *dup = strdup(optarg), *save = NULL;
+      for (char *t = strtok_r(dup, ",", &save); t && !rc; t = strtok_r(NULL, ",", &save)) {
+        if (nm == APB_METHOD_COUNT || apb_method_parse(t, &ms[nm]))
+          rc = cli_usage(CMD, "--method: '%s' is not one of dense, ring, zigzag, ulysses, star, apb", t);
+        else
+          nm++;
+      }
+      free(dup);
+      if (!rc && !nm) rc = cli_usage(CMD, "--method: empty list");
+      break;
+    }
+    case O_PRESET:
+      if (apb_preset_parse(optarg, &preset)) rc = cli_usage(CMD, "--preset: unknown preset '%s'", optarg);
+      break;
+    case O_Q: rc = cli_parse_i64(CMD, "--query-len", optarg, 1, 4096, &q); break;
+    case O_PROF: rc = cli_parse_int(CMD, "--profile", optarg, 0, 1, &profile); break;
+    case O_JSON: json = optarg; break;
+    case 'h': fputs(help_text, stdout); return CLI_OK;
+    default: return CLI_USAGE;
+    }
+    if (rc) return rc;
+  }
+  if (optind < argc) return cli_usage(CMD, "unexpected argument '%s'", argv[optind]);
+  if (!apb_nccl_built()) return cli_fail(CMD, "this apb was built without NCCL/CUDA: nothing to benchmark here");
+  apb_error err = {0};
+  int ndev = 0;
+  if (apb_cuda_device_count(&ndev, &err) != APB_OK) return cli_report(CMD, APB_ENODEVICE, &err);
+  apb_model_config cfg;
+  int I = 0;
+  apb_preset_config(preset, &cfg, &I);
+  FILE *jf = json ? fopen(json, "w") : NULL, *tf = NULL;
+  if (json && !jf) return cli_fail(CMD, "cannot write %s: %m", json);
+  if (json) {
+    char tsv[4096];
+    snprintf(tsv, sizeof tsv, "%s.tsv", json);
+    if (!(tf = fopen(tsv, "w"))) return fclose(jf), cli_fail(CMD, "cannot write %s: %m", tsv);
+    fprintf(tf, "# method\tgpus\ttokens\tprefill_s\tdense_s\n");
+  }
+  double dense_s = 0;
+  if (jf) fprintf(jf, "{\"preset\": \"%s\", \"layers\": %d, \"runs\": [", apb_preset_name(preset), cfg.n_layers);
+  printf("apb bench prefill: preset %s, %d layers, bf16, %d GPU(s) visible\n", apb_preset_name(preset), cfg.n_layers,
+         ndev);
+  printf("%-8s %4s %8s %10s %12s %10s %9s", "method", "gpus", "tokens", "prefill s", "tokens/s", "model s", "peak GiB");
+  for (int s = 0; s < APB_STAGE_COUNT; s++) printf(" %8s", apb_stage_name((apb_stage)s));
+  printf("   (per-layer ms, profiled)\n");
+  int rc = CLI_OK, first = 1;
+  for (int ti = 0; ti < nt && !rc; ti++, dense_s = 0)
+    for (int gi = 0; gi < ng && !rc; gi++)
+      for (int mi = 0; mi < nm && !rc; mi++) {
+        int g = (int)gpus_l[gi];
+        if (ms[mi] == APB_METHOD_DENSE && gi > 0) continue; /* one GPU: once per length */
+        if (g > ndev && ms[mi] != APB_METHOD_DENSE) {
+          fprintf(stderr, "apb bench prefill: %d GPUs asked, %d visible: skipping %s\n", g, ndev, apb_method_name(ms[mi]));
+          continue;
+        }
+        row rw;
+        memset(&rw, 0, sizeof rw);
+        rc = run_case(&cfg, I, preset, ms[mi], g, tokens[ti], q, profile, &rw);
+        if (rc) break;
+        printf("%-8s %4d %8lld %10.3f %12.0f %10.3f %9.2f", rw.method, rw.gpus, (long long)rw.tokens, rw.prefill_s,
+               rw.tok_s, rw.pred_s, rw.peak_gib);
+        for (int s = 0; s < APB_STAGE_COUNT; s++) printf(" %8.2f", rw.stage_s[s] * 1e3);
+        printf("\n");
+        fflush(stdout);
+        if (ms[mi] == APB_METHOD_DENSE) dense_s = rw.prefill_s;
+        if (tf)
+          fprintf(tf, "%s\t%d\t%lld\t%.6f\t%.6f\n", rw.method, rw.gpus, (long long)rw.tokens, rw.prefill_s,
+                  ms[0] == APB_METHOD_DENSE ? dense_s : 0.0);
+        if (jf) {
+          fprintf(jf, "%s{\"method\": \"%s\", \"gpus\": %d, \"tokens\": %lld, \"prefill_s\": %.6f, \"tokens_per_s\": %.1f, "
+                      "\"model_s\": %.6f, \"peak_gib\": %.3f, \"bytes_sent\": %lld, \"per_layer_ms\": {",
+                  first ? "" : ", ", rw.method, rw.gpus, (long long)rw.tokens, rw.prefill_s, rw.tok_s, rw.pred_s,
+                  rw.peak_gib, (long long)rw.bytes);
+          for (int s = 0; s < APB_STAGE_COUNT; s++)
+            fprintf(jf, "%s\"%s\": %.4f", s ? ", " : "", apb_stage_name((apb_stage)s), rw.stage_s[s] * 1e3);
+          fprintf(jf, "}}");
+          first = 0;
+        }
+      }
+  if (jf) {
+    fprintf(jf, "]}\n");
+    fclose(jf);
+  }
+  if (tf) fclose(tf);
+  return rc;
+}
