@@ -127,19 +127,7 @@ int bench_prefill(int argc, char **argv) {
     switch (ch) {
     case O_TOK: rc = cli_parse_i64_list(CMD, "--tokens", optarg, 16, (int64_t)1 << 24, tokens, MAXN, &nt); break;
     case O_GPUS: rc = cli_parse_i64_list(CMD, "--gpus", optarg, 1, 64, gpus_l, MAXN, &ng); break;
-    case O_METHOD: {
-      nm = 0;
-      char *dup = strdup(optarg), *save = NULL;
-      for (char *t = strtok_r(dup, ",", &save); t && !rc; t = strtok_r(NULL, ",", &save)) {
-        if (nm == APB_METHOD_COUNT || apb_method_parse(t, &ms[nm]))
-          rc = cli_usage(CMD, "--method: '%s' is not one of dense, ring, zigzag, ulysses, star, apb", t);
-        else
-          nm++;
-      }
-      free(dup);
-      if (!rc && !nm) rc = cli_usage(CMD, "--method: empty list");
-      break;
-    }
+    case O_METHOD: rc = cli_parse_methods(CMD, "--method", optarg, ms, &nm); break;
     case O_PRESET:
       if (apb_preset_parse(optarg, &preset)) rc = cli_usage(CMD, "--preset: unknown preset '%s'", optarg);
       break;

@@ -301,3 +301,21 @@ double cli_time_sgemm(int g, int reps, uint64_t seed) {
   free(a), free(b), free(c), free(t);
   return med;
 }
+
+int cli_parse_methods(const char *cmd, const char *opt, const char *s, apb_method *out, int *n) {
+  char *dup = strdup(s), *save = NULL;
+  if (!dup) return cli_fail(cmd, "out of memory");
+  int rc = CLI_OK;
+  *n = 0;
+  for (char *t = strtok_r(dup, ",", &save); t && !rc; t = strtok_r(NULL, ",", &save)) {
+    if (*n == APB_METHOD_COUNT)
+      rc = cli_usage(cmd, "%s: at most %d methods", opt, APB_METHOD_COUNT);
+    else if (apb_method_parse(t, &out[*n]))
+      rc = cli_usage(cmd, "%s: unknown method '%s' (dense, ring, zigzag, ulysses, star, apb)", opt, t);
+    else
+      (*n)++;
+  }
+  if (!rc && *n == 0) rc = cli_usage(cmd, "%s: empty list", opt);
+  free(dup);
+  return rc;
+}

@@ -89,6 +89,9 @@ int cli_parse_f64(const char *cmd, const char *opt, const char *s, double lo, do
  * out [max]; *n receives the count. */
 int cli_parse_i64_list(const char *cmd, const char *opt, const char *s, int64_t lo, int64_t hi,
                        int64_t *out, int max, int *n);
+/* A comma-separated list of methods (dense, ring, zigzag, ulysses, star, apb) into out
+ * [APB_METHOD_COUNT]; *n receives the count (>= 1). */
+int cli_parse_methods(const char *cmd, const char *opt, const char *s, apb_method *out, int *n);
 /* One of names [n]; *out receives its index. */
 int cli_parse_choice(const char *cmd, const char *opt, const char *s, const char *const *names, int n,
                      int *out);

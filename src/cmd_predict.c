@@ -70,19 +70,7 @@ int cmd_predict(int argc, char **argv) {
     case O_MODEL: model_dir = optarg; break;
     case O_TOKENS: rc = cli_parse_i64(CMD, "--tokens", optarg, 1, (int64_t)1 << 40, &n); break;
     case O_Q: rc = cli_parse_i64(CMD, "--query-len", optarg, 1, 1 << 20, &q); break;
-    case O_METHOD: {
-      nm = 0;
-      char *dup = strdup(optarg), *save = NULL;
-      for (char *t = strtok_r(dup, ",", &save); t && !rc; t = strtok_r(NULL, ",", &save)) {
-        if (nm == APB_METHOD_COUNT || apb_method_parse(t, &ms[nm]))
-          rc = cli_usage(CMD, "--method: '%s' is not one of dense, ring, zigzag, ulysses, star, apb", t);
-        else
-          nm++;
-      }
-      free(dup);
-      if (!rc && nm == 0) rc = cli_usage(CMD, "--method: empty list");
-      break;
-    }
+    case O_METHOD: rc = cli_parse_methods(CMD, "--method", optarg, ms, &nm); break;
     case O_HOSTS: rc = cli_parse_int(CMD, "--hosts", optarg, 1, APB_MAX_HOSTS, &o.hosts); break;
     case O_ANCHOR: rc = cli_parse_i64(CMD, "--anchor", optarg, 0, (int64_t)1 << 40, &o.anchor); break;
     case O_PASSING: rc = cli_parse_i64(CMD, "--passing", optarg, 0, (int64_t)1 << 40, &o.passing); break;

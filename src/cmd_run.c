@@ -624,26 +624,7 @@ int cmd_run(int argc, char **argv) {
     case O_TOKENS: c.tokens_path = optarg; break;
     case O_SYN: rc = cli_parse_i64(CMD, "--synthetic", optarg, 1, BIG, &c.synthetic), syn_given = 1; break;
     case O_QLEN: rc = cli_parse_i64(CMD, "--query-len", optarg, 1, 1 << 20, &c.q_len); break;
-    case O_METHOD: {
-      c.n_methods = 0;
-      char *dup = strdup(optarg), *save = NULL;
-      for (char *t = strtok_r(dup, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
-        apb_method mm;
-        if (apb_method_parse(t, &mm)) {
-          int urc = cli_usage(CMD, "--method: unknown method '%s' (dense, ring, zigzag, ulysses, star, apb)", t);
-          free(dup);
-          return urc;
-        }
-        if (c.n_methods == MAX_METHODS) {
-          free(dup);
-          return cli_usage(CMD, "--method: at most %d methods", MAX_METHODS);
-        }
-        c.methods[c.n_methods++] = mm;
-      }
-      free(dup);
-      if (c.n_methods == 0) return cli_usage(CMD, "--method: empty list");
-      break;
-    }
+    case O_METHOD: rc = cli_parse_methods(CMD, "--method", optarg, c.methods, &c.n_methods); break;
     case O_HOSTS: rc = cli_parse_int(CMD, "--hosts", optarg, 1, APB_MAX_HOSTS, &c.o.hosts), c.hosts_given = 1; break;
     case O_ANCHOR: rc = cli_parse_i64(CMD, "--anchor", optarg, 0, BIG, &c.o.anchor); break;
     case O_PASSING: rc = cli_parse_i64(CMD, "--passing", optarg, 0, BIG, &c.o.passing); break;
