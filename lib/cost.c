@@ -34,7 +34,13 @@ apb_status apb_cost_plan(const apb_plan *p, const apb_model_config *cfg, int sco
     apb_cost *c = &out[r];
     memset(c, 0, sizeof *c);
     int64_t A = 0, B = blk(p, r);
-    if ((m == APB_METHOD_STAR || m == APB_METHOD_APB) && r > 0) A = p->la;
+    int vv[2] = {r, r}, nv = 1;
+    if (m == APB_METHOD_STAR || m == APB_METHOD_APB) {
+      apb_plan_virtual(p, r, vv, &nv);
+      B = 0;
+      for (int j = 0; j < nv; j++) B += blk(p, vv[j]);
+      if (r > 0 || p->balance) A = p->la;
+    }
     if (m == APB_METHOD_ZIGZAG) B = chunk(p, r) + chunk(p, 2 * H - 1 - r);
     if (m == APB_METHOD_DENSE) B = p->n;
     int64_t T = A + B;
@@ -42,21 +48,33 @@ apb_status apb_cost_plan(const apb_plan *p, const apb_model_config *cfg, int sco
     double hq_eff = Hq;
     double kvrow = (double)Hkv * D * es;
     switch (m) {
-    case APB_METHOD_DENSE:
-    case APB_METHOD_STAR: pr = pairs(0, A, B, 1); break;
+    case APB_METHOD_DENSE: pr = pairs(0, A, B, 1); break;
+    case APB_METHOD_STAR:
     case APB_METHOD_APB: {
-      int64_t P = 0;
-      for (int s = 0; s < r; s++) P += p->n_sel[s];
-      pr = pairs(H > 1 && p->lp > 0 ? P : 0, A, B, 1);
-      if (H > 1 && p->lp > 0) {
-        int64_t others = 0;
-        for (int s = 0; s < H; s++)
-          if (s != r) others += p->n_sel[s];
-        c->bytes_sent = 2 * (int64_t)((double)p->n_sel[r] * kvrow) * (H - 1);
-        c->bytes_recv = 2 * (int64_t)((double)others * kvrow);
+      int passing = m == APB_METHOD_APB && p->lp > 0 && p->V > 1;
+      int64_t mine = 0, total = 0;
+      for (int v = 0; v < p->V; v++) total += p->n_sel[v];
+      for (int j = 0; j < nv && passing; j++) {
+        mine += p->n_sel[vv[j]];
+        if (p->n_sel[vv[j]] > 0 && p->o.scorer == APB_SCORER_RETAINING)
+          c->linear_flops += 2.0 * (double)blk(p, vv[j]) * scorer_width * (QKV + Hkv);
+      }
+      if (!p->balance) { /* one call over [P_r | A | B_r] (or its overlapped split: the same pairs) */
+        int64_t P = 0;
+        for (int w = 0; passing && w < r; w++) P += p->n_sel[w];
+        pr = pairs(P, A, B, 1);
+      } else {           /* the anchor rows, then each virtual block against [P_v | A] and itself */
+        pr = pairs(0, A, 0, 1);
+        for (int j = 0; j < nv; j++) {
+          int64_t Pv = 0, Bj = blk(p, vv[j]);
+          for (int w = 0; passing && w < vv[j]; w++) Pv += p->n_sel[w];
+          pr += pairs(vv[j] == 0 ? 0 : Pv + A, 0, Bj, 1);
+        }
+      }
+      if (passing) {
+        c->bytes_sent = 2 * (int64_t)((double)mine * kvrow) * (H - 1);
+        c->bytes_recv = 2 * (int64_t)((double)(total - mine) * kvrow);
         c->collectives = 2;
-        if (p->n_sel[r] > 0 && p->o.scorer == APB_SCORER_RETAINING)
-          c->linear_flops += 2.0 * (double)B * scorer_width * (QKV + Hkv);
       }
       break;
     }
@@ -118,7 +136,7 @@ apb_status apb_cost_plan(const apb_plan *p, const apb_model_config *cfg, int sco
       int64_t passes = 1 + (p->o.max_new_tokens > 1 ? p->o.max_new_tokens - 1 : 0);
       c->dec_bytes_sent = (int64_t)L * rows * ((int64_t)Hq * D * act_bytes + (int64_t)Hq * 4) * (H - 1);
       c->dec_collectives = (int64_t)L * passes * 2 + p->o.max_new_tokens;
-      if (r == H - 1) c->dec_bytes_sent += p->o.max_new_tokens * 4 * (int64_t)(H - 1);
+      if (r == p->last_rank) c->dec_bytes_sent += p->o.max_new_tokens * 4 * (int64_t)(H - 1);
     }
     c->t_attn = c->attn_flops / hw->attn_flops_s;
     c->t_linear = c->linear_flops / hw->gemm_flops_s;

@@ -8,6 +8,12 @@
  * all-gathers (K and V) build P_h = C_0 ++ ... ++ C_{h-1} in host order, and the attention runs over
  * [P_h | A | B_h]. Host H-1 contributes nothing (its C is needed by no one). Dense is star with no
  * anchor on one host.
+ *
+ * Balanced (--balance, beyond the paper, as Spava does): host r holds the virtual hosts r and
+ * 2H-1-r of a 2H-host run, rows [A | B_r | B_{2H-1-r}], so that the slow late blocks pair with the
+ * quick early ones. Each virtual block is compressed on its own, a host contributes both C to the
+ * all-gathers, and each block's rows attend [P_v | A] (copied together in virtual-host order) and
+ * their own keys causally; the anchor rows attend the anchor alone; virtual host 0 sees no anchor.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -15,74 +21,117 @@
 #include "apb/rng.h"
 #include "sched_int.h"
 
+typedef struct slot {
+  int v;                    /* virtual host */
+  int64_t row0, B;          /* its rows in the host's row buffers, B of them */
+  int64_t nsel, lo;         /* selected rows per KV head; first eligible local index */
+  int64_t P;                /* passing rows it attends: sum of n_sel[w] for w < v */
+  float *scores, *pooled;   /* [Hkv, B] */
+  int32_t *idx;             /* [Hkv, nsel] */
+  void *ck, *cv;            /* [nsel, Hkv, D]: its C, inside pk/pv at this host's place */
+  void *qk, *qv;            /* balanced: [P + A, Hkv, D], P_v in virtual order then the anchor keys */
+} slot;
+
 typedef struct apb_state {
-  float *scores, *pooled;   /* [Hkv, B] backend memory */
-  int32_t *idx;             /* [Hkv, n_sel] */
-  void *ck, *cv;            /* [n_sel, Hkv, D] this host's compressed block */
-  void *pk, *pv;            /* [sum n_sel, Hkv, D] gathered compressed blocks of every host */
-  float *host_scores;       /* [Hkv, B] host scratch for the random/uniform scorers */
+  int ns;                   /* virtual hosts held: 1, or 2 when balanced */
+  slot sl[2];
+  int passing;              /* apb with l_p > 0 and more than one virtual host */
+  void *pk, *pv;            /* [sum n_sel, Hkv, D] gathered C of every host, host-major */
+  int64_t *rank_off;        /* [H] row offset of host q's contribution in pk */
   size_t *bytes;            /* [H] all-gather sizes */
-  int64_t P;                /* passing rows of this host */
+  float *host_scores;       /* [Hkv, B] host scratch for the random/uniform scorers */
   void *o2;                 /* overlap: [B, Hq, D] local rows against P */
   float *lse2, *lse_loc;    /* overlap: [Hq, B] each */
+  float *lse_tmp;           /* balanced: [Hq, max(A, B_slot)] */
 } apb_state;
 
-static int uses_passing(const host_ctx *h) { return h->p->o.method == APB_METHOD_APB && h->p->lp > 0 && h->H > 1; }
+static int uses_passing(const host_ctx *h) { return h->p->o.method == APB_METHOD_APB && h->p->lp > 0 && h->p->V > 1; }
 
 static apb_status star_setup(host_ctx *h, apb_error *err) {
-  if (!uses_passing(h)) return APB_OK;
+  const apb_plan *p = h->p;
+  if (!uses_passing(h) && !p->balance) return APB_OK;
   apb_state *s = calloc(1, sizeof *s);
   if (!s) return apb_error_set(err, APB_ENOMEM, "apb: out of memory");
   h->mstate = s;
-  const apb_plan *p = h->p;
-  int64_t nsel = p->n_sel[h->r], total = 0;
-  for (int r = 0; r < h->H; r++) total += p->n_sel[r];
-  for (int r = 0; r < h->r; r++) s->P += p->n_sel[r];
+  s->passing = uses_passing(h);
+  int v[2], H = h->H;
+  apb_plan_virtual(p, h->r, v, &s->ns);
   size_t row = (size_t)h->Hkv * h->D * h->es;
-  s->bytes = calloc((size_t)h->H, sizeof *s->bytes);
+  s->bytes = calloc((size_t)H, sizeof *s->bytes);
+  s->rank_off = calloc((size_t)H, sizeof *s->rank_off);
   s->host_scores = malloc(sizeof(float) * (size_t)h->Hkv * (size_t)(h->B ? h->B : 1));
-  if (!s->bytes || !s->host_scores) return apb_error_set(err, APB_ENOMEM, "apb: out of memory");
-  for (int r = 0; r < h->H; r++) s->bytes[r] = (size_t)p->n_sel[r] * row;
-  apb_status st;
-  if ((st = sched_alloc(h, sizeof(float) * (size_t)h->Hkv * (size_t)h->B, (void **)&s->scores, err)) ||
-      (st = sched_alloc(h, sizeof(float) * (size_t)h->Hkv * (size_t)h->B, (void **)&s->pooled, err)) ||
-      (st = sched_alloc(h, sizeof(int32_t) * (size_t)h->Hkv * (size_t)nsel, (void **)&s->idx, err)) ||
-      (st = sched_alloc(h, (size_t)total * row, &s->pk, err)) || (st = sched_alloc(h, (size_t)total * row, &s->pv, err)))
+  if (!s->bytes || !s->rank_off || !s->host_scores) return apb_error_set(err, APB_ENOMEM, "apb: out of memory");
+  int64_t total = 0;
+  for (int q = 0; q < H; q++) {
+    int vq[2], nq;
+    apb_plan_virtual(p, q, vq, &nq);
+    s->rank_off[q] = total;
+    for (int j = 0; j < nq; j++) total += p->n_sel[vq[j]];
+    s->bytes[q] = (size_t)(total - s->rank_off[q]) * row;
+  }
+  apb_status st = APB_OK;
+  if (s->passing && ((st = sched_alloc(h, (size_t)total * row, &s->pk, err)) ||
+                     (st = sched_alloc(h, (size_t)total * row, &s->pv, err))))
     return st;
-  if (p->overlap && s->P > 0 &&
+  int64_t row0 = h->A, coff = s->rank_off[h->r], maxb = h->A;
+  for (int j = 0; j < s->ns; j++) {
+    slot *sl = &s->sl[j];
+    sl->v = v[j];
+    sl->row0 = row0;
+    sl->B = p->block_start[v[j] + 1] - p->block_start[v[j]];
+    row0 += sl->B;
+    maxb = sl->B > maxb ? sl->B : maxb;
+    if (!s->passing) continue;
+    sl->nsel = p->n_sel[v[j]];
+    sl->lo = v[j] == 0 ? p->excl0 : 0;
+    for (int w = 0; w < v[j]; w++) sl->P += p->n_sel[w];
+    /* this host's C lives in its own place of the gathered buffers (the all-gather copies nothing for it) */
+    sl->ck = (char *)s->pk + (size_t)coff * row;
+    sl->cv = (char *)s->pv + (size_t)coff * row;
+    coff += sl->nsel;
+    if ((st = sched_alloc(h, sizeof(float) * (size_t)h->Hkv * (size_t)sl->B, (void **)&sl->scores, err)) ||
+        (st = sched_alloc(h, sizeof(float) * (size_t)h->Hkv * (size_t)sl->B, (void **)&sl->pooled, err)) ||
+        (st = sched_alloc(h, sizeof(int32_t) * (size_t)h->Hkv * (size_t)sl->nsel, (void **)&sl->idx, err)))
+      return st;
+    if (p->balance && ((st = sched_alloc(h, (size_t)(sl->P + h->A) * row, &sl->qk, err)) ||
+                       (st = sched_alloc(h, (size_t)(sl->P + h->A) * row, &sl->qv, err))))
+      return st;
+  }
+  if (p->balance) return sched_alloc(h, (size_t)maxb * (size_t)h->Hq * sizeof(float), (void **)&s->lse_tmp, err);
+  if (s->passing && p->overlap && s->sl[0].P > 0 &&
       ((st = sched_alloc(h, (size_t)h->B * (size_t)h->Hq * h->D * h->es, &s->o2, err)) ||
        (st = sched_alloc(h, (size_t)h->B * (size_t)h->Hq * sizeof(float), (void **)&s->lse2, err)) ||
        (st = sched_alloc(h, (size_t)h->B * (size_t)h->Hq * sizeof(float), (void **)&s->lse_loc, err))))
     return st;
-  /* this host's C lives in its own slot of the gathered buffers (the all-gather then copies nothing for it) */
-  int64_t off = 0;
-  for (int r = 0; r < h->r; r++) off += p->n_sel[r];
-  s->ck = (char *)s->pk + (size_t)off * row;
-  s->cv = (char *)s->pv + (size_t)off * row;
   return APB_OK;
 }
 
 static void star_teardown(host_ctx *h) {
   apb_state *s = h->mstate;
   if (!s) return;
-  sched_free(h, s->scores), sched_free(h, s->pooled), sched_free(h, s->idx);
+  for (int j = 0; j < s->ns; j++) {
+    slot *sl = &s->sl[j];
+    sched_free(h, sl->scores), sched_free(h, sl->pooled), sched_free(h, sl->idx);
+    sched_free(h, sl->qk), sched_free(h, sl->qv);
+  }
   sched_free(h, s->pk), sched_free(h, s->pv);
-  sched_free(h, s->o2), sched_free(h, s->lse2), sched_free(h, s->lse_loc);
+  sched_free(h, s->o2), sched_free(h, s->lse2), sched_free(h, s->lse_loc), sched_free(h, s->lse_tmp);
   free(s->host_scores);
   free(s->bytes);
+  free(s->rank_off);
   free(s);
   h->mstate = NULL;
 }
 
 /* Raw scores [Hkv, B] of the random and uniform scorers, on the host (APB.md 3.2: other scorers). */
-static void host_scores(const host_ctx *h, int layer, float *out) {
+static void host_scores(const host_ctx *h, int layer, const slot *sl, float *out) {
   const apb_plan *p = h->p;
-  int64_t B = h->B, lo = h->r == 0 ? p->excl0 : 0, k = p->n_sel[h->r];
+  int64_t B = sl->B, lo = sl->lo, k = sl->nsel;
   for (int g = 0; g < h->Hkv; g++) {
     float *row = out + (size_t)g * (size_t)B;
     if (p->o.scorer == APB_SCORER_RANDOM) {
       apb_rng rng;
-      apb_rng_seed(&rng, p->o.seed ^ (0x9E3779B97F4A7C15ull * (uint64_t)(1 + layer * 131071 + h->r * 8191 + g)));
+      apb_rng_seed(&rng, p->o.seed ^ (0x9E3779B97F4A7C15ull * (uint64_t)(1 + layer * 131071 + sl->v * 8191 + g)));
       for (int64_t t = 0; t < B; t++) row[t] = (float)apb_rng_uniform(&rng);
     } else { /* uniform: k evenly spaced tokens of [lo, B) score 1, the rest 0 */
       for (int64_t t = 0; t < B; t++) row[t] = 0.0f;
@@ -91,34 +140,48 @@ static void host_scores(const host_ctx *h, int layer, float *out) {
   }
 }
 
-static apb_status compress(host_ctx *h, int layer, apb_state *s, apb_error *err) {
+/* C_v of one virtual block (APB.md 3.2-3.4). Hook stages carry a suffix for a host's second block. */
+static apb_status compress(host_ctx *h, int layer, apb_state *s, int j, apb_error *err) {
   const apb_plan *p = h->p;
   apb_backend *be = h->be;
   const struct apb_blayer *lw = &h->bm->layers[layer];
-  int64_t B = h->B, nsel = p->n_sel[h->r], lo = h->r == 0 ? p->excl0 : 0;
+  slot *sl = &s->sl[j];
+  int64_t B = sl->B, nsel = sl->nsel, kvw = (int64_t)h->Hkv * h->D;
   apb_status st;
-  if (nsel == 0) return APB_OK; /* host H-1, or nothing eligible */
+  if (nsel == 0) return APB_OK; /* the last virtual host, or nothing eligible */
   if (p->o.scorer == APB_SCORER_RETAINING) {
     if (!lw->fc1 || !lw->fc2)
       return apb_error_set(err, APB_EINVAL, "layer %d has no retaining heads (fc1/fc2)", layer);
     int64_t I = h->bm->m->scorer_width;
     h->linear_flops += 2.0 * (double)B * (double)I * (double)(h->QKV + h->Hkv);
-    st = be->ops->score_retaining(be, lw->fc1, lw->fc2, sched_row(h, h->qkv, h->A, h->QKV), B, s->scores, err);
+    st = be->ops->score_retaining(be, lw->fc1, lw->fc2, sched_row(h, h->qkv, sl->row0, h->QKV), B, sl->scores, err);
   } else {
-    host_scores(h, layer, s->host_scores);
-    st = be->ops->upload(be, s->scores, s->host_scores, sizeof(float) * (size_t)h->Hkv * (size_t)B, err);
+    host_scores(h, layer, sl, s->host_scores);
+    st = be->ops->upload(be, sl->scores, s->host_scores, sizeof(float) * (size_t)h->Hkv * (size_t)B, err);
   }
   int64_t sh_s[2] = {h->Hkv, B}, sh_i[2] = {h->Hkv, nsel};
-  if (!st) st = be->ops->maxpool(be, s->scores, h->Hkv, B, p->pool, s->pooled, err);
-  if (!st) st = sched_hook_f32(h, "scores", layer, s->pooled, 2, sh_s, err);
-  if (!st) st = be->ops->topk(be, s->pooled, h->Hkv, B, lo, nsel, s->idx, err);
-  if (!st) st = sched_hook_i32(h, "selected", layer, s->idx, 2, sh_i, err);
-  /* C_h: the selected post-RoPE K and V rows of the local block */
-  if (!st) st = be->ops->gather(be, sched_row(h, h->k, h->A, (int64_t)h->Hkv * h->D), B, h->Hkv, h->D, s->idx, nsel,
-                                s->ck, err);
-  if (!st) st = be->ops->gather(be, sched_row(h, h->v, h->A, (int64_t)h->Hkv * h->D), B, h->Hkv, h->D, s->idx, nsel,
-                                s->cv, err);
+  if (!st) st = be->ops->maxpool(be, sl->scores, h->Hkv, B, p->pool, sl->pooled, err);
+  if (!st) st = sched_hook_f32(h, j ? "scores_v2" : "scores", layer, sl->pooled, 2, sh_s, err);
+  if (!st) st = be->ops->topk(be, sl->pooled, h->Hkv, B, sl->lo, nsel, sl->idx, err);
+  if (!st) st = sched_hook_i32(h, j ? "selected_v2" : "selected", layer, sl->idx, 2, sh_i, err);
+  /* C_v: the selected post-RoPE K and V rows of the block */
+  if (!st) st = be->ops->gather(be, sched_row(h, h->k, sl->row0, kvw), B, h->Hkv, h->D, sl->idx, nsel, sl->ck, err);
+  if (!st) st = be->ops->gather(be, sched_row(h, h->v, sl->row0, kvw), B, h->Hkv, h->D, sl->idx, nsel, sl->cv, err);
   return st;
+}
+
+static apb_status compress_all(host_ctx *h, int layer, apb_state *s, apb_error *err) {
+  double t0 = sched_prof_begin(h);
+  apb_status st = APB_OK;
+  for (int j = 0; j < s->ns && !st; j++) st = compress(h, layer, s, j, err);
+  sched_prof_end(h, APB_STAGE_SCORE, t0);
+  return st;
+}
+
+static apb_status hook_passing(host_ctx *h, int layer, const void *pk, const void *pv, int64_t P, apb_error *err) {
+  int64_t sh[3] = {P, h->Hkv, h->D};
+  apb_status st = sched_hook_act(h, "passing_k", layer, pk, 3, sh, err);
+  return st ? st : sched_hook_act(h, "passing_v", layer, pv, 3, sh, err);
 }
 
 /* Overlapped form (plan.overlap): the all-gathers run while [A | B] is attended (anchor rows final,
@@ -128,9 +191,10 @@ static apb_status attend_overlapped(host_ctx *h, int layer, apb_state *s, apb_ba
   apb_backend *be = h->be;
   apb_comm_req *rk = NULL, *rv = NULL;
   apb_status st;
+  const slot *sl = &s->sl[0];
   double t0 = sched_prof_begin(h);
-  st = h->comm->ops->iallgatherv(h->comm, s->ck, s->pk, s->bytes, &rk, err);
-  if (!st) st = h->comm->ops->iallgatherv(h->comm, s->cv, s->pv, s->bytes, &rv, err);
+  st = h->comm->ops->iallgatherv(h->comm, sl->ck, s->pk, s->bytes, &rk, err);
+  if (!st) st = h->comm->ops->iallgatherv(h->comm, sl->cv, s->pv, s->bytes, &rv, err);
   sched_prof_end(h, APB_STAGE_COMM, t0);
   if (!st) st = sched_attn(h, a, err); /* no P: everything that does not need the passing block */
   t0 = sched_prof_begin(h);
@@ -139,12 +203,9 @@ static apb_status attend_overlapped(host_ctx *h, int layer, apb_state *s, apb_ba
   sched_prof_end(h, APB_STAGE_COMM, t0);
   if (st) return st;
   if (w1 || w2) return w1 ? w1 : w2;
-  int64_t sh[3] = {s->P, h->Hkv, h->D};
-  if ((st = sched_hook_act(h, "passing_k", layer, s->pk, 3, sh, err)) ||
-      (st = sched_hook_act(h, "passing_v", layer, s->pv, 3, sh, err)))
-    return st;
+  if ((st = hook_passing(h, layer, s->pk, s->pv, sl->P, err))) return st;
   int64_t qw = (int64_t)h->Hq * h->D;
-  apb_battn_args b = {.P = s->P, .A = 0, .B = h->B, .Hq = h->Hq, .Hkv = h->Hkv, .D = h->D, .local_keys = 0,
+  apb_battn_args b = {.P = sl->P, .A = 0, .B = h->B, .Hq = h->Hq, .Hkv = h->Hkv, .D = h->D, .local_keys = 0,
                       .q = sched_row(h, h->q, h->A, qw), .kp = s->pk, .vp = s->pv, .o = s->o2, .lse = s->lse2};
   if ((st = sched_attn(h, &b, err))) return st;
   t0 = sched_prof_begin(h);
@@ -159,28 +220,80 @@ static apb_status attend_overlapped(host_ctx *h, int layer, apb_state *s, apb_ba
   return st;
 }
 
+/* One attention call whose LSE [Hq, B] goes to columns c0.. of lse [Hq, T] through lse_tmp. */
+static apb_status attn_cols(host_ctx *h, apb_state *s, apb_battn_args *a, int64_t c0, apb_error *err) {
+  int64_t rows = a->A + a->B;
+  a->lse = s->lse_tmp;
+  apb_status st = sched_attn(h, a, err);
+  size_t f = sizeof(float);
+  if (!st && rows > 0)
+    st = h->be->ops->copy2d(h->be, h->lse + c0, (size_t)h->T * f, s->lse_tmp, (size_t)rows * f, (size_t)rows * f,
+                            (size_t)h->Hq, err);
+  return st;
+}
+
+/* Balanced: the anchor rows, then each virtual block against [P_v | A] and itself. */
+static apb_status attend_balanced(host_ctx *h, int layer, apb_state *s, apb_error *err) {
+  apb_backend *be = h->be;
+  const apb_plan *p = h->p;
+  int64_t kvw = (int64_t)h->Hkv * h->D, qw = (int64_t)h->Hq * h->D;
+  size_t row = (size_t)kvw * h->es;
+  apb_status st = APB_OK;
+  if (s->passing) {
+    if ((st = sched_allgatherv(h, s->sl[0].ck, s->pk, s->bytes, err)) ||
+        (st = sched_allgatherv(h, s->sl[0].cv, s->pv, s->bytes, err)))
+      return st;
+  }
+  apb_battn_args an = {.A = h->A, .Hq = h->Hq, .Hkv = h->Hkv, .D = h->D, .local_keys = 1, .q = h->q, .ka = h->k,
+                       .va = h->v, .o = h->o};
+  if (h->A > 0 && (st = attn_cols(h, s, &an, 0, err))) return st;
+  for (int j = 0; j < s->ns; j++) {
+    slot *sl = &s->sl[j];
+    apb_battn_args a = {.B = sl->B, .Hq = h->Hq, .Hkv = h->Hkv, .D = h->D, .local_keys = 1,
+                        .q = sched_row(h, h->q, sl->row0, qw), .kb = sched_row(h, h->k, sl->row0, kvw),
+                        .vb = sched_row(h, h->v, sl->row0, kvw), .o = sched_row(h, h->o, sl->row0, qw)};
+    if (sl->v > 0 && !s->passing) { /* star: the anchor keys are rows 0..A of k, v */
+      a.P = h->A, a.kp = h->k, a.vp = h->v;
+    } else if (sl->v > 0) {         /* [C_0 .. C_{v-1} | A] in virtual-host order */
+      int64_t at = 0;
+      double t0 = sched_prof_begin(h);
+      for (int w = 0; w < sl->v && !st; w++) {
+        int q = w < h->H ? w : 2 * h->H - 1 - w;
+        int64_t off = s->rank_off[q] + (w == q ? 0 : p->n_sel[q]);
+        size_t bytes = (size_t)p->n_sel[w] * row;
+        if (!(st = be->ops->copy(be, (char *)sl->qk + at * row, (char *)s->pk + off * row, bytes, err)))
+          st = be->ops->copy(be, (char *)sl->qv + at * row, (char *)s->pv + off * row, bytes, err);
+        at += p->n_sel[w];
+      }
+      if (!st) st = be->ops->copy(be, (char *)sl->qk + at * row, h->k, (size_t)h->A * row, err);
+      if (!st) st = be->ops->copy(be, (char *)sl->qv + at * row, h->v, (size_t)h->A * row, err);
+      sched_prof_end(h, APB_STAGE_COMM, t0);
+      if (st || (st = hook_passing(h, layer, sl->qk, sl->qv, sl->P, err))) return st;
+      a.P = sl->P + h->A, a.kp = sl->qk, a.vp = sl->qv;
+    }
+    if ((st = attn_cols(h, s, &a, sl->row0, err))) return st;
+  }
+  return APB_OK;
+}
+
 static apb_status star_attend(host_ctx *h, int layer, apb_error *err) {
   apb_state *s = h->mstate;
   apb_status st;
   int64_t kvw = (int64_t)h->Hkv * h->D;
+  if (s && s->passing && (st = compress_all(h, layer, s, err))) return st;
+  if (s && h->p->balance) return attend_balanced(h, layer, s, err);
   apb_battn_args a = {.P = 0, .A = h->A, .B = h->B, .Hq = h->Hq, .Hkv = h->Hkv, .D = h->D, .local_keys = 1,
                       .q = h->q, .ka = h->k, .va = h->v, .kb = sched_row(h, h->k, h->A, kvw),
                       .vb = sched_row(h, h->v, h->A, kvw), .o = h->o, .lse = h->lse};
   if (s) {
-    double t0 = sched_prof_begin(h);
-    st = compress(h, layer, s, err);
-    sched_prof_end(h, APB_STAGE_SCORE, t0);
-    if (st) return st;
-    if (h->p->overlap && s->P > 0) return attend_overlapped(h, layer, s, &a, err);
+    const slot *sl = &s->sl[0];
+    if (h->p->overlap && sl->P > 0) return attend_overlapped(h, layer, s, &a, err);
     /* APB.md 3.5: every host contributes its C (host H-1: nothing); host h keeps the first h */
-    if ((st = sched_allgatherv(h, s->ck, s->pk, s->bytes, err)) ||
-        (st = sched_allgatherv(h, s->cv, s->pv, s->bytes, err)))
+    if ((st = sched_allgatherv(h, sl->ck, s->pk, s->bytes, err)) ||
+        (st = sched_allgatherv(h, sl->cv, s->pv, s->bytes, err)))
       return st;
-    a.P = s->P, a.kp = s->pk, a.vp = s->pv;
-    int64_t sh[3] = {s->P, h->Hkv, h->D};
-    if ((st = sched_hook_act(h, "passing_k", layer, s->pk, 3, sh, err)) ||
-        (st = sched_hook_act(h, "passing_v", layer, s->pv, 3, sh, err)))
-      return st;
+    a.P = sl->P, a.kp = s->pk, a.vp = s->pv;
+    if ((st = hook_passing(h, layer, s->pk, s->pv, sl->P, err))) return st;
   }
   return sched_attn(h, &a, err);
 }

@@ -2,7 +2,7 @@
  *
  * The query tokens, then each generated token, run through every layer on every host. Each host
  * attends the new rows to its whole KV cache (the cache precedes the new tokens); the last host also
- * attends them to their own keys causally. The per-host (output, LSE) pairs are all-gathered and
+ * attends them to their own keys causally (with --balance the last virtual host lives on host 0). The per-host (output, LSE) pairs are all-gathered and
  * merged in host order (a host whose rows see no key contributes lse = -inf, never NaN), so every
  * host holds the same merged output and computes the same rest of the layer. Only the last host
  * appends the new tokens' K/V to its cache. The logits of the last row give the next token: argmax
@@ -65,7 +65,7 @@ static apb_status dec_step(host_ctx *h, dec_bufs *d, const int32_t *ids_h, int64
                            apb_error *err) {
   apb_backend *be = h->be;
   const apb_model_config *cfg = h->cfg;
-  int H = h->H, last = h->r == H - 1;
+  int H = h->H, last = h->r == h->p->last_rank;
   size_t es = h->es, qw = (size_t)h->Hq * h->D, kw = (size_t)h->Hkv * h->D;
   apb_status st;
   int32_t *pos_h = malloc(sizeof(int32_t) * (size_t)M);
@@ -147,7 +147,7 @@ static apb_status next_token(host_ctx *h, dec_bufs *d, const float *logits, int3
   apb_status st = APB_OK;
   if (h->H > 1) {
     if (!st) st = h->be->ops->upload(h->be, d->tok, &best, sizeof best, err);
-    if (!st) st = h->comm->ops->bcast(h->comm, d->tok, sizeof best, h->H - 1, err);
+    if (!st) st = h->comm->ops->bcast(h->comm, d->tok, sizeof best, h->p->last_rank, err);
     if (!st) st = h->be->ops->download(h->be, &best, d->tok, sizeof best, err);
   }
   *tok = best;

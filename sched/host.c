@@ -164,6 +164,11 @@ static apb_status make_rows(host_ctx *h, const int32_t *doc, const int32_t *quer
   } else if (m == APB_METHOD_ZIGZAG) {
     s0 = p->chunk_start[r], s1 = p->chunk_start[r + 1];
     t0 = p->chunk_start[2 * h->H - 1 - r], t1 = p->chunk_start[2 * h->H - r];
+  } else if (p->balance) { /* virtual hosts r and 2H-1-r; the second always needs the anchor */
+    int v = 2 * h->H - 1 - r;
+    s0 = p->block_start[r], s1 = p->block_start[r + 1];
+    t0 = p->block_start[v], t1 = p->block_start[v + 1];
+    A = p->la;
   } else {
     s0 = p->block_start[r], s1 = p->block_start[r + 1];
     if ((m == APB_METHOD_STAR || m == APB_METHOD_APB) && r > 0) A = p->la;
@@ -339,7 +344,7 @@ apb_status apb_host_run(const apb_host_args *a, apb_host_result *res, apb_error 
   apb_backend *be = h->be;
   double t0 = now_s(), wait0 = a->comm->stats.wait_s;
   apb_status st = make_rows(h, a->doc, a->query, err);
-  int last = h->r == h->H - 1;
+  int last = h->r == p->last_rank;
   if (!st) st = alloc_cache(h, last ? p->q_len + p->o.max_new_tokens : 0, err);
   if (!st) st = alloc_prefill(h, err);
   if (!st) st = be->ops->upload(be, h->ids, h->ids_h, (size_t)h->T * sizeof(int32_t), err);

@@ -42,6 +42,24 @@ void apb_run_opts_default(apb_run_opts *o) {
   o->max_new_tokens = 0;
   o->ffn_chunk = -1;
   o->overlap = -1;
+  o->balance = -1;
+}
+
+void apb_plan_virtual(const apb_plan *p, int r, int v[2], int *n) {
+  v[0] = r;
+  v[1] = 2 * p->H - 1 - r;
+  *n = p->balance ? 2 : 1;
+}
+
+int64_t apb_plan_rows(const apb_plan *p, int r) {
+  if (p->o.method == APB_METHOD_DENSE) return p->n;
+  if (p->o.method == APB_METHOD_ZIGZAG)
+    return (p->chunk_start[r + 1] - p->chunk_start[r]) + (p->chunk_start[2 * p->H - r] - p->chunk_start[2 * p->H - 1 - r]);
+  int v[2], nv;
+  apb_plan_virtual(p, r, v, &nv);
+  int64_t rows = 0;
+  for (int j = 0; j < nv; j++) rows += p->block_start[v[j] + 1] - p->block_start[v[j]];
+  return rows;
 }
 
 static void split_even(int64_t n, int parts, int64_t *start) {
@@ -80,7 +98,20 @@ apb_status apb_plan_make(const apb_run_opts *o, int64_t n, int64_t q_len, const 
   p->overlap = o->overlap < 0 ? 1 : o->overlap != 0;
   if (p->ffn_chunk < 1)
     return apb_error_set(err, APB_EINVAL, "--ffn-chunk must be >= 1 row, got %lld", (long long)o->ffn_chunk);
-  split_even(n, H, p->block_start);
+  int approx = o->method == APB_METHOD_STAR || o->method == APB_METHOD_APB;
+  p->balance = o->balance > 0;
+  if (p->balance && !approx)
+    return apb_error_set(err, APB_EINVAL, "--balance pairs virtual hosts of apb or star; %s has no such blocks",
+                         apb_method_name(o->method));
+  if (p->balance && 2 * H > APB_MAX_HOSTS)
+    return apb_error_set(err, APB_EINVAL, "--balance with %d hosts needs %d virtual hosts; at most %d", H, 2 * H,
+                         APB_MAX_HOSTS);
+  if (p->balance && n < 2 * (int64_t)H)
+    return apb_error_set(err, APB_EINVAL, "--balance: %d hosts hold %d virtual blocks, more than the %lld tokens",
+                         H, 2 * H, (long long)n);
+  p->V = p->balance ? 2 * H : H;
+  p->last_rank = p->balance ? 0 : H - 1;
+  split_even(n, p->V, p->block_start);
   split_even(n, 2 * H, p->chunk_start);
   p->lb = p->block_start[1] - p->block_start[0];
 
@@ -88,7 +119,6 @@ apb_status apb_plan_make(const apb_run_opts *o, int64_t n, int64_t q_len, const 
     return apb_error_set(err, APB_EINVAL, "ulysses splits heads over hosts: %d hosts must divide the %d KV heads "
                          "(and %d query heads)", H, cfg->n_kv_heads, cfg->n_heads);
 
-  int approx = o->method == APB_METHOD_STAR || o->method == APB_METHOD_APB;
   p->pool = o->pool < 0 ? (o->scorer == APB_SCORER_RETAINING ? 5 : 1) : o->pool;
   if (!approx) return APB_OK;
 
@@ -119,11 +149,11 @@ apb_status apb_plan_make(const apb_run_opts *o, int64_t n, int64_t q_len, const 
     return apb_error_set(err, APB_EINVAL, "the retaining scorer needs retaining heads (fc1/fc2), and this model has "
                          "none: pass --heads FILE, or --scorer random|uniform");
   p->excl0 = p->embed_query ? p->la - q_len : p->la;
-  for (int h = 0; h < H; h++) {
-    int64_t len = p->block_start[h + 1] - p->block_start[h];
-    int64_t eligible = h == 0 ? len - p->excl0 : len;
+  for (int v = 0; v < p->V; v++) {
+    int64_t len = p->block_start[v + 1] - p->block_start[v];
+    int64_t eligible = v == 0 ? len - p->excl0 : len;
     if (eligible < 0) eligible = 0;
-    p->n_sel[h] = h == H - 1 ? 0 : (p->lp < eligible ? p->lp : eligible);
+    p->n_sel[v] = v == p->V - 1 ? 0 : (p->lp < eligible ? p->lp : eligible);
   }
   return APB_OK;
 }

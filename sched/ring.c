@@ -21,12 +21,7 @@ typedef struct ring_state {
   float *lse_lo, *lse_hi;   /* zigzag: [Hq, c0], [Hq, c1] */
 } ring_state;
 
-static int64_t rows_of(const host_ctx *h, int r) {
-  const apb_plan *p = h->p;
-  if (p->o.method == APB_METHOD_ZIGZAG)
-    return (p->chunk_start[r + 1] - p->chunk_start[r]) + (p->chunk_start[2 * h->H - r] - p->chunk_start[2 * h->H - 1 - r]);
-  return p->block_start[r + 1] - p->block_start[r];
-}
+static int64_t rows_of(const host_ctx *h, int r) { return apb_plan_rows(h->p, r); }
 
 static apb_status ring_setup(host_ctx *h, apb_error *err) {
   ring_state *s = calloc(1, sizeof *s);

@@ -23,11 +23,12 @@
 
 static const char help_text[] =
     "Usage: apb bench prefill [--tokens LIST] [--gpus LIST] [--method LIST] [--preset NAME]\n"
-    "                         [--query-len Q] [--profile 0|1] [--json FILE]\n\n"
+    "                         [--query-len Q] [--profile 0|1] [--balance] [--json FILE]\n\n"
     "Prefill time per method on 1..N GPUs (one rank per GPU, NCCL), random bf16 weights made on the\n"
     "GPUs. Defaults: --tokens 131072, --gpus 4, --method dense,ring,zigzag,ulysses,star,apb,\n"
     "--preset llama3-8b-shape, --query-len 64,\n"
-    "--profile 1 (a second run per case for the per-stage breakdown). apb and star use the lengths of\n"
+    "--profile 1 (a second run per case for the per-stage breakdown). --balance runs apb and star\n"
+    "with two virtual hosts per GPU (h and 2H-1-h). apb and star use the lengths of\n"
     "shared/APB.md 2 (apb: l_a = min(l_b/4, 8192), l_p = l_a/2; star: l_a = l_b). Dense uses one GPU.\n";
 
 typedef struct row {
@@ -36,16 +37,18 @@ typedef struct row {
   int64_t tokens;
   double prefill_s, tok_s, pred_s, peak_gib;
   double stage_s[APB_STAGE_COUNT];
+  double imbalance;         /* slowest / fastest rank's compute (prefill minus time blocked in collectives) */
   int64_t bytes;
   int ok;
 } row;
 
 static int run_case(const apb_model_config *cfg, int I, apb_preset preset, apb_method m, int gpus, int64_t n,
-                    int64_t q, int profile, row *out) {
+                    int64_t q, int profile, int balance, row *out) {
   apb_error err = {0};
   apb_run_opts o;
   apb_run_opts_default(&o);
   o.method = m, o.hosts = m == APB_METHOD_DENSE ? 1 : gpus;
+  o.balance = balance && (m == APB_METHOD_APB || m == APB_METHOD_STAR);
   apb_plan *plan = malloc(sizeof *plan);
   int32_t *doc = malloc(sizeof(int32_t) * (size_t)n), *query = malloc(sizeof(int32_t) * (size_t)q);
   apb_host_result *res = calloc((size_t)gpus, sizeof *res);
@@ -73,6 +76,15 @@ static int run_case(const apb_model_config *cfg, int I, apb_preset preset, apb_m
     int worst = 0;
     for (int k = 1; k < plan->H; k++)
       if (res[k].stats.prefill_s > res[worst].stats.prefill_s) worst = k;
+    /* per-rank compute: the profiled run books the time blocked in collectives to COMM (every stage is
+     * synchronised), so its prefill minus COMM is the rank's own work; unprofiled, the host-side wait */
+    double cmax = 0, cmin = 1e300;
+    for (int k = 0; k < plan->H; k++) {
+      const apb_host_stats *hs = &res[k].stats;
+      double cpt = hs->prefill_s - (pass ? hs->stage_s[APB_STAGE_COMM] : hs->prefill_wait_s);
+      cmax = cpt > cmax ? cpt : cmax, cmin = cpt < cmin ? cpt : cmin;
+    }
+    if (cmin > 0) out->imbalance = cmax / cmin;
     if (pass == 0) {
       out->prefill_s = res[worst].stats.prefill_s;
       out->tok_s = (double)n / out->prefill_s;
@@ -108,18 +120,19 @@ done:
 
 int bench_prefill(int argc, char **argv) {
   int64_t tokens[MAXN] = {131072}, gpus_l[MAXN] = {4};
-  int nt = 1, ng = 1, nm = 0, profile = 1;
+  int nt = 1, ng = 1, nm = 0, profile = 1, balance = 0;
   int64_t q = 64;
   apb_method ms[APB_METHOD_COUNT];
   for (int i = 0; i < APB_METHOD_COUNT; i++) ms[nm++] = (apb_method)i;
   apb_preset preset = APB_PRESET_LLAMA3_8B;
   const char *json = NULL;
-  enum { O_TOK = 256, O_GPUS, O_METHOD, O_PRESET, O_Q, O_PROF, O_JSON };
+  enum { O_TOK = 256, O_GPUS, O_METHOD, O_PRESET, O_Q, O_PROF, O_JSON, O_BAL };
   static const struct option opts[] = {
       {"tokens", required_argument, 0, O_TOK},     {"gpus", required_argument, 0, O_GPUS},
       {"method", required_argument, 0, O_METHOD},  {"preset", required_argument, 0, O_PRESET},
       {"query-len", required_argument, 0, O_Q},
       {"profile", required_argument, 0, O_PROF},   {"json", required_argument, 0, O_JSON},
+      {"balance", no_argument, 0, O_BAL},
       {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
   int ch;
   while ((ch = cli_getopt(CMD, argc, argv, opts)) != -1) {
@@ -134,6 +147,7 @@ int bench_prefill(int argc, char **argv) {
     case O_Q: rc = cli_parse_i64(CMD, "--query-len", optarg, 1, 4096, &q); break;
     case O_PROF: rc = cli_parse_int(CMD, "--profile", optarg, 0, 1, &profile); break;
     case O_JSON: json = optarg; break;
+    case O_BAL: balance = 1; break;
     case 'h': fputs(help_text, stdout); return CLI_OK;
     default: return CLI_USAGE;
     }
@@ -159,7 +173,8 @@ int bench_prefill(int argc, char **argv) {
   if (jf) fprintf(jf, "{\"preset\": \"%s\", \"layers\": %d, \"runs\": [", apb_preset_name(preset), cfg.n_layers);
   printf("apb bench prefill: preset %s, %d layers, bf16, %d GPU(s) visible\n", apb_preset_name(preset), cfg.n_layers,
          ndev);
-  printf("%-8s %4s %8s %10s %12s %10s %9s", "method", "gpus", "tokens", "prefill s", "tokens/s", "model s", "peak GiB");
+  printf("%-8s %4s %8s %10s %12s %10s %9s %9s", "method", "gpus", "tokens", "prefill s", "tokens/s", "model s",
+         "peak GiB", "slow/fast");
   for (int s = 0; s < APB_STAGE_COUNT; s++) printf(" %8s", apb_stage_name((apb_stage)s));
   printf("   (per-layer ms, profiled)\n");
   int rc = CLI_OK, first = 1;
@@ -174,10 +189,10 @@ int bench_prefill(int argc, char **argv) {
         }
         row rw;
         memset(&rw, 0, sizeof rw);
-        rc = run_case(&cfg, I, preset, ms[mi], g, tokens[ti], q, profile, &rw);
+        rc = run_case(&cfg, I, preset, ms[mi], g, tokens[ti], q, profile, balance, &rw);
         if (rc) break;
-        printf("%-8s %4d %8lld %10.3f %12.0f %10.3f %9.2f", rw.method, rw.gpus, (long long)rw.tokens, rw.prefill_s,
-               rw.tok_s, rw.pred_s, rw.peak_gib);
+        printf("%-8s %4d %8lld %10.3f %12.0f %10.3f %9.2f %9.3f", rw.method, rw.gpus, (long long)rw.tokens,
+               rw.prefill_s, rw.tok_s, rw.pred_s, rw.peak_gib, rw.imbalance);
         for (int s = 0; s < APB_STAGE_COUNT; s++) printf(" %8.2f", rw.stage_s[s] * 1e3);
         printf("\n");
         fflush(stdout);
@@ -187,9 +202,10 @@ int bench_prefill(int argc, char **argv) {
                   ms[0] == APB_METHOD_DENSE ? dense_s : 0.0);
         if (jf) {
           fprintf(jf, "%s{\"method\": \"%s\", \"gpus\": %d, \"tokens\": %lld, \"prefill_s\": %.6f, \"tokens_per_s\": %.1f, "
-                      "\"model_s\": %.6f, \"peak_gib\": %.3f, \"bytes_sent\": %lld, \"per_layer_ms\": {",
+                      "\"model_s\": %.6f, \"peak_gib\": %.3f, \"slowest_over_fastest\": %.4f, \"balance\": %d, "
+                      "\"bytes_sent\": %lld, \"per_layer_ms\": {",
                   first ? "" : ", ", rw.method, rw.gpus, (long long)rw.tokens, rw.prefill_s, rw.tok_s, rw.pred_s,
-                  rw.peak_gib, (long long)rw.bytes);
+                  rw.peak_gib, rw.imbalance, balance, (long long)rw.bytes);
           for (int s = 0; s < APB_STAGE_COUNT; s++)
             fprintf(jf, "%s\"%s\": %.4f", s ? ", " : "", apb_stage_name((apb_stage)s), rw.stage_s[s] * 1e3);
           fprintf(jf, "}}");

@@ -19,18 +19,19 @@
 typedef struct bopts {
   apb_preset preset;
   int64_t tokens;
-  int hosts, threads, gemm, reps, json;
+  int hosts, threads, gemm, reps, json, balance;
   apb_method method;
   const char *backend;
 } bopts;
 
 static int parse(const char *cmd, int argc, char **argv, bopts *o, const char *help) {
-  enum { O_PRESET = 256, O_TOKENS, O_HOSTS, O_THREADS, O_GEMM, O_METHOD, O_BACKEND, O_JSON };
+  enum { O_PRESET = 256, O_TOKENS, O_HOSTS, O_THREADS, O_GEMM, O_METHOD, O_BACKEND, O_JSON, O_BALANCE };
   static const struct option opts[] = {
       {"preset", required_argument, 0, O_PRESET}, {"tokens", required_argument, 0, O_TOKENS},
       {"hosts", required_argument, 0, O_HOSTS},   {"threads", required_argument, 0, O_THREADS},
       {"gemm", required_argument, 0, O_GEMM},     {"method", required_argument, 0, O_METHOD},
       {"backend", required_argument, 0, O_BACKEND}, {"json", no_argument, 0, O_JSON},
+      {"balance", no_argument, 0, O_BALANCE},
       {"help", no_argument, 0, 'h'},              {0, 0, 0, 0}};
   int ch;
   while ((ch = cli_getopt(cmd, argc, argv, opts)) != -1) {
@@ -48,6 +49,7 @@ static int parse(const char *cmd, int argc, char **argv, bopts *o, const char *h
       break;
     case O_BACKEND: o->backend = optarg; break;
     case O_JSON: o->json = 1; break;
+    case O_BALANCE: o->balance = 1; break;
     case 'h': fputs(help, stdout); return -1;
     default: return CLI_USAGE;
     }
@@ -68,7 +70,7 @@ static int run_plan(const char *cmd, const bopts *o, apb_model *m, apb_plan *pla
   for (int i = 0; i < 4; i++) query[i] = (int32_t)apb_rng_below(&r, (uint64_t)m->cfg.vocab);
   apb_run_opts ro;
   apb_run_opts_default(&ro);
-  ro.method = o->method, ro.hosts = o->hosts;
+  ro.method = o->method, ro.hosts = o->hosts, ro.balance = o->balance;
   apb_status st = apb_plan_make(&ro, o->tokens, 4, &m->cfg, m->scorer_width, plan, &err);
   apb_sim_opts so = {.backend = o->backend, .cpu = {.threads = o->threads}, .profile = 1};
   if (!st) st = apb_sim_execute(plan, m, &so, doc, query, res, NULL, &err);
@@ -133,11 +135,12 @@ int bench_forward(int argc, char **argv) {
 
 static const char sim_help[] =
     "Usage: apb bench sim [--preset small] [--tokens 32768] [--hosts 4] [--method apb] [--threads N]\n"
-    "                     [--gemm 2048] [--backend fast] [--json]\n\n"
+    "                     [--gemm 2048] [--backend fast] [--balance] [--json]\n\n"
     "H simulated hosts in serialized mode: one host computes at a time with every thread, so each\n"
     "host's compute time (prefill minus time blocked in collectives) is exact. For each host: that\n"
     "time, its FLOPs (attention + linear) at the sgemm rate measured in the same run, their ratio, and\n"
-    "its peak backend memory beside an analytic estimate linear in its rows. Defaults in brackets.\n";
+    "its peak backend memory beside an analytic estimate linear in its rows, and the slowest/fastest\n"
+    "host ratio (--balance: each host holds virtual hosts h and 2H-1-h). Defaults in brackets.\n";
 
 /* Bytes a host's prefill keeps at once, linear in its rows T (B of them its own): the layer buffers of
  * sched/host.c, the KV cache, the FFN chunk and the method's buffers (apb: scores, passing blocks;
@@ -197,7 +200,8 @@ int bench_sim(int argc, char **argv) {
     for (int r = 0; r < plan->H; r++) {
       const apb_host_stats *s = &res[r].stats;
       double comp = s->prefill_s - s->prefill_wait_s, fl = s->attn_flops + s->linear_flops, ideal = fl / sgemm;
-      int64_t B = res[r].n_rows, T = B + ((o.method == APB_METHOD_APB || o.method == APB_METHOD_STAR) && r ? plan->la : 0);
+      int64_t B = res[r].n_rows,
+              T = B + ((o.method == APB_METHOD_APB || o.method == APB_METHOD_STAR) && (r || plan->balance) ? plan->la : 0);
       double bound = mem_bound(plan, &m->cfg, r, T, B, 4);
       if (comp > res[worst].stats.prefill_s - res[worst].stats.prefill_wait_s) worst = r;
       if (ideal > worst_ideal) worst_ideal = ideal;
@@ -209,13 +213,18 @@ int bench_sim(int argc, char **argv) {
         printf("%5d %8lld %10.3f %10.1f %10.3f %9.3f %12.1f %12.1f\n", r, (long long)T, comp, fl / 1e9, ideal,
                comp / ideal, (double)s->peak_bytes / 1048576.0, bound / 1048576.0);
     }
-    double wc = res[worst].stats.prefill_s - res[worst].stats.prefill_wait_s;
+    double wc = res[worst].stats.prefill_s - res[worst].stats.prefill_wait_s, fastest = wc;
+    for (int r = 0; r < plan->H; r++) {
+      double cr = res[r].stats.prefill_s - res[r].stats.prefill_wait_s;
+      if (cr < fastest) fastest = cr;
+    }
     if (o.json)
-      printf("], \"slowest_compute_s\": %.6f, \"largest_ideal_s\": %.6f, \"ratio\": %.4f}\n", wc, worst_ideal,
-             wc / worst_ideal);
+      printf("], \"slowest_compute_s\": %.6f, \"largest_ideal_s\": %.6f, \"ratio\": %.4f, "
+             "\"slowest_over_fastest\": %.4f}\n", wc, worst_ideal, wc / worst_ideal, wc / fastest);
     else
-      printf("\nslowest host %d: %.3f s of compute; largest per-host FLOPs / sgemm rate: %.3f s; ratio %.3f\n", worst, wc,
-             worst_ideal, wc / worst_ideal);
+      printf("\nslowest host %d: %.3f s of compute; largest per-host FLOPs / sgemm rate: %.3f s; ratio %.3f\n"
+             "slowest / fastest host compute: %.3f%s\n", worst, wc, worst_ideal, wc / worst_ideal, wc / fastest,
+             o.balance ? " (balanced: virtual hosts h and 2H-1-h per host)" : "");
   }
   for (int r = 0; res && plan && r < plan->H; r++) apb_host_result_free(&res[r]);
   free(res);

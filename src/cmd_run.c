@@ -61,6 +61,8 @@ static void help(void) {
       "  --pool W            max-pool window over scores, odd (default 5 retaining, 1 otherwise)\n"
       "  --max-new-tokens N  greedy tokens after the query (default 8)\n"
       "  --ffn-chunk R       rows per MLP chunk (default 8192)\n"
+      "  --balance           apb, star: each host holds virtual hosts h and 2H-1-h of a 2H-host run\n"
+      "                      (default off)\n"
       "  --overlap 0|1       apb: attend [A|B] while the passing block is gathered, then merge\n"
       "                      (default 1; 0: one attention call after the all-gather)\n"
       "Execution:\n"
@@ -352,6 +354,7 @@ static int run_sim(const run_cfg *c, const apb_model *m, apb_method meth, const 
   apb_run_opts o = c->o;
   o.method = meth;
   if (meth == APB_METHOD_STAR && c->o.passing <= 0) o.passing = -1;
+  if (c->n_methods > 1 && meth != APB_METHOD_APB && meth != APB_METHOD_STAR) o.balance = 0; /* baselines as they are */
   apb_plan *plan = malloc(sizeof *plan);
   if (!plan) return cli_fail(CMD, "out of memory");
   apb_status st = apb_plan_make(&o, n, c->q_len, &m->cfg, m->scorer_width, plan, &err);
@@ -408,6 +411,7 @@ static int run_mpi(const run_cfg *c, const apb_model *m, apb_method meth, const 
   *is_root = comm->rank == 0;
   apb_run_opts o = c->o;
   o.method = meth;
+  if (c->n_methods > 1 && meth != APB_METHOD_APB && meth != APB_METHOD_STAR) o.balance = 0;
   if (c->hosts_given && c->o.hosts != comm->size && meth != APB_METHOD_DENSE) {
     rc = cli_usage(CMD, "--hosts %d but mpirun started %d ranks; each rank is one host", c->o.hosts, comm->size);
     goto done;
@@ -451,11 +455,7 @@ static int run_mpi(const run_cfg *c, const apb_model *m, apb_method meth, const 
     for (int r = 0; r < H; r++) b[r] = sizeof mine;
     st = hc->ops->allgatherv(hc, mine, figs, b, &err);
     if (!st && c->dump) {
-      for (int r = 0; r < H; r++) b[r] = (size_t)(plan->block_start[r + 1] - plan->block_start[r]) * sizeof(int64_t);
-      if (meth == APB_METHOD_ZIGZAG)
-        for (int r = 0; r < H; r++)
-          b[r] = (size_t)((plan->chunk_start[r + 1] - plan->chunk_start[r]) +
-                          (plan->chunk_start[2 * H - r] - plan->chunk_start[2 * H - 1 - r])) * sizeof(int64_t);
+      for (int r = 0; r < H; r++) b[r] = (size_t)apb_plan_rows(plan, r) * sizeof(int64_t);
       st = hc->ops->allgatherv(hc, res.row_pos, pos, b, &err);
       for (int r = 0; r < H; r++) b[r] = b[r] / sizeof(int64_t) * (size_t)E * sizeof(float);
       if (!st) st = hc->ops->allgatherv(hc, res.hidden, hid, b, &err);
@@ -590,7 +590,7 @@ int cmd_run(int argc, char **argv) {
   c.methods[0] = APB_METHOD_DENSE, c.methods[1] = APB_METHOD_RING, c.methods[2] = APB_METHOD_STAR,
   c.methods[3] = APB_METHOD_APB, c.n_methods = 4;
   enum { O_MODEL = 256, O_HEADS, O_PRESET, O_SEED, O_TOKENS, O_SYN, O_QLEN, O_METHOD, O_HOSTS, O_ANCHOR, O_PASSING,
-         O_QOFF, O_EMBED, O_SCORER, O_POOL, O_NEW, O_FFNC, O_OVERLAP, O_BACKEND, O_THREADS, O_CONC, O_DUMP, O_DUMPL, O_JSON,
+         O_QOFF, O_EMBED, O_SCORER, O_POOL, O_NEW, O_FFNC, O_OVERLAP, O_BALANCE, O_BACKEND, O_THREADS, O_CONC, O_DUMP, O_DUMPL, O_JSON,
          O_QUIET, O_GPUS, O_HELP };
   static const struct option opts[] = {
       {"model", required_argument, 0, O_MODEL}, {"heads", required_argument, 0, O_HEADS},
@@ -601,7 +601,8 @@ int cmd_run(int argc, char **argv) {
       {"passing", required_argument, 0, O_PASSING}, {"query-offset", required_argument, 0, O_QOFF},
       {"embed-query", required_argument, 0, O_EMBED}, {"scorer", required_argument, 0, O_SCORER},
       {"pool", required_argument, 0, O_POOL}, {"max-new-tokens", required_argument, 0, O_NEW},
-      {"ffn-chunk", required_argument, 0, O_FFNC}, {"overlap", required_argument, 0, O_OVERLAP}, {"backend", required_argument, 0, O_BACKEND},
+      {"ffn-chunk", required_argument, 0, O_FFNC}, {"overlap", required_argument, 0, O_OVERLAP},
+      {"balance", no_argument, 0, O_BALANCE}, {"backend", required_argument, 0, O_BACKEND},
       {"threads", required_argument, 0, O_THREADS}, {"concurrent", no_argument, 0, O_CONC},
       {"dump", required_argument, 0, O_DUMP}, {"dump-layers", no_argument, 0, O_DUMPL},
       {"json", no_argument, 0, O_JSON}, {"quiet", no_argument, 0, O_QUIET}, {"gpus", required_argument, 0, O_GPUS},
@@ -638,6 +639,7 @@ int cmd_run(int argc, char **argv) {
     case O_NEW: rc = cli_parse_i64(CMD, "--max-new-tokens", optarg, 0, 1 << 20, &c.o.max_new_tokens); break;
     case O_FFNC: rc = cli_parse_i64(CMD, "--ffn-chunk", optarg, 1, BIG, &c.o.ffn_chunk); break;
     case O_OVERLAP: rc = cli_parse_int(CMD, "--overlap", optarg, 0, 1, &c.o.overlap); break;
+    case O_BALANCE: c.o.balance = 1; break;
     case O_BACKEND: c.backend = optarg; break;
     case O_THREADS: rc = cli_parse_int(CMD, "--threads", optarg, 1, 4096, &c.threads); break;
     case O_CONC: c.concurrent = 1; break;

@@ -4,7 +4,8 @@
  *   embedded); apb with l_a = 0 and l_p >= l_b equals dense; ring, zigzag and ulysses equal dense for
  *   every H; the decode (LSE merge over H hosts) gives dense's logits and tokens; results are bitwise
  *   identical across thread counts and between the in-process and the MPI run (mpirun -np 2 and 4);
- *   the overlapped apb attention computes the same function as the single call.
+ *   the overlapped apb attention computes the same function as the single call; --balance on H hosts
+ *   computes what 2H hosts compute.
  * Also: the cost model's FLOP and byte counts equal what the simulator counted, and bad input to
  * `apb run` gets a clear error and a non-zero exit. Document lengths include 1023 and 1025.
  */
@@ -182,6 +183,30 @@ START_TEST(test_apb_overlap_same_function) {
 }
 END_TEST
 
+/* --balance: H hosts holding virtual hosts h and 2H-1-h compute what 2H hosts compute */
+START_TEST(test_balance_equals_2h_hosts) {
+  int H = _i % 3 + 1; /* 1, 2, 4 */
+  if (H == 3) H = 4;
+  apb_method m = _i < 3 ? APB_METHOD_APB : APB_METHOD_STAR;
+  run_out b, u;
+  apb_run_opts ob = opts(m, H), ou = opts(m, 2 * H);
+  ob.balance = 1;
+  ob.anchor = ou.anchor = 48;
+  if (m == APB_METHOD_APB) {
+    ob.passing = ou.passing = 40;
+    ob.scorer = ou.scorer = APB_SCORER_RANDOM; /* identical selections on both sides, by construction */
+    ob.seed = ou.seed = 5;
+  }
+  run(&ob, 1025, 5, 0, &b);
+  run(&ou, 1025, 5, 0, &u);
+  char what[64];
+  snprintf(what, sizeof what, "%s --balance H=%d vs %d hosts", apb_method_name(m), H, 2 * H);
+  assert_matches(what, &b, &u);
+  for (int t = 0; t < 4; t++) ck_assert_msg(b.gen[t] == u.gen[t], "%s: token %d differs", what, t);
+  run_free(&b), run_free(&u);
+}
+END_TEST
+
 START_TEST(test_threads_bitwise) {
   apb_method ms[] = {APB_METHOD_APB, APB_METHOD_RING, APB_METHOD_ULYSSES};
   run_out a, b;
@@ -198,8 +223,11 @@ END_TEST
 START_TEST(test_cost_model_counts) {
   apb_method m = (apb_method)(_i % APB_METHOD_COUNT);
   int H = m == APB_METHOD_DENSE ? 1 : (_i / APB_METHOD_COUNT ? 2 : (m == APB_METHOD_ULYSSES ? 2 : 3));
+  int balance = _i / APB_METHOD_COUNT == 2;
+  if (balance && m != APB_METHOD_APB && m != APB_METHOD_STAR) return;
   run_out x;
   apb_run_opts o = opts(m, H);
+  o.balance = balance;
   if (m == APB_METHOD_APB || m == APB_METHOD_STAR) o.anchor = 100, o.passing = m == APB_METHOD_APB ? 40 : -1;
   run(&o, 1025, 5, 0, &x);
   apb_hw hw;
@@ -243,6 +271,7 @@ START_TEST(test_cli_bad_input) {
       {"--synthetic 1000 --hosts 3 --method ulysses", "must divide the 2 KV heads"},
       {"--synthetic 1000 --method apb --pool 4", "--pool must be an odd window"},
       {"--synthetic 1000 --method bogus", "unknown method 'bogus'"},
+      {"--synthetic 1000 --method ring --balance", "--balance pairs virtual hosts of apb or star"},
       {"--synthetic 99999999999999999999", "--synthetic"},
       {"--model /nonexistent/dir", "config.json"},
       {"--tokens /nonexistent/tokens.txt", "cannot open token file"},
@@ -329,8 +358,9 @@ int main(void) {
   tcase_add_loop_test(ti, test_apb_lp0_is_star, 0, 4);
   tcase_add_loop_test(ti, test_apb_no_anchor_all_passing_is_dense, 0, 8);
   tcase_add_loop_test(ti, test_apb_overlap_same_function, 0, 4);
+  tcase_add_loop_test(ti, test_balance_equals_2h_hosts, 0, 6);
   tcase_add_loop_test(ti, test_threads_bitwise, 0, 3);
-  tcase_add_loop_test(ti, test_cost_model_counts, 0, 2 * APB_METHOD_COUNT);
+  tcase_add_loop_test(ti, test_cost_model_counts, 0, 3 * APB_METHOD_COUNT);
   suite_add_tcase(s, ti);
   TCase *tc = tu_tcase("program", 300);
   tcase_add_test(tc, test_cli_bad_input);

@@ -61,6 +61,8 @@ typedef struct apb_run_opts {
   uint64_t seed;            /* random scorer */
   int64_t max_new_tokens;   /* greedy decode steps after the query (>= 0) */
   int64_t ffn_chunk;        /* rows per FFN chunk; -1: 8192 */
+  int balance;              /* apb, star: each host holds two virtual hosts h and 2H-1-h of a 2H-host
+                               run, so later (slower) blocks pair with earlier ones; -1: 0 */
   int overlap;              /* apb: attend [A | B] while the passing block is all-gathered, then the
                                local rows against P, merged by LSE (same function, other rounding);
                                -1: 1. Ring always prefetches the next block (same arithmetic). */
@@ -79,13 +81,22 @@ typedef struct apb_plan {
   int embed_query;
   int pool;
   int64_t lb;               /* block length used for defaults and checks: block 0's (the largest) */
-  int64_t block_start[APB_MAX_HOSTS + 1];     /* host h holds [block_start[h], block_start[h+1]) */
+  int balance;              /* two virtual hosts per host (see apb_run_opts) */
+  int V;                    /* virtual hosts: H, or 2H when balanced (block_start, n_sel index them) */
+  int last_rank;            /* the host holding the last virtual host (it owns the new tokens' KV) */
+  int64_t block_start[APB_MAX_HOSTS + 1];     /* virtual host v holds [block_start[v], block_start[v+1]) */
   int64_t chunk_start[2 * APB_MAX_HOSTS + 1]; /* zigzag: 2H chunks; host h holds h and 2H-1-h */
-  int64_t n_sel[APB_MAX_HOSTS];               /* apb: compressed rows C_h per KV head (0 for H-1) */
+  int64_t n_sel[APB_MAX_HOSTS];               /* apb: compressed rows C_v per KV head (0 for V-1) */
   int64_t excl0;            /* apb: document tokens host 0 excludes from selection (held by the anchor) */
   int64_t ffn_chunk;        /* rows per FFN chunk (bounds the [rows, 2F] intermediate) */
   int overlap;              /* apb: split attention around the all-gather (see apb_run_opts) */
 } apb_plan;
+
+/* The virtual hosts of host r: *n is 1 (v[0] = r) or, balanced, 2 (v[0] = r, v[1] = 2H-1-r). */
+void apb_plan_virtual(const apb_plan *p, int r, int v[2], int *n);
+
+/* Document rows host r holds (its KV cache rows after the prefill). */
+int64_t apb_plan_rows(const apb_plan *p, int r);
 
 /* Resolve defaults and validate. Errors name the option: more hosts than tokens, l_a > l_b, l_p < 0,
  * query longer than the anchor allows, ulysses with H not dividing Hkv (and Hq), pool not odd, ... */
