@@ -152,11 +152,24 @@ static double mem_bound(const apb_plan *p, const apb_model_config *c, int r, int
   double b = (double)T * per_row + chunk * 3 * F * es + 2 * L * (double)B * Hkv * D * es;
   double n = (double)p->n;
   switch (p->o.method) {
+  case APB_METHOD_STAR:
+    if (p->balance) b += (double)(T > B ? T - B : B) * Hq * 4; /* lse_tmp */
+    break;
   case APB_METHOD_APB: {
-    double tot = 0;
-    for (int h = 0; h < p->H; h++) tot += (double)p->n_sel[h];
-    b += 2 * 4 * Hkv * (double)B + 4 * Hkv * (double)p->n_sel[r] + 2 * tot * Hkv * D * es;
-    if (p->overlap && r > 0) b += (double)B * (Hq * D * es + 2 * 4 * Hq); /* o2, lse2, lse_loc */
+    double tot = 0, maxb = (double)(T - B);
+    for (int v = 0; v < p->V; v++) tot += (double)p->n_sel[v];
+    int vv[2], nv;
+    apb_plan_virtual(p, r, vv, &nv);
+    b += 2 * 4 * Hkv * (double)B + 2 * tot * Hkv * D * es; /* scores, pooled; gathered C */
+    for (int j = 0; j < nv; j++) {
+      double Bj = (double)(p->block_start[vv[j] + 1] - p->block_start[vv[j]]), Pv = 0;
+      for (int w = 0; w < vv[j]; w++) Pv += (double)p->n_sel[w];
+      b += 4 * Hkv * (double)p->n_sel[vv[j]];                       /* idx */
+      if (p->balance) b += 2 * (Pv + (double)(T - B)) * Hkv * D * es; /* [P_v | A] copies */
+      maxb = Bj > maxb ? Bj : maxb;
+    }
+    if (p->balance) b += maxb * Hq * 4; /* lse_tmp */
+    else if (p->overlap && r > 0) b += (double)B * (Hq * D * es + 2 * 4 * Hq); /* o2, lse2, lse_loc */
     break;
   }
   case APB_METHOD_RING:
