@@ -322,14 +322,24 @@ START_TEST(test_mpi_bitwise) {
   const char *common = "run --quiet --synthetic 1025 --query-len 5 --max-new-tokens 3 --threads 1";
   snprintf(cmd, sizeof cmd, "%s %s --method %s --hosts %d --dump %s", bin(), common, method, H, a);
   int rc = tu_sh(cmd, &out);
-  ck_assert_msg(rc == 0, "`%s` failed (%d):\n%s", cmd, rc, out);
+  if (rc != 0) fprintf(stderr, "`%s` failed (%d):\n%s\n", cmd, rc, out);
+  ck_assert_msg(rc == 0, "the in-process run failed with %d: its output is above", rc);
   free(out);
+#ifdef __SANITIZE_ADDRESS__
+  /* OpenMPI keeps what MPI_Init allocates and unloads its components in MPI_Finalize, so LeakSanitizer
+   * reports blocks it cannot attribute (<unknown module>): the ranks run with leak detection off. The
+   * same code runs leak-checked in the in-process run above and in the rest of this suite. */
+  const char *fwd = "-x ASAN_OPTIONS=detect_leaks=0:abort_on_error=1";
+#else
+  const char *fwd = "";
+#endif
   snprintf(cmd, sizeof cmd,
            "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl=self,vader "
-           "%s --oversubscribe -np %d %s %s --method %s --hosts %d --dump %s",
-           APB_MPIRUN, H, bin(), common, method, H, b);
+           "%s --oversubscribe %s -np %d %s %s --method %s --hosts %d --dump %s",
+           APB_MPIRUN, fwd, H, bin(), common, method, H, b);
   rc = tu_sh(cmd, &out);
-  ck_assert_msg(rc == 0, "`%s` failed (%d):\n%s", cmd, rc, out);
+  if (rc != 0) fprintf(stderr, "`%s` failed (%d):\n%s\n", cmd, rc, out);
+  ck_assert_msg(rc == 0, "mpirun -np %d (%s) failed with %d: its output is above", H, method, rc);
   free(out);
   apb_st_file *fa = NULL, *fb = NULL;
   apb_error err = {0};
