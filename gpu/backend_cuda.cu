@@ -100,16 +100,6 @@ done:
 
 /* ---------------------------------------------------------------- validation */
 
-apb_status cu_need(apb_error *err, const char *op, const char *arg, const void *p) {
-  if (p) return APB_OK;
-  return apb_error_set(err, APB_EINVAL, "%s: %s is NULL", op, arg);
-}
-
-apb_status cu_len(apb_error *err, const char *op, const char *arg, int64_t v, int64_t lo) {
-  if (v >= lo) return APB_OK;
-  return apb_error_set(err, APB_EINVAL, "%s: %s=%lld must be >= %lld", op, arg, (long long)v, (long long)lo);
-}
-
 apb_status cu_weight_check(const cu_be *c, apb_error *err, const char *op, const char *arg, const apb_bweight *w,
                            int64_t N, int64_t K) {
   if (!w) return apb_error_set(err, APB_EINVAL, "%s: weight %s is NULL", op, arg);
@@ -123,16 +113,6 @@ apb_status cu_weight_check(const cu_be *c, apb_error *err, const char *op, const
   if (w->dt != c->be.act)
     return apb_error_set(err, APB_EINVAL, "%s: weight %s is stored as %s but this instance computes in %s", op, arg,
                          apb_dtype_name(w->dt), apb_dtype_name(c->be.act));
-  return APB_OK;
-}
-
-apb_status cu_disjoint(apb_error *err, const char *op, const char *an, const void *a, size_t na, const char *bn,
-                       const void *b, size_t nb) {
-  if (!a || !b || na == 0 || nb == 0) return APB_OK;
-  uintptr_t a0 = (uintptr_t)a, b0 = (uintptr_t)b;
-  if (a0 < b0 + nb && b0 < a0 + na)
-    return apb_error_set(err, APB_EINVAL, "%s: %s [%p, +%zu bytes) overlaps %s [%p, +%zu bytes)", op, an, a, na, bn,
-                         b, nb);
   return APB_OK;
 }
 
@@ -200,8 +180,8 @@ static apb_status cu_copy(apb_backend *be, void *dst, const void *src, size_t by
   const char *op = "copy";
   if (bytes == 0 || dst == src) return APB_OK;
   apb_status st;
-  if ((st = cu_need(err, op, "dst", dst)) || (st = cu_need(err, op, "src", src)) ||
-      (st = cu_disjoint(err, op, "dst", dst, bytes, "src", src, bytes)))
+  if ((st = apb_bc_need(err, op, "dst", dst)) || (st = apb_bc_need(err, op, "src", src)) ||
+      (st = apb_bc_disjoint(err, op, "dst", dst, bytes, "src", src, bytes)))
     return st;
   cu_be *c = cu_of(be);
   if ((st = cu_enter(c, err))) return st;
@@ -210,37 +190,11 @@ done:
   return st;
 }
 
-/* floor(a / b) for b > 0. */
-static int64_t floordiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
-
 static apb_status cu_copy2d(apb_backend *be, void *dst, size_t dpitch, const void *src, size_t spitch, size_t width,
                             size_t rows, apb_error *err) {
-  const char *op = "copy2d";
   apb_status st;
   if (width == 0 || rows == 0) return APB_OK;
-  if ((st = cu_need(err, op, "dst", dst)) || (st = cu_need(err, op, "src", src))) return st;
-  if (width > dpitch || width > spitch)
-    return apb_error_set(err, APB_EINVAL, "%s: width=%zu exceeds a pitch (dpitch=%zu, spitch=%zu)", op, width,
-                         dpitch, spitch);
-  const size_t maxp = dpitch > spitch ? dpitch : spitch;
-  if (rows > (size_t)INT64_MAX / 4 / maxp)
-    return apb_error_set(err, APB_EINVAL, "%s: %zu rows of pitch %zu is too large", op, rows, maxp);
-  /* Overlap, row against row: dst row i starts at d0 = (dst - src) + i * dpitch relative to src; the
-   * src rows j with [j * spitch, + width) meeting [d0, d0 + width) form one range of j. */
-  const int64_t span_d = (int64_t)((rows - 1) * dpitch + width), span_s = (int64_t)((rows - 1) * spitch + width);
-  if (cu_disjoint(NULL, op, "", dst, (size_t)span_d, "", src, (size_t)span_s) != APB_OK) {
-    const int64_t base = (int64_t)((intptr_t)dst - (intptr_t)src), w = (int64_t)width;
-    const int64_t sp = (int64_t)spitch, dp = (int64_t)dpitch;
-    for (int64_t i = 0; i < (int64_t)rows; i++) {
-      const int64_t d0 = base + i * dp;
-      int64_t jlo = floordiv(d0 - w, sp) + 1, jhi = floordiv(d0 + w - 1, sp);
-      if (jlo < 0) jlo = 0;
-      if (jhi > (int64_t)rows - 1) jhi = (int64_t)rows - 1;
-      if (jlo <= jhi)
-        return apb_error_set(err, APB_EINVAL, "%s: dst row %lld overlaps src row %lld (width %zu, pitches %zu/%zu)",
-                             op, (long long)i, (long long)jlo, width, dpitch, spitch);
-    }
-  }
+  if ((st = apb_bc_copy2d(err, dst, dpitch, src, spitch, width, rows))) return st;
   cu_be *c = cu_of(be);
   if ((st = cu_enter(c, err))) return st;
   APB_CU(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, rows, cudaMemcpyDeviceToDevice, c->stream));
@@ -253,7 +207,7 @@ static apb_status cu_upload(apb_backend *be, void *dst, const void *host, size_t
   const char *op = "upload";
   if (bytes == 0) return APB_OK;
   apb_status st;
-  if ((st = cu_need(err, op, "dst", dst)) || (st = cu_need(err, op, "host", host))) return st;
+  if ((st = apb_bc_need(err, op, "dst", dst)) || (st = apb_bc_need(err, op, "host", host))) return st;
   cu_be *c = cu_of(be);
   if ((st = cu_enter(c, err))) return st;
   APB_CU(cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, c->stream));
@@ -267,7 +221,7 @@ static apb_status cu_download(apb_backend *be, void *host, const void *src, size
   const char *op = "download";
   if (bytes == 0) return APB_OK;
   apb_status st;
-  if ((st = cu_need(err, op, "host", host)) || (st = cu_need(err, op, "src", src))) return st;
+  if ((st = apb_bc_need(err, op, "host", host)) || (st = apb_bc_need(err, op, "src", src))) return st;
   cu_be *c = cu_of(be);
   if ((st = cu_enter(c, err))) return st;
   APB_CU(cudaMemcpyAsync(host, src, bytes, cudaMemcpyDeviceToHost, c->stream));
@@ -303,7 +257,7 @@ static apb_status cu_upload_f32(apb_backend *be, void *dst, const float *host, s
   if (n > SIZE_MAX / sizeof(float)) return apb_error_set(err, APB_EINVAL, "%s: n=%zu elements is too large", op, n);
   if (n == 0) return APB_OK;
   apb_status st;
-  if ((st = cu_need(err, op, "dst", dst)) || (st = cu_need(err, op, "host", host))) return st;
+  if ((st = apb_bc_need(err, op, "dst", dst)) || (st = apb_bc_need(err, op, "host", host))) return st;
   cu_be *c = cu_of(be);
   if ((st = cu_enter(c, err))) return st;
   return put_f32(c, op, dst, be->act, host, n, err);
@@ -314,7 +268,7 @@ static apb_status cu_download_f32(apb_backend *be, float *host, const void *src,
   if (n > SIZE_MAX / sizeof(float)) return apb_error_set(err, APB_EINVAL, "%s: n=%zu elements is too large", op, n);
   if (n == 0) return APB_OK;
   apb_status st;
-  if ((st = cu_need(err, op, "host", host)) || (st = cu_need(err, op, "src", src))) return st;
+  if ((st = apb_bc_need(err, op, "host", host)) || (st = apb_bc_need(err, op, "src", src))) return st;
   cu_be *c = cu_of(be);
   if ((st = cu_enter(c, err))) return st;
   void *stage = NULL;
@@ -350,7 +304,7 @@ apb_status cu_weight_new(cu_be *c, int64_t N, int64_t K, int has_bias, apb_bweig
   const char *op = "weight_create";
   apb_status st = APB_OK;
   *out = NULL;
-  if ((st = cu_len(err, op, "N", N, 1)) || (st = cu_len(err, op, "K", K, 1))) return st;
+  if ((st = apb_bc_len(err, op, "N", N, 1)) || (st = apb_bc_len(err, op, "K", K, 1))) return st;
   if (N > INT64_MAX / 8 / K)
     return apb_error_set(err, APB_EINVAL, "%s: [%lld, %lld] is too large", op, (long long)N, (long long)K);
   apb_bweight *bw = (apb_bweight *)calloc(1, sizeof *bw);
@@ -388,9 +342,9 @@ static apb_status cu_weight_create(apb_backend *be, const float *w, int64_t N, i
                                    apb_bweight **out, apb_error *err) {
   const char *op = "weight_create";
   apb_status st;
-  if ((st = cu_need(err, op, "out", out))) return st;
+  if ((st = apb_bc_need(err, op, "out", out))) return st;
   *out = NULL;
-  if ((st = cu_need(err, op, "w", w))) return st;
+  if ((st = apb_bc_need(err, op, "w", w))) return st;
   cu_be *c = cu_of(be);
   apb_bweight *bw = NULL;
   if ((st = cu_enter(c, err)) || (st = cu_weight_new(c, N, K, bias != NULL, &bw, err))) return st;
@@ -456,12 +410,12 @@ static apb_status cu_linear(apb_backend *be, const apb_bweight *w, const void *x
   const char *op = "linear";
   cu_be *c = cu_of(be);
   apb_status st;
-  if ((st = cu_weight_check(c, err, op, "w", w, -1, -1)) || (st = cu_len(err, op, "T", T, 0))) return st;
+  if ((st = cu_weight_check(c, err, op, "w", w, -1, -1)) || (st = apb_bc_len(err, op, "T", T, 0))) return st;
   if (T == 0) return APB_OK;
   const int64_t N = w->N, K = w->K;
   const size_t es = apb_act_size(be);
-  if ((st = cu_need(err, op, "x", x)) || (st = cu_need(err, op, "y", y)) ||
-      (st = cu_disjoint(err, op, "y", y, (size_t)(T * N) * es, "x", x, (size_t)(T * K) * es)))
+  if ((st = apb_bc_need(err, op, "x", x)) || (st = apb_bc_need(err, op, "y", y)) ||
+      (st = apb_bc_disjoint(err, op, "y", y, (size_t)(T * N) * es, "x", x, (size_t)(T * K) * es)))
     return st;
   if ((st = cu_enter(c, err))) return st;
   void *tmp = NULL;

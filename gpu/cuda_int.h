@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "apb/backend.h"
+#include "../lib/be_check.h"
 #include "apb/cuda.h"
 #include "gpu_common.h"
 
@@ -132,16 +133,12 @@ apb_status cu_read(cu_be *c, void *host, const void *dev, size_t bytes, apb_erro
 /* 1 when be is an instance of this backend. */
 int cu_is_instance(const apb_backend *be);
 
-/* ---------------------------------------------------------------- validation (CPU message forms) */
+/* ---------------------------------------------------------------- validation (the CPU backends' messages) */
 
-apb_status cu_need(apb_error *err, const char *op, const char *arg, const void *p);
-apb_status cu_len(apb_error *err, const char *op, const char *arg, int64_t v, int64_t lo);
 /* w non-NULL, and w->N == N (unless N < 0) and w->K == K (unless K < 0); w->dt == the instance's act. */
 apb_status cu_weight_check(const cu_be *c, apb_error *err, const char *op, const char *arg, const apb_bweight *w,
                            int64_t N, int64_t K);
-/* APB_EINVAL unless the byte ranges [a, a+na) and [b, b+nb) are disjoint (empty ranges never overlap). */
-apb_status cu_disjoint(apb_error *err, const char *op, const char *an, const void *a, size_t na, const char *bn,
-                       const void *b, size_t nb);
+/* apb_bc_need, apb_bc_len, apb_bc_disjoint and the copy2d/maxpool checks: lib/be_check.h, shared with ref/ */
 
 /* ---------------------------------------------------------------- ops (signatures of apb_backend_ops) */
 

@@ -129,9 +129,9 @@ apb_status cu_embed(apb_backend *be, const apb_bweight *table, const int32_t *id
   const char *op = "embed";
   cu_be *c = cu_of(be);
   apb_status st;
-  if ((st = cu_weight_check(c, err, op, "table", table, -1, -1)) || (st = cu_len(err, op, "T", T, 0))) return st;
+  if ((st = cu_weight_check(c, err, op, "table", table, -1, -1)) || (st = apb_bc_len(err, op, "T", T, 0))) return st;
   if (T == 0) return APB_OK;
-  if ((st = cu_need(err, op, "ids", ids)) || (st = cu_need(err, op, "out", out))) return st;
+  if ((st = apb_bc_need(err, op, "ids", ids)) || (st = apb_bc_need(err, op, "out", out))) return st;
   if ((st = cu_enter(c, err))) return st;
   unsigned long long *first = NULL, bad = 0;
   const unsigned g = cu_blocks(T * table->K, CU_THREADS);
@@ -183,11 +183,11 @@ apb_status cu_rmsnorm(apb_backend *be, const apb_bweight *w, float eps, const vo
   const char *op = "rmsnorm";
   cu_be *c = cu_of(be);
   apb_status st;
-  if ((st = cu_weight_check(c, err, op, "w", w, 1, -1)) || (st = cu_len(err, op, "T", T, 0))) return st;
+  if ((st = cu_weight_check(c, err, op, "w", w, 1, -1)) || (st = apb_bc_len(err, op, "T", T, 0))) return st;
   if (!isfinite(eps) || eps < 0)
     return apb_error_set(err, APB_EINVAL, "%s: eps=%g must be finite and >= 0", op, (double)eps);
   if (T == 0) return APB_OK;
-  if ((st = cu_need(err, op, "x", x)) || (st = cu_need(err, op, "y", y))) return st;
+  if ((st = apb_bc_need(err, op, "x", x)) || (st = apb_bc_need(err, op, "y", y))) return st;
   if ((st = cu_enter(c, err))) return st;
   const unsigned g = T < 65535 * 16 ? (unsigned)T : 65535u * 16u;
   if (be->act == APB_DT_BF16)
@@ -256,8 +256,8 @@ apb_status cu_split_rope(apb_backend *be, const void *qkv, int64_t T, int Hq, in
   const char *op = "split_rope";
   cu_be *c = cu_of(be);
   apb_status st;
-  if ((st = cu_len(err, op, "T", T, 0)) || (st = cu_len(err, op, "Hq", Hq, 1)) || (st = cu_len(err, op, "Hkv", Hkv, 1)) ||
-      (st = cu_need(err, op, "rope", rope)))
+  if ((st = apb_bc_len(err, op, "T", T, 0)) || (st = apb_bc_len(err, op, "Hq", Hq, 1)) || (st = apb_bc_len(err, op, "Hkv", Hkv, 1)) ||
+      (st = apb_bc_need(err, op, "rope", rope)))
     return st;
   if (D < 2 || D % 2)
     return apb_error_set(err, APB_EINVAL, "%s: head dim D=%d must be even and >= 2 (rotate-half)", op, D);
@@ -268,11 +268,11 @@ apb_status cu_split_rope(apb_backend *be, const void *qkv, int64_t T, int Hq, in
   if (T == 0) return APB_OK;
   const size_t es = apb_act_size(be);
   const size_t bq = (size_t)T * Hq * D * es, bk = (size_t)T * Hkv * D * es, bx = (size_t)T * QKV * es;
-  if ((st = cu_need(err, op, "qkv", qkv)) || (st = cu_need(err, op, "pos", pos)) || (st = cu_need(err, op, "q", q)) ||
-      (st = cu_need(err, op, "k", k)) || (st = cu_need(err, op, "v", v)) ||
-      (st = cu_disjoint(err, op, "q", q, bq, "qkv", qkv, bx)) || (st = cu_disjoint(err, op, "k", k, bk, "qkv", qkv, bx)) ||
-      (st = cu_disjoint(err, op, "v", v, bk, "qkv", qkv, bx)) || (st = cu_disjoint(err, op, "q", q, bq, "k", k, bk)) ||
-      (st = cu_disjoint(err, op, "q", q, bq, "v", v, bk)) || (st = cu_disjoint(err, op, "k", k, bk, "v", v, bk)))
+  if ((st = apb_bc_need(err, op, "qkv", qkv)) || (st = apb_bc_need(err, op, "pos", pos)) || (st = apb_bc_need(err, op, "q", q)) ||
+      (st = apb_bc_need(err, op, "k", k)) || (st = apb_bc_need(err, op, "v", v)) ||
+      (st = apb_bc_disjoint(err, op, "q", q, bq, "qkv", qkv, bx)) || (st = apb_bc_disjoint(err, op, "k", k, bk, "qkv", qkv, bx)) ||
+      (st = apb_bc_disjoint(err, op, "v", v, bk, "qkv", qkv, bx)) || (st = apb_bc_disjoint(err, op, "q", q, bq, "k", k, bk)) ||
+      (st = apb_bc_disjoint(err, op, "q", q, bq, "v", v, bk)) || (st = apb_bc_disjoint(err, op, "k", k, bk, "v", v, bk)))
     return st;
   double *f = (double *)malloc((size_t)(D / 2) * sizeof *f);
   if (!f) return apb_error_set(err, APB_ENOMEM, "%s: cannot allocate %d inverse frequencies", op, D / 2);
@@ -319,11 +319,11 @@ apb_status cu_swiglu(apb_backend *be, const void *gu, int64_t T, int64_t F, void
   const char *op = "swiglu";
   cu_be *c = cu_of(be);
   apb_status st;
-  if ((st = cu_len(err, op, "T", T, 0)) || (st = cu_len(err, op, "F", F, 1))) return st;
+  if ((st = apb_bc_len(err, op, "T", T, 0)) || (st = apb_bc_len(err, op, "F", F, 1))) return st;
   if (T == 0) return APB_OK;
   const size_t es = apb_act_size(be);
-  if ((st = cu_need(err, op, "gu", gu)) || (st = cu_need(err, op, "out", out)) ||
-      (st = cu_disjoint(err, op, "out", out, (size_t)(T * F) * es, "gu", gu, (size_t)(T * 2 * F) * es)))
+  if ((st = apb_bc_need(err, op, "gu", gu)) || (st = apb_bc_need(err, op, "out", out)) ||
+      (st = apb_bc_disjoint(err, op, "out", out, (size_t)(T * F) * es, "gu", gu, (size_t)(T * 2 * F) * es)))
     return st;
   if ((st = cu_enter(c, err))) return st;
   const unsigned g = cu_blocks(T * F, CU_THREADS);
@@ -349,7 +349,7 @@ apb_status cu_add(apb_backend *be, void *y, const void *x, size_t n, apb_error *
   cu_be *c = cu_of(be);
   apb_status st;
   if (n == 0) return APB_OK;
-  if ((st = cu_need(err, op, "y", y)) || (st = cu_need(err, op, "x", x))) return st;
+  if ((st = apb_bc_need(err, op, "y", y)) || (st = apb_bc_need(err, op, "x", x))) return st;
   if ((st = cu_enter(c, err))) return st;
   const unsigned g = cu_blocks((int64_t)n, CU_THREADS);
   if (be->act == APB_DT_BF16)

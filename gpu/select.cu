@@ -61,7 +61,7 @@ apb_status cu_score_retaining(apb_backend *be, const apb_bweight *fc1, const apb
   cu_be *c = cu_of(be);
   apb_status st;
   if ((st = cu_weight_check(c, err, op, "fc1", fc1, -1, -1)) ||
-      (st = cu_weight_check(c, err, op, "fc2", fc2, -1, fc1->N)) || (st = cu_len(err, op, "T", T, 0)))
+      (st = cu_weight_check(c, err, op, "fc2", fc2, -1, fc1->N)) || (st = apb_bc_len(err, op, "T", T, 0)))
     return st;
   if (fc1->b || fc2->b)
     return apb_error_set(err, APB_EINVAL, "%s: %s has a bias; the retaining heads have none (APB.md 3.2)", op,
@@ -69,8 +69,8 @@ apb_status cu_score_retaining(apb_backend *be, const apb_bweight *fc1, const apb
   if (T == 0) return APB_OK;
   const size_t es = apb_act_size(be);
   const int64_t C = fc1->K, Iw = fc1->N, Hkv = fc2->N; /* Iw: the scorer width I */
-  if ((st = cu_need(err, op, "qkv", qkv)) || (st = cu_need(err, op, "scores", scores)) ||
-      (st = cu_disjoint(err, op, "scores", scores, (size_t)(Hkv * T) * sizeof(float), "qkv", qkv,
+  if ((st = apb_bc_need(err, op, "qkv", qkv)) || (st = apb_bc_need(err, op, "scores", scores)) ||
+      (st = apb_bc_disjoint(err, op, "scores", scores, (size_t)(Hkv * T) * sizeof(float), "qkv", qkv,
                         (size_t)(T * C) * es)))
     return st;
   if (T > INT_MAX || Iw > INT_MAX || Hkv > INT_MAX || C > INT_MAX)
@@ -126,19 +126,9 @@ __global__ void maxpool_kernel(const float *s, int64_t R, int64_t T, int64_t hal
 }
 
 apb_status cu_maxpool(apb_backend *be, const float *s, int R, int64_t T, int w, float *out, apb_error *err) {
-  const char *op = "maxpool";
   cu_be *c = cu_of(be);
-  apb_status st;
-  if ((st = cu_len(err, op, "R", R, 0)) || (st = cu_len(err, op, "T", T, 0))) return st;
-  if (w < 1 || w % 2 == 0)
-    return apb_error_set(err, APB_EINVAL, "%s: window w=%d must be odd and >= 1 (w = 1 disables pooling)", op, w);
-  if (R == 0 || T == 0) return APB_OK;
-  if (T > INT64_MAX / 4 / R)
-    return apb_error_set(err, APB_EINVAL, "%s: shape [%d, %lld] is too large", op, R, (long long)T);
-  const size_t bytes = (size_t)R * (size_t)T * sizeof(float);
-  if ((st = cu_need(err, op, "s", s)) || (st = cu_need(err, op, "out", out)) ||
-      (st = cu_disjoint(err, op, "out", out, bytes, "s", s, bytes)))
-    return st;
+  apb_status st = apb_bc_maxpool(err, s, R, T, w, out);
+  if (st || R == 0 || T == 0) return st;
   if ((st = cu_enter(c, err))) return st;
   maxpool_kernel<<<cu_blocks((int64_t)R * T, CU_THREADS), CU_THREADS, 0, c->stream>>>(s, R, T, w / 2, out);
   APB_CU_LAUNCH();
@@ -254,7 +244,7 @@ apb_status cu_topk(apb_backend *be, const float *s, int R, int64_t T, int64_t lo
   const char *op = "topk";
   cu_be *c = cu_of(be);
   apb_status st;
-  if ((st = cu_len(err, op, "R", R, 0)) || (st = cu_len(err, op, "T", T, 0))) return st;
+  if ((st = apb_bc_len(err, op, "R", R, 0)) || (st = apb_bc_len(err, op, "T", T, 0))) return st;
   if (T > INT32_MAX) return apb_error_set(err, APB_EINVAL, "%s: T=%lld does not fit the int32 indices", op, (long long)T);
   if (lo < 0 || lo > T)
     return apb_error_set(err, APB_EINVAL, "%s: lo=%lld must be in [0, T=%lld]", op, (long long)lo, (long long)T);
@@ -262,7 +252,7 @@ apb_status cu_topk(apb_backend *be, const float *s, int R, int64_t T, int64_t lo
     return apb_error_set(err, APB_EINVAL, "%s: k=%lld must be in [0, T - lo] = [0, %lld] (T=%lld, lo=%lld)", op,
                          (long long)k, (long long)(T - lo), (long long)T, (long long)lo);
   if (R == 0 || T == lo) return APB_OK;
-  if ((st = cu_need(err, op, "s", s))) return st;
+  if ((st = apb_bc_need(err, op, "s", s))) return st;
   if ((st = cu_enter(c, err))) return st;
   unsigned long long *first = NULL, bad = 0;
   APB_TRY(cu_scratch(c, sizeof *first, op, (void **)&first, err));
@@ -276,7 +266,7 @@ apb_status cu_topk(apb_backend *be, const float *s, int R, int64_t T, int64_t lo
     goto done;
   }
   if (k == 0) goto done;
-  if ((st = cu_need(err, op, "idx", idx))) goto done;
+  if ((st = apb_bc_need(err, op, "idx", idx))) goto done;
   if (k == T - lo) {
     topk_all_kernel<<<cu_blocks((int64_t)R * k, CU_THREADS), CU_THREADS, 0, c->stream>>>(R, lo, k, idx);
   } else {
@@ -310,8 +300,8 @@ apb_status cu_gather(apb_backend *be, const void *x, int64_t T, int H, int D, co
   const char *op = "gather";
   cu_be *c = cu_of(be);
   apb_status st;
-  if ((st = cu_len(err, op, "T", T, 0)) || (st = cu_len(err, op, "H", H, 1)) || (st = cu_len(err, op, "D", D, 1)) ||
-      (st = cu_len(err, op, "k", k, 0)))
+  if ((st = apb_bc_len(err, op, "T", T, 0)) || (st = apb_bc_len(err, op, "H", H, 1)) || (st = apb_bc_len(err, op, "D", D, 1)) ||
+      (st = apb_bc_len(err, op, "k", k, 0)))
     return st;
   if (k == 0) return APB_OK;
   const int64_t HD = (int64_t)H * D;
@@ -319,8 +309,8 @@ apb_status cu_gather(apb_backend *be, const void *x, int64_t T, int H, int D, co
     return apb_error_set(err, APB_EINVAL, "%s: shape too large (T=%lld, k=%lld, H=%d, D=%d)", op, (long long)T,
                          (long long)k, H, D);
   const size_t es = apb_act_size(be);
-  if ((st = cu_need(err, op, "x", x)) || (st = cu_need(err, op, "idx", idx)) || (st = cu_need(err, op, "out", out)) ||
-      (st = cu_disjoint(err, op, "out", out, (size_t)(k * HD) * es, "x", x, (size_t)(T * HD) * es)))
+  if ((st = apb_bc_need(err, op, "x", x)) || (st = apb_bc_need(err, op, "idx", idx)) || (st = apb_bc_need(err, op, "out", out)) ||
+      (st = apb_bc_disjoint(err, op, "out", out, (size_t)(k * HD) * es, "x", x, (size_t)(T * HD) * es)))
     return st;
   if ((st = cu_enter(c, err))) return st;
   unsigned long long *first = NULL, bad = 0;

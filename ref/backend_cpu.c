@@ -26,6 +26,7 @@
  * APB.md 3.4 against a brute-force selection, maxpool and gather against direct definitions).
  */
 #include "backend_cpu.h"
+#include "../lib/be_check.h"
 
 #include <math.h>
 #include <omp.h>
@@ -128,16 +129,6 @@ void apb_cpu_round(const apb_cpu *c, float *x, size_t n) {
 
 /* ---------------------------------------------------------------- validation */
 
-apb_status apb_cpu_need(apb_error *err, const char *op, const char *arg, const void *p) {
-  if (p) return APB_OK;
-  return apb_error_set(err, APB_EINVAL, "%s: %s is NULL", op, arg);
-}
-
-apb_status apb_cpu_len(apb_error *err, const char *op, const char *arg, int64_t v, int64_t lo) {
-  if (v >= lo) return APB_OK;
-  return apb_error_set(err, APB_EINVAL, "%s: %s=%lld must be >= %lld", op, arg, (long long)v, (long long)lo);
-}
-
 apb_status apb_cpu_weight(apb_error *err, const char *op, const char *arg, const apb_bweight *w, int64_t N,
                           int64_t K) {
   if (!w) return apb_error_set(err, APB_EINVAL, "%s: weight %s is NULL", op, arg);
@@ -148,16 +139,6 @@ apb_status apb_cpu_weight(apb_error *err, const char *op, const char *arg, const
     return apb_error_set(err, APB_EINVAL, "%s: weight %s is [%lld, %lld], expected [%s, %s]", op, arg,
                          (long long)w->N, (long long)w->K, want_n, want_k);
   }
-  return APB_OK;
-}
-
-apb_status apb_cpu_disjoint(apb_error *err, const char *op, const char *an, const void *a, size_t na,
-                            const char *bn, const void *b, size_t nb) {
-  if (!a || !b || na == 0 || nb == 0) return APB_OK;
-  uintptr_t a0 = (uintptr_t)a, b0 = (uintptr_t)b;
-  if (a0 < b0 + nb && b0 < a0 + na)
-    return apb_error_set(err, APB_EINVAL, "%s: %s [%p, +%zu bytes) overlaps %s [%p, +%zu bytes)", op, an, a, na,
-                         bn, b, nb);
   return APB_OK;
 }
 
@@ -175,8 +156,8 @@ apb_status apb_cpu_rope_prep(apb_error *err, const void *qkv, int64_t T, int Hq,
   const char *op = "split_rope";
   apb_status st;
   *inv_freq = NULL;
-  if ((st = apb_cpu_len(err, op, "T", T, 0)) || (st = apb_cpu_len(err, op, "Hq", Hq, 1)) ||
-      (st = apb_cpu_len(err, op, "Hkv", Hkv, 1)) || (st = apb_cpu_need(err, op, "rope", rope)))
+  if ((st = apb_bc_len(err, op, "T", T, 0)) || (st = apb_bc_len(err, op, "Hq", Hq, 1)) ||
+      (st = apb_bc_len(err, op, "Hkv", Hkv, 1)) || (st = apb_bc_need(err, op, "rope", rope)))
     return st;
   if (D < 2 || D % 2)
     return apb_error_set(err, APB_EINVAL, "%s: head dim D=%d must be even and >= 2 (rotate-half)", op, D);
@@ -185,18 +166,18 @@ apb_status apb_cpu_rope_prep(apb_error *err, const void *qkv, int64_t T, int Hq,
     return apb_error_set(err, APB_EINVAL, "%s: shape too large (T=%lld, Hq=%d, Hkv=%d, D=%d)", op, (long long)T,
                          Hq, Hkv, D);
   if (T > 0) {
-    if ((st = apb_cpu_need(err, op, "qkv", qkv)) || (st = apb_cpu_need(err, op, "pos", pos)) ||
-        (st = apb_cpu_need(err, op, "q", q)) || (st = apb_cpu_need(err, op, "k", k)) ||
-        (st = apb_cpu_need(err, op, "v", v)))
+    if ((st = apb_bc_need(err, op, "qkv", qkv)) || (st = apb_bc_need(err, op, "pos", pos)) ||
+        (st = apb_bc_need(err, op, "q", q)) || (st = apb_bc_need(err, op, "k", k)) ||
+        (st = apb_bc_need(err, op, "v", v)))
       return st;
     const size_t bq = (size_t)T * Hq * D * sizeof(float), bk = (size_t)T * Hkv * D * sizeof(float);
     const size_t bx = (size_t)T * QKV * sizeof(float);
-    if ((st = apb_cpu_disjoint(err, op, "q", q, bq, "qkv", qkv, bx)) ||
-        (st = apb_cpu_disjoint(err, op, "k", k, bk, "qkv", qkv, bx)) ||
-        (st = apb_cpu_disjoint(err, op, "v", v, bk, "qkv", qkv, bx)) ||
-        (st = apb_cpu_disjoint(err, op, "q", q, bq, "k", k, bk)) ||
-        (st = apb_cpu_disjoint(err, op, "q", q, bq, "v", v, bk)) ||
-        (st = apb_cpu_disjoint(err, op, "k", k, bk, "v", v, bk)))
+    if ((st = apb_bc_disjoint(err, op, "q", q, bq, "qkv", qkv, bx)) ||
+        (st = apb_bc_disjoint(err, op, "k", k, bk, "qkv", qkv, bx)) ||
+        (st = apb_bc_disjoint(err, op, "v", v, bk, "qkv", qkv, bx)) ||
+        (st = apb_bc_disjoint(err, op, "q", q, bq, "k", k, bk)) ||
+        (st = apb_bc_disjoint(err, op, "q", q, bq, "v", v, bk)) ||
+        (st = apb_bc_disjoint(err, op, "k", k, bk, "v", v, bk)))
       return st;
   }
   double *f = malloc((size_t)(D / 2) * sizeof *f);
@@ -218,14 +199,14 @@ apb_status apb_cpu_scorer_check(apb_error *err, const apb_bweight *fc1, const ap
   const char *op = "score_retaining";
   apb_status st;
   if ((st = apb_cpu_weight(err, op, "fc1", fc1, -1, -1)) || (st = apb_cpu_weight(err, op, "fc2", fc2, -1, fc1->N)) ||
-      (st = apb_cpu_len(err, op, "T", T, 0)))
+      (st = apb_bc_len(err, op, "T", T, 0)))
     return st;
   if (fc1->b || fc2->b)
     return apb_error_set(err, APB_EINVAL, "%s: %s has a bias; the retaining heads have none (APB.md 3.2)", op,
                          fc1->b ? "fc1" : "fc2");
   if (T > 0) {
-    if ((st = apb_cpu_need(err, op, "qkv", qkv)) || (st = apb_cpu_need(err, op, "scores", scores)) ||
-        (st = apb_cpu_disjoint(err, op, "scores", scores, (size_t)fc2->N * T * sizeof(float), "qkv", qkv,
+    if ((st = apb_bc_need(err, op, "qkv", qkv)) || (st = apb_bc_need(err, op, "scores", scores)) ||
+        (st = apb_bc_disjoint(err, op, "scores", scores, (size_t)fc2->N * T * sizeof(float), "qkv", qkv,
                                (size_t)T * fc1->K * sizeof(float))))
       return st;
   }
@@ -298,8 +279,8 @@ apb_status apb_cpu_memset(apb_backend *be, void *p, int byte, size_t bytes, apb_
 static apb_status host_copy(const char *op, void *dst, const void *src, size_t bytes, apb_error *err) {
   if (bytes == 0 || dst == src) return APB_OK;
   apb_status st;
-  if ((st = apb_cpu_need(err, op, "dst", dst)) || (st = apb_cpu_need(err, op, "src", src)) ||
-      (st = apb_cpu_disjoint(err, op, "dst", dst, bytes, "src", src, bytes)))
+  if ((st = apb_bc_need(err, op, "dst", dst)) || (st = apb_bc_need(err, op, "src", src)) ||
+      (st = apb_bc_disjoint(err, op, "dst", dst, bytes, "src", src, bytes)))
     return st;
   memcpy(dst, src, bytes);
   return APB_OK;
@@ -320,38 +301,12 @@ apb_status apb_cpu_download(apb_backend *be, void *host, const void *src, size_t
   return host_copy("download", host, src, bytes, err);
 }
 
-/* floor(a / b) for b > 0. */
-static int64_t floordiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
-
 apb_status apb_cpu_copy2d(apb_backend *be, void *dst, size_t dpitch, const void *src, size_t spitch,
                           size_t width, size_t rows, apb_error *err) {
   (void)be;
-  const char *op = "copy2d";
-  apb_status st;
   if (width == 0 || rows == 0) return APB_OK;
-  if ((st = apb_cpu_need(err, op, "dst", dst)) || (st = apb_cpu_need(err, op, "src", src))) return st;
-  if (width > dpitch || width > spitch)
-    return apb_error_set(err, APB_EINVAL, "%s: width=%zu exceeds a pitch (dpitch=%zu, spitch=%zu)", op, width,
-                         dpitch, spitch);
-  if (rows > (size_t)INT64_MAX / 4 / (dpitch > spitch ? dpitch : spitch))
-    return apb_error_set(err, APB_EINVAL, "%s: %zu rows of pitch %zu is too large", op, rows,
-                         dpitch > spitch ? dpitch : spitch);
-  /* Overlap: dst row i is [base + i*dpitch, +width) relative to src; src row j is [j*spitch, +width).
-   * For each i, the src rows within width of it form a range of j; any j in [0, rows) is an overlap. */
-  const int64_t span_d = (int64_t)((rows - 1) * dpitch + width), span_s = (int64_t)((rows - 1) * spitch + width);
-  if (apb_cpu_disjoint(NULL, op, "", dst, (size_t)span_d, "", src, (size_t)span_s) != APB_OK) {
-    const int64_t base = (int64_t)((intptr_t)dst - (intptr_t)src), w = (int64_t)width;
-    const int64_t sp = (int64_t)spitch, dp = (int64_t)dpitch;
-    for (int64_t i = 0; i < (int64_t)rows; i++) {
-      const int64_t d0 = base + i * dp;
-      int64_t jlo = floordiv(d0 - w, sp) + 1, jhi = floordiv(d0 + w - 1, sp);
-      if (jlo < 0) jlo = 0;
-      if (jhi > (int64_t)rows - 1) jhi = (int64_t)rows - 1;
-      if (jlo <= jhi)
-        return apb_error_set(err, APB_EINVAL, "%s: dst row %lld overlaps src row %lld (width %zu, pitches %zu/%zu)",
-                             op, (long long)i, (long long)jlo, width, dpitch, spitch);
-    }
-  }
+  apb_status st = apb_bc_copy2d(err, dst, dpitch, src, spitch, width, rows);
+  if (st) return st;
   for (size_t r = 0; r < rows; r++) memcpy((char *)dst + r * dpitch, (const char *)src + r * spitch, width);
   return APB_OK;
 }
@@ -382,10 +337,10 @@ apb_status apb_cpu_weight_create(apb_backend *be, const float *w, int64_t N, int
                                  apb_bweight **out, apb_error *err) {
   const char *op = "weight_create";
   apb_status st;
-  if ((st = apb_cpu_need(err, op, "out", out))) return st;
+  if ((st = apb_bc_need(err, op, "out", out))) return st;
   *out = NULL;
-  if ((st = apb_cpu_need(err, op, "w", w)) || (st = apb_cpu_len(err, op, "N", N, 1)) ||
-      (st = apb_cpu_len(err, op, "K", K, 1)))
+  if ((st = apb_bc_need(err, op, "w", w)) || (st = apb_bc_len(err, op, "N", N, 1)) ||
+      (st = apb_bc_len(err, op, "K", K, 1)))
     return st;
   if (N > INT64_MAX / 8 / K)
     return apb_error_set(err, APB_EINVAL, "%s: [%lld, %lld] is too large", op, (long long)N, (long long)K);
@@ -435,18 +390,8 @@ apb_status apb_cpu_merge(apb_backend *be, int n, const void *const *o_parts, con
 
 apb_status apb_cpu_maxpool(apb_backend *be, const float *s, int R, int64_t T, int w, float *out,
                            apb_error *err) {
-  const char *op = "maxpool";
-  apb_status st;
-  if ((st = apb_cpu_len(err, op, "R", R, 0)) || (st = apb_cpu_len(err, op, "T", T, 0))) return st;
-  if (w < 1 || w % 2 == 0)
-    return apb_error_set(err, APB_EINVAL, "%s: window w=%d must be odd and >= 1 (w = 1 disables pooling)", op, w);
-  if (R == 0 || T == 0) return APB_OK;
-  if (T > INT64_MAX / 4 / R)
-    return apb_error_set(err, APB_EINVAL, "%s: shape [%d, %lld] is too large", op, R, (long long)T);
-  const size_t bytes = (size_t)R * (size_t)T * sizeof(float);
-  if ((st = apb_cpu_need(err, op, "s", s)) || (st = apb_cpu_need(err, op, "out", out)) ||
-      (st = apb_cpu_disjoint(err, op, "out", out, bytes, "s", s, bytes)))
-    return st;
+  apb_status st = apb_bc_maxpool(err, s, R, T, w, out);
+  if (st || R == 0 || T == 0) return st;
   const int64_t half = w / 2, n = (int64_t)R * T;
   const int nth = apb_cpu_threads(apb_cpu_of(be));
 #pragma omp parallel for num_threads(nth) schedule(static) if (n > 32768)
@@ -488,7 +433,7 @@ apb_status apb_cpu_topk(apb_backend *be, const float *s, int R, int64_t T, int64
                         apb_error *err) {
   const char *op = "topk";
   apb_status st;
-  if ((st = apb_cpu_len(err, op, "R", R, 0)) || (st = apb_cpu_len(err, op, "T", T, 0))) return st;
+  if ((st = apb_bc_len(err, op, "R", R, 0)) || (st = apb_bc_len(err, op, "T", T, 0))) return st;
   if (T > INT32_MAX)
     return apb_error_set(err, APB_EINVAL, "%s: T=%lld does not fit the int32 indices", op, (long long)T);
   if (lo < 0 || lo > T)
@@ -497,14 +442,14 @@ apb_status apb_cpu_topk(apb_backend *be, const float *s, int R, int64_t T, int64
     return apb_error_set(err, APB_EINVAL, "%s: k=%lld must be in [0, T - lo] = [0, %lld] (T=%lld, lo=%lld)", op,
                          (long long)k, (long long)(T - lo), (long long)T, (long long)lo);
   if (R == 0 || T == lo) return APB_OK;
-  if ((st = apb_cpu_need(err, op, "s", s))) return st;
+  if ((st = apb_bc_need(err, op, "s", s))) return st;
   for (int r = 0; r < R; r++) /* serial, so that the first NaN reported is always the same one */
     for (int64_t t = lo; t < T; t++)
       if (isnan(s[(int64_t)r * T + t]))
         return apb_error_set(err, APB_ENONFINITE, "%s: score[%d, %lld] is NaN; NaN scores are never selected", op,
                              r, (long long)t);
   if (k == 0) return APB_OK;
-  if ((st = apb_cpu_need(err, op, "idx", idx))) return st;
+  if ((st = apb_bc_need(err, op, "idx", idx))) return st;
   const int64_t n = T - lo;
   if (k == n) { /* everything is selected (APB.md 3.4: fewer eligible tokens than l_p) */
     for (int r = 0; r < R; r++)
@@ -539,17 +484,17 @@ apb_status apb_cpu_gather(apb_backend *be, const void *x, int64_t T, int H, int 
                           void *out, apb_error *err) {
   const char *op = "gather";
   apb_status st;
-  if ((st = apb_cpu_len(err, op, "T", T, 0)) || (st = apb_cpu_len(err, op, "H", H, 1)) ||
-      (st = apb_cpu_len(err, op, "D", D, 1)) || (st = apb_cpu_len(err, op, "k", k, 0)))
+  if ((st = apb_bc_len(err, op, "T", T, 0)) || (st = apb_bc_len(err, op, "H", H, 1)) ||
+      (st = apb_bc_len(err, op, "D", D, 1)) || (st = apb_bc_len(err, op, "k", k, 0)))
     return st;
   if (k == 0) return APB_OK;
   const int64_t HD = (int64_t)H * D;
   if (k > INT64_MAX / 4 / HD || T > INT64_MAX / 4 / HD)
     return apb_error_set(err, APB_EINVAL, "%s: shape too large (T=%lld, k=%lld, H=%d, D=%d)", op, (long long)T,
                          (long long)k, H, D);
-  if ((st = apb_cpu_need(err, op, "x", x)) || (st = apb_cpu_need(err, op, "idx", idx)) ||
-      (st = apb_cpu_need(err, op, "out", out)) ||
-      (st = apb_cpu_disjoint(err, op, "out", out, (size_t)(k * HD) * sizeof(float), "x", x,
+  if ((st = apb_bc_need(err, op, "x", x)) || (st = apb_bc_need(err, op, "idx", idx)) ||
+      (st = apb_bc_need(err, op, "out", out)) ||
+      (st = apb_bc_disjoint(err, op, "out", out, (size_t)(k * HD) * sizeof(float), "x", x,
                              (size_t)(T * HD) * sizeof(float))))
     return st;
   for (int h = 0; h < H; h++)

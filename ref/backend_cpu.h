@@ -20,6 +20,7 @@
 
 #include "apb/attn.h"
 #include "apb/backend.h"
+#include "../lib/be_check.h"
 
 /* One CPU backend instance; be->impl points back to it. */
 typedef struct apb_cpu {
@@ -53,16 +54,12 @@ int apb_cpu_threads(const apb_cpu *c);
  * APB_ENOMEM names the op. Free with the same byte count. */
 apb_status apb_cpu_scratch(apb_cpu *c, size_t bytes, const char *op, void **p, apb_error *err);
 void apb_cpu_scratch_free(apb_cpu *c, void *p, size_t bytes);
-/* APB_EINVAL unless the byte ranges [a, a+na) and [b, b+nb) are disjoint (empty ranges never overlap). */
-apb_status apb_cpu_disjoint(apb_error *err, const char *op, const char *an, const void *a, size_t na,
-                            const char *bn, const void *b, size_t nb);
 
 /* When emulating bf16: round x [n] in place (apb_bf16_round_array), in parallel. No-op otherwise. */
 void apb_cpu_round(const apb_cpu *c, float *x, size_t n);
 
 /* ---- validation: each returns APB_OK or APB_EINVAL with "op: ..." naming the argument ---- */
-apb_status apb_cpu_need(apb_error *err, const char *op, const char *arg, const void *p);
-apb_status apb_cpu_len(apb_error *err, const char *op, const char *arg, int64_t v, int64_t lo);
+/* (apb_bc_need, apb_bc_len, apb_bc_disjoint and the copy2d/maxpool checks are lib/be_check.h's) */
 /* w non-NULL, and w->N == N (unless N < 0) and w->K == K (unless K < 0). */
 apb_status apb_cpu_weight(apb_error *err, const char *op, const char *arg, const apb_bweight *w, int64_t N,
                           int64_t K);

@@ -1,0 +1,68 @@
+/* lib/be_check.c: see be_check.h. */
+#include "be_check.h"
+
+apb_status apb_bc_need(apb_error *err, const char *op, const char *arg, const void *p) {
+  if (p) return APB_OK;
+  return apb_error_set(err, APB_EINVAL, "%s: %s is NULL", op, arg);
+}
+
+apb_status apb_bc_len(apb_error *err, const char *op, const char *arg, int64_t v, int64_t lo) {
+  if (v >= lo) return APB_OK;
+  return apb_error_set(err, APB_EINVAL, "%s: %s=%lld must be >= %lld", op, arg, (long long)v, (long long)lo);
+}
+
+apb_status apb_bc_disjoint(apb_error *err, const char *op, const char *an, const void *a, size_t na, const char *bn,
+                           const void *b, size_t nb) {
+  if (!a || !b || na == 0 || nb == 0) return APB_OK;
+  uintptr_t a0 = (uintptr_t)a, b0 = (uintptr_t)b;
+  if (a0 < b0 + nb && b0 < a0 + na)
+    return apb_error_set(err, APB_EINVAL, "%s: %s [%p, +%zu bytes) overlaps %s [%p, +%zu bytes)", op, an, a, na, bn,
+                         b, nb);
+  return APB_OK;
+}
+
+/* floor(a / b) for b > 0. */
+static int64_t floordiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+apb_status apb_bc_copy2d(apb_error *err, const void *dst, size_t dpitch, const void *src, size_t spitch, size_t width,
+                         size_t rows) {
+  const char *op = "copy2d";
+  apb_status st;
+  if ((st = apb_bc_need(err, op, "dst", dst)) || (st = apb_bc_need(err, op, "src", src))) return st;
+  if (width > dpitch || width > spitch)
+    return apb_error_set(err, APB_EINVAL, "%s: width=%zu exceeds a pitch (dpitch=%zu, spitch=%zu)", op, width,
+                         dpitch, spitch);
+  const size_t maxp = dpitch > spitch ? dpitch : spitch;
+  if (rows > (size_t)INT64_MAX / 4 / maxp)
+    return apb_error_set(err, APB_EINVAL, "%s: %zu rows of pitch %zu is too large", op, rows, maxp);
+  /* Overlap: dst row i is [base + i*dpitch, +width) relative to src; src row j is [j*spitch, +width).
+   * For each i, the src rows within width of it form one range of j; any j in [0, rows) overlaps. */
+  const int64_t span_d = (int64_t)((rows - 1) * dpitch + width), span_s = (int64_t)((rows - 1) * spitch + width);
+  if (apb_bc_disjoint(NULL, op, "", dst, (size_t)span_d, "", src, (size_t)span_s) == APB_OK) return APB_OK;
+  const int64_t base = (int64_t)((intptr_t)dst - (intptr_t)src), w = (int64_t)width;
+  const int64_t sp = (int64_t)spitch, dp = (int64_t)dpitch;
+  for (int64_t i = 0; i < (int64_t)rows; i++) {
+    const int64_t d0 = base + i * dp;
+    int64_t jlo = floordiv(d0 - w, sp) + 1, jhi = floordiv(d0 + w - 1, sp);
+    if (jlo < 0) jlo = 0;
+    if (jhi > (int64_t)rows - 1) jhi = (int64_t)rows - 1;
+    if (jlo <= jhi)
+      return apb_error_set(err, APB_EINVAL, "%s: dst row %lld overlaps src row %lld (width %zu, pitches %zu/%zu)", op,
+                           (long long)i, (long long)jlo, width, dpitch, spitch);
+  }
+  return APB_OK;
+}
+
+apb_status apb_bc_maxpool(apb_error *err, const float *s, int R, int64_t T, int w, const float *out) {
+  const char *op = "maxpool";
+  apb_status st;
+  if ((st = apb_bc_len(err, op, "R", R, 0)) || (st = apb_bc_len(err, op, "T", T, 0))) return st;
+  if (w < 1 || w % 2 == 0)
+    return apb_error_set(err, APB_EINVAL, "%s: window w=%d must be odd and >= 1 (w = 1 disables pooling)", op, w);
+  if (R == 0 || T == 0) return APB_OK;
+  if (T > INT64_MAX / 4 / R)
+    return apb_error_set(err, APB_EINVAL, "%s: shape [%d, %lld] is too large", op, R, (long long)T);
+  const size_t bytes = (size_t)R * (size_t)T * sizeof(float);
+  if ((st = apb_bc_need(err, op, "s", s)) || (st = apb_bc_need(err, op, "out", out))) return st;
+  return apb_bc_disjoint(err, op, "out", out, bytes, "s", s, bytes);
+}

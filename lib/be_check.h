@@ -1,0 +1,37 @@
+/* lib/be_check.h: argument checks every compute backend shares (not installed).
+ *
+ * The CPU backends (ref/) and the CUDA backend (gpu/) validate the same arguments with the same
+ * messages; the checks that do not depend on where memory lives are here, once. Each returns APB_OK
+ * or APB_EINVAL with a message naming the op, the argument and the values. Tested through both
+ * backends (tests/check_backend.c, tests/check_gpu_agree.c).
+ */
+#ifndef APB_LIB_BE_CHECK_H
+#define APB_LIB_BE_CHECK_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "apb/status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* p is not NULL. */
+apb_status apb_bc_need(apb_error *err, const char *op, const char *arg, const void *p);
+/* v >= lo. */
+apb_status apb_bc_len(apb_error *err, const char *op, const char *arg, int64_t v, int64_t lo);
+/* [a, a+na) and [b, b+nb) do not overlap (NULL or empty ranges never do). */
+apb_status apb_bc_disjoint(apb_error *err, const char *op, const char *an, const void *a, size_t na, const char *bn,
+                           const void *b, size_t nb);
+/* copy2d's arguments (apb/backend.h): pointers present, width within both pitches, sizes that fit, and
+ * no dst row overlapping any src row. Call only with width > 0 and rows > 0. */
+apb_status apb_bc_copy2d(apb_error *err, const void *dst, size_t dpitch, const void *src, size_t spitch, size_t width,
+                         size_t rows);
+/* maxpool's arguments: R, T >= 0, w odd >= 1, s and out present and disjoint when R*T > 0. */
+apb_status apb_bc_maxpool(apb_error *err, const float *s, int R, int64_t T, int w, const float *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* APB_LIB_BE_CHECK_H */
