@@ -88,13 +88,21 @@ void tu_assert_bitwise_at(const char *file, int line, const char *what, const fl
 }
 
 char *tu_tmpname(const char *suffix) {
+  /* mkstemps makes a name no file had (a pid and counter would repeat in Check's forked children,
+   * whose counters all start from the parent's), then the file is removed so the caller starts clean */
   const char *dir = getenv("TMPDIR");
   if (!dir || !*dir) dir = "/tmp";
-  static unsigned counter;
-  size_t len = strlen(dir) + strlen(suffix) + 64;
+  size_t len = strlen(dir) + strlen(suffix) + 32;
   char *p = malloc(len);
   ck_assert(p != NULL);
-  snprintf(p, len, "%s/apbtest-%ld-%u%s", dir, (long)getpid(), counter++, suffix);
+  /* a suffix with a '/' names a path below the unique name (a directory that does not exist) */
+  int nested = strchr(suffix, '/') != NULL;
+  snprintf(p, len, "%s/apbtest-XXXXXX%s", dir, nested ? "" : suffix);
+  int fd = mkstemps(p, nested ? 0 : (int)strlen(suffix));
+  ck_assert_msg(fd >= 0, "cannot create a temporary file in %s", dir);
+  close(fd);
+  unlink(p);
+  if (nested) strcat(p, suffix);
   return p;
 }
 

@@ -50,7 +50,8 @@ void tu_assert_close_at(const char *file, int line, const char *what, const floa
 void tu_assert_bitwise_at(const char *file, int line, const char *what, const float *a, const float *b,
                           int64_t n);
 
-/* Path of a fresh temporary file name (under $TMPDIR or /tmp) with the given suffix; caller frees. */
+/* Path of a fresh temporary file name (under $TMPDIR or /tmp) with the given suffix, unique among
+ * processes (mkstemps; the file itself is removed again); caller frees. */
 char *tu_tmpname(const char *suffix);
 
 /* Run a shell command line, capturing stdout+stderr into a malloc'd string (*out, may be NULL) and
