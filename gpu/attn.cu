@@ -148,20 +148,6 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-/* Two floats as bf16x2, the first in the low half (the lower column of an mma fragment). */
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  uint32_t r;
-  memcpy(&r, &v, sizeof r);
-  return r;
-}
-
 /* Byte offset of 16-byte chunk `chunk` of row `row` in a [rows, cpr chunks] tile whose chunk index is
  * XORed with row % 8: the 8 rows an ldmatrix reads hit 8 different bank groups. cpr >= 8. */
 __device__ __forceinline__ uint32_t swz(int row, int chunk, int cpr) {
@@ -449,14 +435,14 @@ __global__ void __launch_bounds__(TcCfg<DP, BN, MT>::kThreads, TcCfg<DP, BN, MT>
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float mnew = fmaxf(mrow[mt][hf], mx * p.scale_log2);
         const float muse = mnew == -INFINITY ? 0.0f : mnew;
-        const float alpha = fast_exp2(mrow[mt][hf] - muse);
+        const float alpha = apb_fast_exp2(mrow[mt][hf] - muse);
         mrow[mt][hf] = mnew;
         float sum = 0.0f;
 #pragma unroll
         for (int nt = 0; nt < BN / 8; nt++)
 #pragma unroll
           for (int e = 2 * hf; e < 2 * hf + 2; e++) {
-            s[mt][nt][e] = fast_exp2(fmaf(s[mt][nt][e], p.scale_log2, -muse));
+            s[mt][nt][e] = apb_fast_exp2(fmaf(s[mt][nt][e], p.scale_log2, -muse));
             sum += s[mt][nt][e];
           }
         lrow[mt][hf] = lrow[mt][hf] * alpha + sum;
@@ -467,17 +453,16 @@ __global__ void __launch_bounds__(TcCfg<DP, BN, MT>::kThreads, TcCfg<DP, BN, MT>
         }
       }
 
-
     /* O += P V: P (bf16) from the S fragments, keys 16*kk.. as the k dimension. */
 #pragma unroll
     for (int kk = 0; kk < BN / 16; kk++) {
       uint32_t a[MT][4];
 #pragma unroll
       for (int mt = 0; mt < MT; mt++) {
-        a[mt][0] = pack_bf16x2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-        a[mt][1] = pack_bf16x2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-        a[mt][2] = pack_bf16x2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-        a[mt][3] = pack_bf16x2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        a[mt][0] = apb_pack_bf16x2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        a[mt][1] = apb_pack_bf16x2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        a[mt][2] = apb_pack_bf16x2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        a[mt][3] = apb_pack_bf16x2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
       }
 #pragma unroll
       for (int dp = 0; dp < DP / 16; dp++) {
@@ -511,7 +496,7 @@ __global__ void __launch_bounds__(TcCfg<DP, BN, MT>::kThreads, TcCfg<DP, BN, MT>
 #pragma unroll
       for (int dn = 0; dn < DP / 8; dn++) {
         if (dn * 8 >= D) break;
-        const uint32_t v = pack_bf16x2(oacc[mt][dn][2 * hf] * inv, oacc[mt][dn][2 * hf + 1] * inv);
+        const uint32_t v = apb_pack_bf16x2(oacc[mt][dn][2 * hf] * inv, oacc[mt][dn][2 * hf + 1] * inv);
         *(uint32_t *)(orow + dn * 8) = v;
       }
       if (p.lse && (lane & 3) == 0)

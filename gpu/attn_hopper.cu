@@ -264,20 +264,6 @@ __device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo) {
          ((uint64_t)(1024u >> 4) << 32) | (1ull << 62);
 }
 
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-/* Two floats as bf16x2, the first in the low half (the lower column of a fragment). */
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  uint32_t r;
-  memcpy(&r, &v, sizeof r);
-  return r;
-}
-
 /* d [64] (+)= A B, one m64n128k16 step with A and B in shared memory, both K-major: S = Q K^T. The
  * first step of a product passes accumulate = 0 (d = A B). */
 __device__ __forceinline__ void wgmma_ss_n128(float (&d)[64], uint64_t da, uint64_t db, int accumulate) {
@@ -408,14 +394,14 @@ __device__ __forceinline__ void softmax_tile(float (&s)[64], float (&m)[2], floa
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const float mnew = fmaxf(m[h], mx * sl2);
     const float muse = mnew == -INFINITY ? 0.0f : mnew;
-    alpha[h] = fast_exp2(m[h] - muse);
+    alpha[h] = apb_fast_exp2(m[h] - muse);
     m[h] = mnew;
     float sum = 0.0f;
 #pragma unroll
     for (int j = 0; j < kBN / 8; j++)
 #pragma unroll
       for (int e = 2 * h; e < 2 * h + 2; e++) {
-        s[4 * j + e] = fast_exp2(fmaf(s[4 * j + e], sl2, -muse));
+        s[4 * j + e] = apb_fast_exp2(fmaf(s[4 * j + e], sl2, -muse));
         sum += s[4 * j + e];
       }
     l[h] = l[h] * alpha[h] + sum;
@@ -435,10 +421,10 @@ __device__ __forceinline__ void rescale_o(float (&o)[N], const float (&alpha)[2]
 __device__ __forceinline__ void to_p(uint32_t (&pf)[kBN / 16][4], const float (&s)[64]) {
 #pragma unroll
   for (int kk = 0; kk < kBN / 16; kk++) {
-    pf[kk][0] = pack_bf16x2(s[8 * kk], s[8 * kk + 1]);
-    pf[kk][1] = pack_bf16x2(s[8 * kk + 2], s[8 * kk + 3]);
-    pf[kk][2] = pack_bf16x2(s[8 * kk + 4], s[8 * kk + 5]);
-    pf[kk][3] = pack_bf16x2(s[8 * kk + 6], s[8 * kk + 7]);
+    pf[kk][0] = apb_pack_bf16x2(s[8 * kk], s[8 * kk + 1]);
+    pf[kk][1] = apb_pack_bf16x2(s[8 * kk + 2], s[8 * kk + 3]);
+    pf[kk][2] = apb_pack_bf16x2(s[8 * kk + 4], s[8 * kk + 5]);
+    pf[kk][3] = apb_pack_bf16x2(s[8 * kk + 6], s[8 * kk + 7]);
   }
 }
 
@@ -598,7 +584,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_hopper_kernel(const __grid_c
       bf16 *orow = p.o + ((int64_t)(w.row0 + tok) * p.Hq + head) * D + 2 * (lane & 3);
 #pragma unroll
       for (int j = 0; j < D / 8; j++)
-        *(uint32_t *)(orow + 8 * j) = pack_bf16x2(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+        *(uint32_t *)(orow + 8 * j) = apb_pack_bf16x2(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
       if (p.lse && (lane & 3) == 0)
         p.lse[(int64_t)head * p.T + w.row0 + tok] = lt > 0.0f ? m[h] * 0.69314718055994531f + logf(lt) : -INFINITY;
     }

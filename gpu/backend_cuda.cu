@@ -102,14 +102,8 @@ done:
 
 apb_status cu_weight_check(const cu_be *c, apb_error *err, const char *op, const char *arg, const apb_bweight *w,
                            int64_t N, int64_t K) {
-  if (!w) return apb_error_set(err, APB_EINVAL, "%s: weight %s is NULL", op, arg);
-  if ((N >= 0 && w->N != N) || (K >= 0 && w->K != K)) {
-    char want_n[32] = "N", want_k[32] = "K";
-    if (N >= 0) snprintf(want_n, sizeof want_n, "%lld", (long long)N);
-    if (K >= 0) snprintf(want_k, sizeof want_k, "%lld", (long long)K);
-    return apb_error_set(err, APB_EINVAL, "%s: weight %s is [%lld, %lld], expected [%s, %s]", op, arg,
-                         (long long)w->N, (long long)w->K, want_n, want_k);
-  }
+  apb_status st = apb_bc_weight(err, op, arg, w != NULL, w ? w->N : 0, w ? w->K : 0, N, K);
+  if (st) return st;
   if (w->dt != c->be.act)
     return apb_error_set(err, APB_EINVAL, "%s: weight %s is stored as %s but this instance computes in %s", op, arg,
                          apb_dtype_name(w->dt), apb_dtype_name(c->be.act));

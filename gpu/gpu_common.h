@@ -27,4 +27,25 @@
 
 #define APB_CU_LAUNCH() APB_CU(cudaGetLastError())
 
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <stdint.h>
+#include <string.h>
+
+/* 2^x by the SFU (ex2.approx.ftz): the softmax exponent of the tensor-core attention kernels. */
+__device__ __forceinline__ float apb_fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+/* Two floats as bf16x2, the first in the low half (the lower column of an mma fragment). */
+__device__ __forceinline__ uint32_t apb_pack_bf16x2(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  uint32_t r;
+  memcpy(&r, &v, sizeof r);
+  return r;
+}
+#endif
+
 #endif /* APB_GPU_COMMON_H */

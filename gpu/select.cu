@@ -244,15 +244,7 @@ apb_status cu_topk(apb_backend *be, const float *s, int R, int64_t T, int64_t lo
   const char *op = "topk";
   cu_be *c = cu_of(be);
   apb_status st;
-  if ((st = apb_bc_len(err, op, "R", R, 0)) || (st = apb_bc_len(err, op, "T", T, 0))) return st;
-  if (T > INT32_MAX) return apb_error_set(err, APB_EINVAL, "%s: T=%lld does not fit the int32 indices", op, (long long)T);
-  if (lo < 0 || lo > T)
-    return apb_error_set(err, APB_EINVAL, "%s: lo=%lld must be in [0, T=%lld]", op, (long long)lo, (long long)T);
-  if (k < 0 || k > T - lo)
-    return apb_error_set(err, APB_EINVAL, "%s: k=%lld must be in [0, T - lo] = [0, %lld] (T=%lld, lo=%lld)", op,
-                         (long long)k, (long long)(T - lo), (long long)T, (long long)lo);
-  if (R == 0 || T == lo) return APB_OK;
-  if ((st = apb_bc_need(err, op, "s", s))) return st;
+  if ((st = apb_bc_topk(err, s, R, T, lo, k)) || R == 0 || T == lo) return st;
   if ((st = cu_enter(c, err))) return st;
   unsigned long long *first = NULL, bad = 0;
   APB_TRY(cu_scratch(c, sizeof *first, op, (void **)&first, err));

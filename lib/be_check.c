@@ -1,6 +1,8 @@
 /* lib/be_check.c: see be_check.h. */
 #include "be_check.h"
 
+#include <stdio.h>
+
 apb_status apb_bc_need(apb_error *err, const char *op, const char *arg, const void *p) {
   if (p) return APB_OK;
   return apb_error_set(err, APB_EINVAL, "%s: %s is NULL", op, arg);
@@ -65,4 +67,32 @@ apb_status apb_bc_maxpool(apb_error *err, const float *s, int R, int64_t T, int 
   const size_t bytes = (size_t)R * (size_t)T * sizeof(float);
   if ((st = apb_bc_need(err, op, "s", s)) || (st = apb_bc_need(err, op, "out", out))) return st;
   return apb_bc_disjoint(err, op, "out", out, bytes, "s", s, bytes);
+}
+
+apb_status apb_bc_weight(apb_error *err, const char *op, const char *arg, int present, int64_t wN, int64_t wK,
+                         int64_t N, int64_t K) {
+  if (!present) return apb_error_set(err, APB_EINVAL, "%s: weight %s is NULL", op, arg);
+  if ((N >= 0 && wN != N) || (K >= 0 && wK != K)) {
+    char want_n[32] = "N", want_k[32] = "K";
+    if (N >= 0) snprintf(want_n, sizeof want_n, "%lld", (long long)N);
+    if (K >= 0) snprintf(want_k, sizeof want_k, "%lld", (long long)K);
+    return apb_error_set(err, APB_EINVAL, "%s: weight %s is [%lld, %lld], expected [%s, %s]", op, arg, (long long)wN,
+                         (long long)wK, want_n, want_k);
+  }
+  return APB_OK;
+}
+
+apb_status apb_bc_topk(apb_error *err, const float *s, int R, int64_t T, int64_t lo, int64_t k) {
+  const char *op = "topk";
+  apb_status st;
+  if ((st = apb_bc_len(err, op, "R", R, 0)) || (st = apb_bc_len(err, op, "T", T, 0))) return st;
+  if (T > INT32_MAX)
+    return apb_error_set(err, APB_EINVAL, "%s: T=%lld does not fit the int32 indices", op, (long long)T);
+  if (lo < 0 || lo > T)
+    return apb_error_set(err, APB_EINVAL, "%s: lo=%lld must be in [0, T=%lld]", op, (long long)lo, (long long)T);
+  if (k < 0 || k > T - lo)
+    return apb_error_set(err, APB_EINVAL, "%s: k=%lld must be in [0, T - lo] = [0, %lld] (T=%lld, lo=%lld)", op,
+                         (long long)k, (long long)(T - lo), (long long)T, (long long)lo);
+  if (R == 0 || T == lo) return APB_OK;
+  return apb_bc_need(err, op, "s", s);
 }

@@ -28,6 +28,13 @@ apb_status apb_bc_disjoint(apb_error *err, const char *op, const char *an, const
  * no dst row overlapping any src row. Call only with width > 0 and rows > 0. */
 apb_status apb_bc_copy2d(apb_error *err, const void *dst, size_t dpitch, const void *src, size_t spitch, size_t width,
                          size_t rows);
+/* A weight of shape [wN, wK] (present: the weight pointer is not NULL) where [N, K] is wanted; N < 0 or
+ * K < 0 accepts any extent. */
+apb_status apb_bc_weight(apb_error *err, const char *op, const char *arg, int present, int64_t wN, int64_t wK,
+                         int64_t N, int64_t K);
+/* topk's shape arguments: R, T >= 0, T within int32 indices, 0 <= lo <= T, 0 <= k <= T - lo, and s
+ * present when there is anything to read (R > 0 and T > lo). */
+apb_status apb_bc_topk(apb_error *err, const float *s, int R, int64_t T, int64_t lo, int64_t k);
 /* maxpool's arguments: R, T >= 0, w odd >= 1, s and out present and disjoint when R*T > 0. */
 apb_status apb_bc_maxpool(apb_error *err, const float *s, int R, int64_t T, int w, const float *out);
 

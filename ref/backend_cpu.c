@@ -131,15 +131,7 @@ void apb_cpu_round(const apb_cpu *c, float *x, size_t n) {
 
 apb_status apb_cpu_weight(apb_error *err, const char *op, const char *arg, const apb_bweight *w, int64_t N,
                           int64_t K) {
-  if (!w) return apb_error_set(err, APB_EINVAL, "%s: weight %s is NULL", op, arg);
-  if ((N >= 0 && w->N != N) || (K >= 0 && w->K != K)) {
-    char want_n[32] = "N", want_k[32] = "K";
-    if (N >= 0) snprintf(want_n, sizeof want_n, "%lld", (long long)N);
-    if (K >= 0) snprintf(want_k, sizeof want_k, "%lld", (long long)K);
-    return apb_error_set(err, APB_EINVAL, "%s: weight %s is [%lld, %lld], expected [%s, %s]", op, arg,
-                         (long long)w->N, (long long)w->K, want_n, want_k);
-  }
-  return APB_OK;
+  return apb_bc_weight(err, op, arg, w != NULL, w ? w->N : 0, w ? w->K : 0, N, K);
 }
 
 apb_status apb_cpu_check_ids(apb_error *err, const char *op, const int32_t *ids, int64_t T, int64_t V) {
@@ -432,17 +424,8 @@ static int cmp_u64(const void *a, const void *b) {
 apb_status apb_cpu_topk(apb_backend *be, const float *s, int R, int64_t T, int64_t lo, int64_t k, int32_t *idx,
                         apb_error *err) {
   const char *op = "topk";
-  apb_status st;
-  if ((st = apb_bc_len(err, op, "R", R, 0)) || (st = apb_bc_len(err, op, "T", T, 0))) return st;
-  if (T > INT32_MAX)
-    return apb_error_set(err, APB_EINVAL, "%s: T=%lld does not fit the int32 indices", op, (long long)T);
-  if (lo < 0 || lo > T)
-    return apb_error_set(err, APB_EINVAL, "%s: lo=%lld must be in [0, T=%lld]", op, (long long)lo, (long long)T);
-  if (k < 0 || k > T - lo)
-    return apb_error_set(err, APB_EINVAL, "%s: k=%lld must be in [0, T - lo] = [0, %lld] (T=%lld, lo=%lld)", op,
-                         (long long)k, (long long)(T - lo), (long long)T, (long long)lo);
-  if (R == 0 || T == lo) return APB_OK;
-  if ((st = apb_bc_need(err, op, "s", s))) return st;
+  apb_status st = apb_bc_topk(err, s, R, T, lo, k);
+  if (st || R == 0 || T == lo) return st;
   for (int r = 0; r < R; r++) /* serial, so that the first NaN reported is always the same one */
     for (int64_t t = lo; t < T; t++)
       if (isnan(s[(int64_t)r * T + t]))

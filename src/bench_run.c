@@ -7,7 +7,7 @@
  * sim: H simulated hosts in serialized mode (one computes at a time, using every thread), default apb
  *   on the small preset at 32K tokens with 4 hosts: each host's compute time (prefill minus time
  *   blocked in collectives) against its FLOPs at the sgemm rate; the slowest host's ratio is the
- *   figure (goal: <= 1.5). Also each host's peak backend memory, beside an analytic bound that is
+ *   figure (goal: <= 1.5). Also each host's peak backend memory, beside an analytic estimate that is
  *   linear in the host's rows (no buffer quadratic in the length exists). Not a test: numbers only.
  */
 #include <stdio.h>
@@ -78,6 +78,25 @@ static int run_plan(const char *cmd, const bopts *o, apb_model *m, apb_plan *pla
   return st ? cli_report(cmd, st, &err) : CLI_OK;
 }
 
+/* What both benchmarks do first: options, threads, the preset's model, and the sgemm rate (FLOP/s) of
+ * this run. Returns CLI_OK, -1 after --help, or the exit code of a failure (reported). */
+static int prepare(const char *cmd, int argc, char **argv, bopts *o, const char *help, apb_model **m,
+                   double *sgemm) {
+  int rc = parse(cmd, argc, argv, o, help);
+  if (rc) return rc;
+  cli_set_threads(o->threads);
+  apb_error err = {0};
+  apb_status st = apb_model_generate(o->preset, 1, m, &err);
+  if (st) return cli_report(cmd, st, &err);
+  double gemm_s = cli_time_sgemm(o->gemm, 3, 1);
+  if (gemm_s <= 0) {
+    apb_model_free(*m), *m = NULL;
+    return cli_fail(cmd, "out of memory measuring sgemm of size %d", o->gemm);
+  }
+  *sgemm = 2.0 * o->gemm * (double)o->gemm * o->gemm / gemm_s;
+  return CLI_OK;
+}
+
 static const char forward_help[] =
     "Usage: apb bench forward [--preset small] [--tokens 8192] [--threads N] [--gemm 2048]\n"
     "                         [--backend fast] [--json]\n\n"
@@ -89,22 +108,18 @@ int bench_forward(int argc, char **argv) {
   const char *cmd = "bench forward";
   bopts o = {.preset = APB_PRESET_SMALL, .tokens = 8192, .hosts = 1, .gemm = 2048, .method = APB_METHOD_DENSE,
              .backend = "fast"};
-  int rc = parse(cmd, argc, argv, &o, forward_help);
-  if (rc) return rc < 0 ? CLI_OK : rc;
-  cli_set_threads(o.threads);
-  apb_error err = {0};
   apb_model *m = NULL;
-  apb_status st = apb_model_generate(o.preset, 1, &m, &err);
-  if (st) return cli_report(cmd, st, &err);
+  double sgemm = 0;
+  int rc = prepare(cmd, argc, argv, &o, forward_help, &m, &sgemm);
+  if (rc) return rc < 0 ? CLI_OK : rc;
   apb_plan *plan = malloc(sizeof *plan);
   apb_host_result res[1];
   memset(res, 0, sizeof res);
-  double gemm_s = cli_time_sgemm(o.gemm, 3, 1);
   rc = plan ? run_plan(cmd, &o, m, plan, res) : cli_fail(cmd, "out of memory");
   if (!rc) {
     const apb_host_stats *s = &res[0].stats;
     double lin_s = s->stage_s[APB_STAGE_QKV] + s->stage_s[APB_STAGE_OPROJ] + s->stage_s[APB_STAGE_FFN];
-    double sgemm = 2.0 * o.gemm * (double)o.gemm * o.gemm / gemm_s, lin = s->linear_flops / lin_s;
+    double lin = s->linear_flops / lin_s;
     if (o.json) {
       printf("{\"preset\": \"%s\", \"tokens\": %lld, \"threads\": %d, \"prefill_s\": %.6f, \"tokens_per_s\": %.1f, "
              "\"linear_gflops\": %.3f, \"sgemm_gflops\": %.3f, \"linear_over_sgemm\": %.4f, \"stage_s\": {",
@@ -184,17 +199,12 @@ int bench_sim(int argc, char **argv) {
   const char *cmd = "bench sim";
   bopts o = {.preset = APB_PRESET_SMALL, .tokens = 32768, .hosts = 4, .gemm = 2048, .method = APB_METHOD_APB,
              .backend = "fast"};
-  int rc = parse(cmd, argc, argv, &o, sim_help);
-  if (rc) return rc < 0 ? CLI_OK : rc;
-  cli_set_threads(o.threads);
-  apb_error err = {0};
   apb_model *m = NULL;
-  apb_status st = apb_model_generate(o.preset, 1, &m, &err);
-  if (st) return cli_report(cmd, st, &err);
+  double sgemm = 0;
+  int rc = prepare(cmd, argc, argv, &o, sim_help, &m, &sgemm);
+  if (rc) return rc < 0 ? CLI_OK : rc;
   apb_plan *plan = malloc(sizeof *plan);
   apb_host_result *res = calloc((size_t)o.hosts, sizeof *res);
-  double gemm_s = cli_time_sgemm(o.gemm, 3, 1);
-  double sgemm = 2.0 * o.gemm * (double)o.gemm * o.gemm / gemm_s;
   rc = plan && res ? run_plan(cmd, &o, m, plan, res) : cli_fail(cmd, "out of memory");
   if (!rc) {
     int worst = 0;
