@@ -20,16 +20,22 @@
 
 #define CMD "bench prefill"
 #define MAXN 16
+#define MAXR 64 /* ranks: --gpus accepts at most 64 */
 
 static const char help_text[] =
     "Usage: apb bench prefill [--tokens LIST] [--gpus LIST] [--method LIST] [--preset NAME]\n"
-    "                         [--query-len Q] [--profile 0|1] [--balance] [--json FILE]\n\n"
+    "                         [--query-len Q] [--anchor A] [--passing P] [--profile 0|1]\n"
+    "                         [--balance] [--overlap 0|1] [--json FILE]\n\n"
     "Prefill time per method on 1..N GPUs (one rank per GPU, NCCL), random bf16 weights made on the\n"
     "GPUs. Defaults: --tokens 131072, --gpus 4, --method dense,ring,zigzag,ulysses,star,apb,\n"
     "--preset llama3-8b-shape, --query-len 64,\n"
     "--profile 1 (a second run per case for the per-stage breakdown). --balance runs apb and star\n"
-    "with two virtual hosts per GPU (h and 2H-1-h). apb and star use the lengths of\n"
-    "shared/APB.md 2 (apb: l_a = min(l_b/4, 8192), l_p = l_a/2; star: l_a = l_b). Dense uses one GPU.\n";
+    "with two virtual hosts per GPU (h and 2H-1-h). --overlap 0 runs apb's attention as one call after\n"
+    "the all-gather (default 1: [A|B] attended while it is in flight, then merged). The profiled run\n"
+    "prints every rank's breakdown under the case's line. apb and star use the lengths of\n"
+    "shared/APB.md 2 (apb: l_a = min(l_b/4, 8192), l_p = l_a/2; star: l_a = l_b) unless --anchor A\n"
+    "(apb's l_a; star keeps l_a = l_b) or --passing P (apb's l_p) say otherwise; the paper's 128K\n"
+    "setting and the PyTorch peer (shared/bench/torch_prefill.py) use 4096 and 2048. Dense uses one GPU.\n";
 
 typedef struct row {
   const char *method;
@@ -37,18 +43,22 @@ typedef struct row {
   int64_t tokens;
   double prefill_s, tok_s, pred_s, peak_gib;
   double stage_s[APB_STAGE_COUNT];
+  double rank_stage_s[MAXR][APB_STAGE_COUNT]; /* profiled: every rank's per-layer seconds */
   double imbalance;         /* slowest / fastest rank's compute (prefill minus time blocked in collectives) */
   int64_t bytes;
+  int64_t la, lp;           /* the plan's anchor and passing lengths */
   int ok;
 } row;
 
 static int run_case(const apb_model_config *cfg, int I, apb_preset preset, apb_method m, int gpus, int64_t n,
-                    int64_t q, int profile, int balance, row *out) {
+                    int64_t q, int64_t la, int64_t lp, int profile, int balance, int overlap, row *out) {
   apb_error err = {0};
   apb_run_opts o;
   apb_run_opts_default(&o);
   o.method = m, o.hosts = m == APB_METHOD_DENSE ? 1 : gpus;
   o.balance = balance && (m == APB_METHOD_APB || m == APB_METHOD_STAR);
+  o.overlap = overlap;
+  if (m == APB_METHOD_APB) o.anchor = la, o.passing = lp; /* -1: APB.md 2's defaults */
   apb_plan *plan = malloc(sizeof *plan);
   int32_t *doc = malloc(sizeof(int32_t) * (size_t)n), *query = malloc(sizeof(int32_t) * (size_t)q);
   apb_host_result *res = calloc((size_t)gpus, sizeof *res);
@@ -97,6 +107,8 @@ static int run_case(const apb_model_config *cfg, int I, apb_preset preset, apb_m
       }
     } else {
       for (int s = 0; s < APB_STAGE_COUNT; s++) out->stage_s[s] = res[worst].stats.stage_s[s] / cfg->n_layers;
+      for (int k = 0; k < plan->H && k < MAXR; k++)
+        for (int s = 0; s < APB_STAGE_COUNT; s++) out->rank_stage_s[k][s] = res[k].stats.stage_s[s] / cfg->n_layers;
     }
     for (int k = 0; k < plan->H; k++) apb_host_result_free(&res[k]);
   }
@@ -109,6 +121,7 @@ static int run_case(const apb_model_config *cfg, int I, apb_preset preset, apb_m
       if (c[k].t_total > out->pred_s) out->pred_s = c[k].t_total;
   }
   free(c);
+  out->la = plan->la, out->lp = plan->lp;
   out->method = apb_method_name(m);
   out->gpus = plan->H;
   out->tokens = n;
@@ -120,19 +133,20 @@ done:
 
 int bench_prefill(int argc, char **argv) {
   int64_t tokens[MAXN] = {131072}, gpus_l[MAXN] = {4};
-  int nt = 1, ng = 1, nm = 0, profile = 1, balance = 0;
-  int64_t q = 64;
+  int nt = 1, ng = 1, nm = 0, profile = 1, balance = 0, overlap = 1;
+  int64_t q = 64, la = -1, lp = -1;
   apb_method ms[APB_METHOD_COUNT];
   for (int i = 0; i < APB_METHOD_COUNT; i++) ms[nm++] = (apb_method)i;
   apb_preset preset = APB_PRESET_LLAMA3_8B;
   const char *json = NULL;
-  enum { O_TOK = 256, O_GPUS, O_METHOD, O_PRESET, O_Q, O_PROF, O_JSON, O_BAL };
+  enum { O_TOK = 256, O_GPUS, O_METHOD, O_PRESET, O_Q, O_PROF, O_JSON, O_BAL, O_OVL, O_LA, O_LP };
   static const struct option opts[] = {
       {"tokens", required_argument, 0, O_TOK},     {"gpus", required_argument, 0, O_GPUS},
       {"method", required_argument, 0, O_METHOD},  {"preset", required_argument, 0, O_PRESET},
       {"query-len", required_argument, 0, O_Q},
       {"profile", required_argument, 0, O_PROF},   {"json", required_argument, 0, O_JSON},
-      {"balance", no_argument, 0, O_BAL},
+      {"balance", no_argument, 0, O_BAL},          {"overlap", required_argument, 0, O_OVL},
+      {"anchor", required_argument, 0, O_LA},      {"passing", required_argument, 0, O_LP},
       {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
   int ch;
   while ((ch = cli_getopt(CMD, argc, argv, opts)) != -1) {
@@ -146,6 +160,9 @@ int bench_prefill(int argc, char **argv) {
       break;
     case O_Q: rc = cli_parse_i64(CMD, "--query-len", optarg, 1, 4096, &q); break;
     case O_PROF: rc = cli_parse_int(CMD, "--profile", optarg, 0, 1, &profile); break;
+    case O_OVL: rc = cli_parse_int(CMD, "--overlap", optarg, 0, 1, &overlap); break;
+    case O_LA: rc = cli_parse_i64(CMD, "--anchor", optarg, 0, (int64_t)1 << 24, &la); break;
+    case O_LP: rc = cli_parse_i64(CMD, "--passing", optarg, 0, (int64_t)1 << 24, &lp); break;
     case O_JSON: json = optarg; break;
     case O_BAL: balance = 1; break;
     case 'h': fputs(help_text, stdout); return CLI_OK;
@@ -176,7 +193,7 @@ int bench_prefill(int argc, char **argv) {
   printf("%-8s %4s %8s %10s %12s %10s %9s %9s", "method", "gpus", "tokens", "prefill s", "tokens/s", "model s",
          "peak GiB", "slow/fast");
   for (int s = 0; s < APB_STAGE_COUNT; s++) printf(" %8s", apb_stage_name((apb_stage)s));
-  printf("   (per-layer ms, profiled)\n");
+  printf("   (per-layer ms, profiled)  l_a/l_p\n");
   int rc = CLI_OK, first = 1;
   for (int ti = 0; ti < nt && !rc; ti++, dense_s = 0)
     for (int gi = 0; gi < ng && !rc; gi++)
@@ -189,12 +206,19 @@ int bench_prefill(int argc, char **argv) {
         }
         row rw;
         memset(&rw, 0, sizeof rw);
-        rc = run_case(&cfg, I, preset, ms[mi], g, tokens[ti], q, profile, balance, &rw);
+        rc = run_case(&cfg, I, preset, ms[mi], g, tokens[ti], q, la, lp, profile, balance, overlap, &rw);
         if (rc) break;
         printf("%-8s %4d %8lld %10.3f %12.0f %10.3f %9.2f %9.3f", rw.method, rw.gpus, (long long)rw.tokens,
                rw.prefill_s, rw.tok_s, rw.pred_s, rw.peak_gib, rw.imbalance);
         for (int s = 0; s < APB_STAGE_COUNT; s++) printf(" %8.2f", rw.stage_s[s] * 1e3);
+        if (ms[mi] == APB_METHOD_APB || ms[mi] == APB_METHOD_STAR)
+          printf("   %lld/%lld", (long long)rw.la, (long long)rw.lp);
         printf("\n");
+        for (int k = 0; profile && rw.gpus > 1 && k < rw.gpus && k < MAXR; k++) {
+          printf("%-8s %4s %8s %10s %12s %10s %9s %9s", "", "", "", "", "", "", "", k ? "" : "rank:");
+          for (int s = 0; s < APB_STAGE_COUNT; s++) printf(" %8.2f", rw.rank_stage_s[k][s] * 1e3);
+          printf("   rank %d\n", k);
+        }
         fflush(stdout);
         if (ms[mi] == APB_METHOD_DENSE) dense_s = rw.prefill_s;
         if (tf)
@@ -203,12 +227,19 @@ int bench_prefill(int argc, char **argv) {
         if (jf) {
           fprintf(jf, "%s{\"method\": \"%s\", \"gpus\": %d, \"tokens\": %lld, \"prefill_s\": %.6f, \"tokens_per_s\": %.1f, "
                       "\"model_s\": %.6f, \"peak_gib\": %.3f, \"slowest_over_fastest\": %.4f, \"balance\": %d, "
-                      "\"bytes_sent\": %lld, \"per_layer_ms\": {",
+                      "\"overlap\": %d, \"anchor\": %lld, \"passing\": %lld, \"bytes_sent\": %lld, \"per_layer_ms\": {",
                   first ? "" : ", ", rw.method, rw.gpus, (long long)rw.tokens, rw.prefill_s, rw.tok_s, rw.pred_s,
-                  rw.peak_gib, rw.imbalance, balance, (long long)rw.bytes);
+                  rw.peak_gib, rw.imbalance, balance, overlap, (long long)rw.la, (long long)rw.lp, (long long)rw.bytes);
           for (int s = 0; s < APB_STAGE_COUNT; s++)
             fprintf(jf, "%s\"%s\": %.4f", s ? ", " : "", apb_stage_name((apb_stage)s), rw.stage_s[s] * 1e3);
-          fprintf(jf, "}}");
+          fprintf(jf, "}, \"rank_per_layer_ms\": [");
+          for (int k = 0; profile && k < rw.gpus && k < MAXR; k++) {
+            fprintf(jf, "%s{", k ? ", " : "");
+            for (int s = 0; s < APB_STAGE_COUNT; s++)
+              fprintf(jf, "%s\"%s\": %.4f", s ? ", " : "", apb_stage_name((apb_stage)s), rw.rank_stage_s[k][s] * 1e3);
+            fprintf(jf, "}");
+          }
+          fprintf(jf, "]}");
           first = 0;
         }
       }

@@ -31,7 +31,7 @@ static const char *const cmd = "bench gpu-attn";
 static const char help_text[] =
     "Usage: apb bench gpu-attn [--tokens LIST] [--hq N] [--hkv N] [--d N] [--reps N] [--warmup N]\n"
     "                          [--impl IMPL] [--simple-max N] [--apb-shape]\n"
-    "                          [--check] [--seed N] [--json FILE]\n"
+    "                          [--shape P:A:B[:n] ...] [--check] [--seed N] [--json FILE]\n"
     "\n"
     "Times the CUDA attention (apb_cuda_attn, bf16 storage) on one GPU: dense causal attention over each\n"
     "token count, and with --apb-shape the APB shape of the last of 4 hosts at 128K (6144 passing keys,\n"
@@ -53,6 +53,8 @@ static const char help_text[] =
     "  --simple-max N  skip the simple kernel on shapes with more than N rows: it is a correctness path,\n"
     "                  seconds per call at 16K (default 8192)\n"
     "  --apb-shape     also time the APB shape\n"
+    "  --shape P:A:B[:n]  also time this segment shape: P passing keys, A anchor rows, B local rows\n"
+    "                  (':n': the rows see P and A only, no local keys); repeatable, at most 8\n"
     "  --seed N        input seed (default 1)\n"
     "  --check         compare every impl's o and LSE with the first impl's, per shape; a relative\n"
     "                  Frobenius difference of o above 2e-2 (twice the bf16 bound against the oracle), a\n"
@@ -69,6 +71,14 @@ static const char *const impl_names[] = {"simple",    "tc",        "tc_w16",    
                                          "hopper_v2", "hopper_v3", "hopper_v4", "hopper_v5", "new",       "all"};
 
 #define MAX_TOKENS 16
+#define MAX_SHAPES 8
+
+/* One shape to time: segment lengths and a label. */
+typedef struct bench_shape {
+  const char *kind; /* "dense", "apb" or "shape" (--shape) */
+  int64_t P, A, B;
+  int local_keys;   /* 0: the rows see P and A only (the passing-only call of the overlapped apb) */
+} bench_shape;
 
 typedef struct bench_opts {
   int64_t tokens[MAX_TOKENS];
@@ -77,15 +87,12 @@ typedef struct bench_opts {
   int impls[N_IMPL], nimpl; /* what --impl asked for, in order, each once */
   int64_t simple_max;
   int apb_shape, check;
+  bench_shape shapes[MAX_SHAPES]; /* --shape */
+  int nshape;
   int64_t seed;
   const char *json;
 } bench_opts;
 
-/* One shape to time: segment lengths and a label. */
-typedef struct bench_shape {
-  const char *kind; /* "dense" or "apb" */
-  int64_t P, A, B;
-} bench_shape;
 
 /* Device buffers of one shape, bf16: q, o [A+B, Hq, D]; k*, v* [len, Hkv, D]; lse [Hq, A+B]. */
 typedef struct bench_bufs {
@@ -119,8 +126,25 @@ static int parse_impls(const char *arg, bench_opts *o) {
   return CLI_OK;
 }
 
+/* --shape P:A:B[:n]: three lengths >= 0 with A + B >= 1, and an optional ':n' (no local keys). */
+static int parse_shape(const char *arg, bench_opts *o) {
+  if (o->nshape == MAX_SHAPES) return cli_usage(cmd, "--shape: at most %d shapes", MAX_SHAPES);
+  long long v[3];
+  char tail[8] = "";
+  int n = sscanf(arg, "%lld:%lld:%lld%7s", &v[0], &v[1], &v[2], tail);
+  if (n < 3 || (n == 4 && strcmp(tail, ":n") != 0))
+    return cli_usage(cmd, "--shape '%s': expected P:A:B or P:A:B:n (three lengths, e.g. 6144:4096:32768)", arg);
+  for (int i = 0; i < 3; i++)
+    if (v[i] < 0 || v[i] > (1LL << 24))
+      return cli_usage(cmd, "--shape '%s': lengths must lie in [0, %lld]", arg, 1LL << 24);
+  if (v[1] + v[2] < 1) return cli_usage(cmd, "--shape '%s': A + B must be at least 1 (no query rows)", arg);
+  if (n == 4 && v[0] + v[1] < 1) return cli_usage(cmd, "--shape '%s': with ':n' the rows see no key at all", arg);
+  o->shapes[o->nshape++] = (bench_shape){"shape", v[0], v[1], v[2], n == 3};
+  return CLI_OK;
+}
+
 static int parse(int argc, char **argv, bench_opts *o) {
-  enum { O_TOKENS = 256, O_HQ, O_HKV, O_D, O_REPS, O_WARMUP, O_IMPL, O_SIMPLE_MAX, O_APB, O_SEED, O_JSON, O_CHECK };
+  enum { O_TOKENS = 256, O_HQ, O_HKV, O_D, O_REPS, O_WARMUP, O_IMPL, O_SIMPLE_MAX, O_APB, O_SEED, O_JSON, O_CHECK, O_SHAPE };
   static const struct option opts[] = {
       {"tokens", required_argument, NULL, O_TOKENS}, {"hq", required_argument, NULL, O_HQ},
       {"hkv", required_argument, NULL, O_HKV},       {"d", required_argument, NULL, O_D},
@@ -128,6 +152,7 @@ static int parse(int argc, char **argv, bench_opts *o) {
       {"impl", required_argument, NULL, O_IMPL},     {"simple-max", required_argument, NULL, O_SIMPLE_MAX},
       {"apb-shape", no_argument, NULL, O_APB},       {"seed", required_argument, NULL, O_SEED},
       {"json", required_argument, NULL, O_JSON},     {"check", no_argument, NULL, O_CHECK},
+      {"shape", required_argument, NULL, O_SHAPE},
       {"help", no_argument, NULL, 'h'},
       {NULL, 0, NULL, 0}};
   static const int64_t default_tokens[] = {8192, 16384, 32768, 65536, 131072};
@@ -155,6 +180,7 @@ static int parse(int argc, char **argv, bench_opts *o) {
     case O_SEED: rc = cli_parse_i64(cmd, "--seed", optarg, 0, INT64_MAX, &o->seed); break;
     case O_JSON: o->json = optarg; break;
     case O_CHECK: o->check = 1; break;
+    case O_SHAPE: rc = parse_shape(optarg, o); break;
     default: return CLI_USAGE;
     }
   }
@@ -298,10 +324,11 @@ int cmd_bench_gpu_attn(int argc, char **argv) {
   st = apb_cuda_device_describe(0, dev, sizeof dev, &err);
   if (st != APB_OK) return cli_report(cmd, st, &err);
 
-  bench_shape shapes[MAX_TOKENS + 1];
+  bench_shape shapes[MAX_TOKENS + 1 + MAX_SHAPES];
   int nshapes = 0;
-  for (int i = 0; i < o.ntokens; i++) shapes[nshapes++] = (bench_shape){"dense", 0, 0, o.tokens[i]};
-  if (o.apb_shape) shapes[nshapes++] = (bench_shape){"apb", 6144, 4096, 32768};
+  for (int i = 0; i < o.ntokens; i++) shapes[nshapes++] = (bench_shape){"dense", 0, 0, o.tokens[i], 1};
+  if (o.apb_shape) shapes[nshapes++] = (bench_shape){"apb", 6144, 4096, 32768, 1};
+  for (int i = 0; i < o.nshape; i++) shapes[nshapes++] = o.shapes[i];
 
   FILE *js = NULL;
   if (o.json) {
@@ -331,14 +358,15 @@ int cmd_bench_gpu_attn(int argc, char **argv) {
     st = bufs_alloc(&b, s, &o, &err);
     if (st != APB_OK) break;
     apb_cuda_attn_args x = {.P = s->P, .A = s->A, .B = s->B, .Hq = o.hq, .Hkv = o.hkv, .D = o.d,
-                            .local_keys = 1, .dtype = APB_DT_BF16, .q = b.q, .kp = b.kp, .vp = b.vp,
+                            .local_keys = s->local_keys, .dtype = APB_DT_BF16, .q = b.q, .kp = b.kp, .vp = b.vp,
                             .ka = b.ka, .va = b.va, .kb = b.kb, .vb = b.vb, .o = b.o, .lse = b.lse};
-    apb_attn_args fa = {.P = s->P, .A = s->A, .B = s->B, .Hq = o.hq, .Hkv = o.hkv, .D = o.d, .local_keys = 1};
+    apb_attn_args fa = {.P = s->P, .A = s->A, .B = s->B, .Hq = o.hq, .Hkv = o.hkv, .D = o.d,
+                        .local_keys = s->local_keys};
     const double flop = apb_attn_flops(&fa);
     char label[96];
-    if (s->P || s->A)
-      snprintf(label, sizeof label, "%s P%lld A%lld B%lld", s->kind, (long long)s->P, (long long)s->A,
-               (long long)s->B);
+    if (s->P || s->A || !s->local_keys)
+      snprintf(label, sizeof label, "%s P%lld A%lld B%lld%s", s->kind, (long long)s->P, (long long)s->A,
+               (long long)s->B, s->local_keys ? "" : " nolocal");
     else
       snprintf(label, sizeof label, "%s causal n=%lld", s->kind, (long long)s->B);
     agree ag = {0};
