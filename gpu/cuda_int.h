@@ -104,6 +104,25 @@ __device__ __forceinline__ void st_f(apb_bf16 *p, double x) { *p = __float2bfloa
 template <typename T> struct cu_math { typedef double type; };
 template <> struct cu_math<apb_bf16> { typedef float type; };
 
+/* Eight bf16 in one 16-byte word, to and from fp32 (round to nearest even): the vectorised BF16
+ * elementwise kernels, which compute exactly what the scalar ones do per element. */
+__device__ __forceinline__ void cu_unpack8(const uint4 &v, float f[8]) {
+  const __nv_bfloat162 *h = (const __nv_bfloat162 *)&v;
+#pragma unroll
+  for (int j = 0; j < 4; j++) {
+    const float2 p = __bfloat1622float2(h[j]);
+    f[2 * j] = p.x, f[2 * j + 1] = p.y;
+  }
+}
+__device__ __forceinline__ uint4 cu_pack8(const float f[8]) {
+  uint4 v;
+  __nv_bfloat162 *h = (__nv_bfloat162 *)&v;
+#pragma unroll
+  for (int j = 0; j < 4; j++) h[j] = __floats2bfloat162_rn(f[2 * j], f[2 * j + 1]);
+  return v;
+}
+static inline int cu_aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+
 /* ---------------------------------------------------------------- launch sizes */
 
 /* Blocks for n independent items at `threads` per block, capped (the kernels use grid-stride loops). */

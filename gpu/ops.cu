@@ -178,6 +178,33 @@ __global__ void rmsnorm_kernel(const T *x, const T *w, float eps, int64_t nt, in
   }
 }
 
+/* The BF16 form with 16-byte accesses (E % 8 == 0, aligned rows): the same formula per element, the
+ * sum of squares in another order (a block reduction either way). E8 = E / 8 vectors per row. */
+__global__ void rmsnorm_bf16x8_kernel(const uint4 *x, const uint4 *w, float eps, int64_t nt, int64_t E8, uint4 *y) {
+  __shared__ float sh[32];
+  for (int64_t t = blockIdx.x; t < nt; t += gridDim.x) {
+    const uint4 *xr = x + t * E8;
+    uint4 *yr = y + t * E8;
+    float ss = 0.0f;
+    for (int64_t e = threadIdx.x; e < E8; e += blockDim.x) {
+      float f[8];
+      cu_unpack8(xr[e], f);
+#pragma unroll
+      for (int j = 0; j < 8; j++) ss = fmaf(f[j], f[j], ss);
+    }
+    ss = block_sum_f(ss, sh);
+    const float inv = 1.0f / sqrtf(ss / (float)(E8 * 8) + eps);
+    for (int64_t e = threadIdx.x; e < E8; e += blockDim.x) {
+      float f[8], g[8];
+      cu_unpack8(xr[e], f);
+      cu_unpack8(w[e], g);
+#pragma unroll
+      for (int j = 0; j < 8; j++) f[j] = (f[j] * inv) * g[j];
+      yr[e] = cu_pack8(f);
+    }
+  }
+}
+
 apb_status cu_rmsnorm(apb_backend *be, const apb_bweight *w, float eps, const void *x, int64_t T, void *y,
                       apb_error *err) {
   const char *op = "rmsnorm";
@@ -190,7 +217,10 @@ apb_status cu_rmsnorm(apb_backend *be, const apb_bweight *w, float eps, const vo
   if ((st = apb_bc_need(err, op, "x", x)) || (st = apb_bc_need(err, op, "y", y))) return st;
   if ((st = cu_enter(c, err))) return st;
   const unsigned g = T < 65535 * 16 ? (unsigned)T : 65535u * 16u;
-  if (be->act == APB_DT_BF16)
+  if (be->act == APB_DT_BF16 && w->K % 8 == 0 && cu_aligned16(x) && cu_aligned16(y) && cu_aligned16(w->w))
+    rmsnorm_bf16x8_kernel<<<g, CU_THREADS, 0, c->stream>>>((const uint4 *)x, (const uint4 *)w->w, eps, T, w->K / 8,
+                                                           (uint4 *)y);
+  else if (be->act == APB_DT_BF16)
     rmsnorm_kernel<apb_bf16><<<g, CU_THREADS, 0, c->stream>>>((const apb_bf16 *)x, (const apb_bf16 *)w->w, eps, T,
                                                                w->K, (apb_bf16 *)y);
   else
@@ -223,6 +253,36 @@ __global__ void rope_kernel(const T *qkv, int64_t nt, int Hq, int Hkv, int D, co
       st_f(dst + i, x1 * cs - x2 * sn);
       st_f(dst + i + half, x2 * cs + x1 * sn);
     }
+  }
+}
+
+/* The BF16 form (D % 4 == 0): a block per token (grid-stride); the token's D/2 angles' cos and sin in
+ * double, once, in shared memory; then every head's pairs two at a time with bf16x2 accesses, and v's
+ * row copied in the same pass. Per element the same arithmetic and rounding as rope_kernel. */
+__global__ void rope_bf16_kernel(const apb_bf16 *qkv, int64_t nt, int Hq, int Hkv, int D, const int32_t *pos,
+                                 const double *f, apb_bf16 *q, apb_bf16 *k, apb_bf16 *v) {
+  extern __shared__ double cs_sn[]; /* [D/2] cos, then [D/2] sin */
+  const int half = D / 2, hp = half / 2, nh = Hq + Hkv;
+  const int64_t QKV = (int64_t)(Hq + 2 * Hkv) * D;
+  for (int64_t t = blockIdx.x; t < nt; t += gridDim.x) {
+    __syncthreads(); /* the previous token's table is no longer read */
+    for (int i = threadIdx.x; i < half; i += blockDim.x) sincos((double)pos[t] * f[i], &cs_sn[half + i], &cs_sn[i]);
+    __syncthreads();
+    const apb_bf16 *row = qkv + t * QKV;
+    for (int e = threadIdx.x; e < nh * hp; e += blockDim.x) {
+      const int h = e / hp, i = 2 * (e % hp);
+      const float2 x1 = __bfloat1622float2(*(const __nv_bfloat162 *)(row + (int64_t)h * D + i));
+      const float2 x2 = __bfloat1622float2(*(const __nv_bfloat162 *)(row + (int64_t)h * D + i + half));
+      const double c0 = cs_sn[i], c1 = cs_sn[i + 1], s0 = cs_sn[half + i], s1 = cs_sn[half + i + 1];
+      apb_bf16 *dst = h < Hq ? q + (t * Hq + h) * (int64_t)D : k + (t * Hkv + (h - Hq)) * (int64_t)D;
+      *(__nv_bfloat162 *)(dst + i) = __floats2bfloat162_rn((float)((double)x1.x * c0 - (double)x2.x * s0),
+                                                           (float)((double)x1.y * c1 - (double)x2.y * s1));
+      *(__nv_bfloat162 *)(dst + i + half) = __floats2bfloat162_rn((float)((double)x2.x * c0 + (double)x1.x * s0),
+                                                                  (float)((double)x2.y * c1 + (double)x1.y * s1));
+    }
+    const __nv_bfloat162 *vs = (const __nv_bfloat162 *)(row + (int64_t)(Hq + Hkv) * D);
+    __nv_bfloat162 *vd = (__nv_bfloat162 *)(v + t * Hkv * (int64_t)D);
+    for (int e = threadIdx.x; e < Hkv * half; e += blockDim.x) vd[e] = vs[e];
   }
 }
 
@@ -287,6 +347,13 @@ apb_status cu_split_rope(apb_backend *be, const void *qkv, int64_t T, int Hq, in
   const unsigned g = cu_blocks(T * (D / 2), CU_THREADS);
   APB_TRY(cu_enter(c, err));
   APB_TRY(rope_table(c, f, D / 2, err));
+  if (be->act == APB_DT_BF16 && D % 4 == 0 && ((uintptr_t)qkv | (uintptr_t)q | (uintptr_t)k | (uintptr_t)v) % 4 == 0) {
+    const unsigned gt = T < 65535 * 16 ? (unsigned)T : 65535u * 16u;
+    rope_bf16_kernel<<<gt, CU_THREADS, (size_t)D * sizeof(double), c->stream>>>(
+        (const apb_bf16 *)qkv, T, Hq, Hkv, D, pos, c->rope_dev, (apb_bf16 *)q, (apb_bf16 *)k, (apb_bf16 *)v);
+    APB_CU_LAUNCH();
+    goto done; /* v is written by the kernel */
+  }
   if (be->act == APB_DT_BF16)
     rope_kernel<apb_bf16><<<g, CU_THREADS, 0, c->stream>>>((const apb_bf16 *)qkv, T, Hq, Hkv, D, pos, c->rope_dev,
                                                             (apb_bf16 *)q, (apb_bf16 *)k);
@@ -304,15 +371,31 @@ done:
 
 /* ================================================================ swiglu */
 
+/* silu(g) * u in the arithmetic M of the storage type (cu_math). */
+template <typename M> __device__ __forceinline__ M silu_mul(M g, M u) { return g / ((M)1 + exp(-g)) * u; }
+
 template <typename T>
 __global__ void swiglu_kernel(const T *gu, int64_t nt, int64_t F, T *out) {
   typedef typename cu_math<T>::type M;
   const int64_t total = nt * F;
   for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
     const int64_t t = e / F, i = e % F;
-    const M g = (M)ld_f(gu + t * 2 * F + i), u = (M)ld_f(gu + t * 2 * F + F + i);
-    st_f(out + e, g / ((M)1 + exp(-g)) * u);
+    st_f(out + e, silu_mul<M>((M)ld_f(gu + t * 2 * F + i), (M)ld_f(gu + t * 2 * F + F + i)));
   }
+}
+
+/* The BF16 form with 16-byte accesses (F % 8 == 0, aligned): rows along y, 8 columns per thread along
+ * x, so no division per element; the same formula per element. F8 = F / 8. */
+__global__ void swiglu_bf16x8_kernel(const uint4 *gu, int64_t nt, int64_t F8, uint4 *out) {
+  for (int64_t t = blockIdx.y; t < nt; t += gridDim.y)
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < F8; i += (int64_t)gridDim.x * blockDim.x) {
+      float g[8], u[8];
+      cu_unpack8(gu[t * 2 * F8 + i], g);
+      cu_unpack8(gu[t * 2 * F8 + F8 + i], u);
+#pragma unroll
+      for (int j = 0; j < 8; j++) g[j] = silu_mul<float>(g[j], u[j]);
+      out[t * F8 + i] = cu_pack8(g);
+    }
 }
 
 apb_status cu_swiglu(apb_backend *be, const void *gu, int64_t T, int64_t F, void *out, apb_error *err) {
@@ -327,7 +410,10 @@ apb_status cu_swiglu(apb_backend *be, const void *gu, int64_t T, int64_t F, void
     return st;
   if ((st = cu_enter(c, err))) return st;
   const unsigned g = cu_blocks(T * F, CU_THREADS);
-  if (be->act == APB_DT_BF16)
+  if (be->act == APB_DT_BF16 && F % 8 == 0 && cu_aligned16(gu) && cu_aligned16(out)) {
+    const dim3 grid(cu_blocks(F / 8, CU_THREADS), (unsigned)(T < 65535 ? T : 65535));
+    swiglu_bf16x8_kernel<<<grid, CU_THREADS, 0, c->stream>>>((const uint4 *)gu, T, F / 8, (uint4 *)out);
+  } else if (be->act == APB_DT_BF16)
     swiglu_kernel<apb_bf16><<<g, CU_THREADS, 0, c->stream>>>((const apb_bf16 *)gu, T, F, (apb_bf16 *)out);
   else
     swiglu_kernel<float><<<g, CU_THREADS, 0, c->stream>>>((const float *)gu, T, F, (float *)out);
@@ -337,6 +423,18 @@ done:
 }
 
 /* ================================================================ add */
+
+/* y [n8 vectors of 8 bf16] += x, 16-byte accesses; the same per-element sum and rounding as add_kernel. */
+__global__ void add_bf16x8_kernel(uint4 *y, const uint4 *x, size_t n8) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n8; i += (size_t)gridDim.x * blockDim.x) {
+    float a[8], b[8];
+    cu_unpack8(y[i], a);
+    cu_unpack8(x[i], b);
+#pragma unroll
+    for (int j = 0; j < 8; j++) a[j] += b[j];
+    y[i] = cu_pack8(a);
+  }
+}
 
 template <typename T>
 __global__ void add_kernel(T *y, const T *x, size_t n) {
@@ -352,7 +450,10 @@ apb_status cu_add(apb_backend *be, void *y, const void *x, size_t n, apb_error *
   if ((st = apb_bc_need(err, op, "y", y)) || (st = apb_bc_need(err, op, "x", x))) return st;
   if ((st = cu_enter(c, err))) return st;
   const unsigned g = cu_blocks((int64_t)n, CU_THREADS);
-  if (be->act == APB_DT_BF16)
+  if (be->act == APB_DT_BF16 && n % 8 == 0 && cu_aligned16(y) && cu_aligned16(x))
+    add_bf16x8_kernel<<<cu_blocks((int64_t)(n / 8), CU_THREADS), CU_THREADS, 0, c->stream>>>((uint4 *)y,
+                                                                                            (const uint4 *)x, n / 8);
+  else if (be->act == APB_DT_BF16)
     add_kernel<apb_bf16><<<g, CU_THREADS, 0, c->stream>>>((apb_bf16 *)y, (const apb_bf16 *)x, n);
   else
     add_kernel<float><<<g, CU_THREADS, 0, c->stream>>>((float *)y, (const float *)x, n);
