@@ -90,10 +90,75 @@ void cu_scratch_free(cu_be *c, void *p, size_t bytes) {
   count_sub(c, bytes);
 }
 
-apb_status cu_read(cu_be *c, void *host, const void *dev, size_t bytes, apb_error *err) {
+/* ---------------------------------------------------------------- device-side input checks */
+
+/* More checked calls than this between two syncs make the next checked call collect first. */
+#define CU_CHK_MAX_CALLS 65536
+
+apb_status cu_chk_begin(cu_be *c, int kind, long long bound, long long aux, cu_chk_rec **rec,
+                        unsigned long long *seq, apb_error *err) {
   apb_status st = APB_OK;
-  APB_CU(cudaMemcpyAsync(host, dev, bytes, cudaMemcpyDeviceToHost, c->stream));
+  if (c->chk_calls.size() >= CU_CHK_MAX_CALLS) {
+    APB_CU(cudaStreamSynchronize(c->stream));
+    APB_TRY(cu_chk_collect(c, err));
+  }
+  try {
+    c->chk_calls.push_back(cu_chk_call{++c->chk_seq, kind, bound, aux});
+  } catch (...) {
+    return apb_error_set(err, APB_ENOMEM, "out of host memory for the device-side check list");
+  }
+  *rec = c->chk + kind;
+  *seq = c->chk_seq;
+done:
+  return st;
+}
+
+apb_status cu_chk_end(cu_be *c, apb_error *err) {
+  apb_status st = APB_OK;
+  if (!c->sync_checks) return APB_OK;
   APB_CU(cudaStreamSynchronize(c->stream));
+  st = cu_chk_collect(c, err);
+done:
+  return st;
+}
+
+apb_status cu_chk_collect(cu_be *c, apb_error *err) {
+  apb_status st = APB_OK;
+  cu_chk_rec h[CU_CHK_KINDS];
+  int k = -1;
+  const cu_chk_call *call = NULL;
+  unsigned long long index = 0;
+  int value = 0;
+  if (c->chk_calls.empty()) return APB_OK;
+  APB_CU(cudaMemcpyAsync(h, c->chk, sizeof h, cudaMemcpyDeviceToHost, c->stream));
+  APB_CU(cudaStreamSynchronize(c->stream));
+  for (int i = 0; i < CU_CHK_KINDS; i++)
+    if (h[i].seq != ~0ull && (k < 0 || h[i].seq < h[k].seq)) k = i;
+  if (k < 0) {
+    c->chk_calls.clear();
+    return APB_OK;
+  }
+  for (const cu_chk_call &x : c->chk_calls)
+    if (x.seq == h[k].seq) call = &x;
+  index = h[k].key >> 32, value = (int)(unsigned)(h[k].key & 0xffffffffull);
+  {
+    const char *when = c->sync_checks ? "" : " (found on the device; reported at the next sync of the instance)";
+    const long long bound = call ? call->bound : -1, aux = call ? call->aux : 1;
+    if (k == CU_CHK_EMBED)
+      st = apb_error_set(err, APB_EINVAL, "embed: ids[%llu]=%d is out of the vocabulary [0, %lld)%s", index, value,
+                         bound, when);
+    else if (k == CU_CHK_TOPK)
+      st = apb_error_set(err, APB_ENONFINITE, "topk: score[%llu, %llu] is NaN; NaN scores are never selected%s",
+                         bound > 0 ? index / (unsigned long long)bound : 0ull,
+                         bound > 0 ? index % (unsigned long long)bound : index, when);
+    else
+      st = apb_error_set(err, APB_EINVAL, "gather: idx[%llu, %llu]=%d is out of [0, T=%lld)%s",
+                         aux > 0 ? index / (unsigned long long)aux : 0ull,
+                         aux > 0 ? index % (unsigned long long)aux : index, value, bound, when);
+  }
+  /* consumed: clear the records for the next failure (stream-ordered before any later check) */
+  c->chk_calls.clear();
+  if (cudaMemsetAsync(c->chk, 0xFF, sizeof h, c->stream) != cudaSuccess) cudaGetLastError();
 done:
   return st;
 }
@@ -220,6 +285,7 @@ static apb_status cu_download(apb_backend *be, void *host, const void *src, size
   if ((st = cu_enter(c, err))) return st;
   APB_CU(cudaMemcpyAsync(host, src, bytes, cudaMemcpyDeviceToHost, c->stream));
   APB_CU(cudaStreamSynchronize(c->stream));
+  st = cu_chk_collect(c, err);
 done:
   return st;
 }
@@ -278,6 +344,7 @@ static apb_status cu_download_f32(apb_backend *be, float *host, const void *src,
     }
   }
   APB_CU(cudaStreamSynchronize(c->stream));
+  st = cu_chk_collect(c, err);
 done:
   cu_scratch_free(c, stage, chunk * sizeof(float));
   return st;
@@ -288,6 +355,7 @@ static apb_status cu_sync(apb_backend *be, apb_error *err) {
   apb_status st = cu_enter(c, err);
   if (st != APB_OK) return st;
   APB_CU(cudaStreamSynchronize(c->stream));
+  st = cu_chk_collect(c, err);
 done:
   return st;
 }
@@ -479,6 +547,7 @@ static void cu_destroy(apb_backend *be) {
   cudaSetDevice(c->dev);
   if (c->stream) cudaStreamSynchronize(c->stream);
   if (c->rope_dev) cudaFree(c->rope_dev);
+  if (c->chk) cudaFree(c->chk);
   if (c->blas) cublasDestroy(c->blas);
   if (c->stream) cudaStreamDestroy(c->stream);
   delete c;
@@ -574,8 +643,16 @@ extern "C" apb_status apb_backend_cuda(int device, apb_dtype act, apb_backend **
   c->blas = NULL;
   c->rope_dev = NULL;
   c->rope_cap = 0;
+  c->chk = NULL;
+  c->chk_seq = 0;
+  {
+    const char *sc = getenv("APB_CUDA_SYNC_CHECKS");
+    c->sync_checks = sc && *sc && strcmp(sc, "0") != 0;
+  }
   APB_CU(cudaSetDevice(device));
   APB_CU(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
+  APB_CU(cudaMalloc((void **)&c->chk, CU_CHK_KINDS * sizeof(cu_chk_rec)));
+  APB_CU(cudaMemsetAsync(c->chk, 0xFF, CU_CHK_KINDS * sizeof(cu_chk_rec), c->stream));
   APB_CUBLAS(cublasCreate(&c->blas));
   APB_CUBLAS(cublasSetStream(c->blas, c->stream));
   APB_CUBLAS(cublasSetMathMode(c->blas, (cublasMath_t)(CUBLAS_DEFAULT_MATH |
@@ -598,6 +675,13 @@ extern "C" apb_status apb_backend_cuda_set_attn(apb_backend *be, apb_cuda_attn_i
   if (impl != APB_CUDA_ATTN_SIMPLE && be->act != APB_DT_BF16)
     return apb_error_set(err, APB_EINVAL, "backend_cuda_set_attn: the tensor-core kernels need bf16 storage");
   cu_of(be)->attn = impl;
+  return APB_OK;
+}
+
+extern "C" apb_status apb_backend_cuda_set_sync_checks(apb_backend *be, int on, apb_error *err) {
+  if (!cu_is_instance(be))
+    return apb_error_set(err, APB_EINVAL, "backend_cuda_set_sync_checks: not a CUDA backend instance");
+  cu_of(be)->sync_checks = on != 0;
   return APB_OK;
 }
 

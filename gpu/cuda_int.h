@@ -68,6 +68,26 @@ struct apb_bweight {
   size_t bytes;            /* device bytes of w and b, counted in the creating instance */
 };
 
+/* Device-side input checks (embed's token ids, top-k's NaN scores, gather's indices). A check kernel
+ * runs beside the op and reports into a record of the instance: the first failing call (by its
+ * sequence number `seq`, in stream order) and, within it, the smallest failing element index with the
+ * offending value, packed as key = index << 32 | (uint32) value. By default the host does not wait:
+ * the op's kernels skip bad entries (writing zeros) and the failure is returned by the next sync,
+ * download or download_f32 of the instance, as CUDA reports kernel faults. With synchronous checks
+ * (apb_backend_cuda_set_sync_checks, or APB_CUDA_SYNC_CHECKS=1 when the instance is made) the op waits
+ * for its check and returns the error itself, before writing anything. */
+enum { CU_CHK_EMBED, CU_CHK_TOPK, CU_CHK_GATHER, CU_CHK_KINDS };
+struct cu_chk_rec {
+  unsigned long long seq; /* the failing call's sequence number; ~0 when none failed */
+  unsigned long long key; /* index << 32 | (uint32) value; ~0 when none */
+};
+/* What the host remembers of a checked call until its result is read. */
+struct cu_chk_call {
+  unsigned long long seq;
+  int kind;
+  long long bound, aux;   /* embed: vocabulary, -; topk: T (row length), -; gather: T, k */
+};
+
 /* One CUDA backend instance; be.impl points back to it. */
 struct cu_be {
   apb_backend be;
@@ -84,7 +104,19 @@ struct cu_be {
   double *rope_dev;
   int rope_cap;                    /* doubles rope_dev can hold */
   std::vector<double> rope_host;
+  cu_chk_rec *chk;                 /* [CU_CHK_KINDS] device records of the input checks */
+  unsigned long long chk_seq;      /* sequence number of the last checked call */
+  std::vector<cu_chk_call> chk_calls; /* checked calls whose result is not read yet */
+  int sync_checks;                 /* 1: each checked op waits for its check (see cu_chk_rec) */
 };
+
+/* Report a failing element from a check kernel (see cu_chk_rec): the first call claims the record,
+ * and among its threads the smallest index wins. index < 2^32 (the callers' shapes guarantee it). */
+__device__ __forceinline__ void cu_chk_fail(cu_chk_rec *r, unsigned long long seq, unsigned long long index,
+                                            long long value) {
+  const unsigned long long prev = atomicCAS(&r->seq, ~0ull, seq);
+  if (prev == ~0ull || prev == seq) atomicMin(&r->key, index << 32 | (unsigned long long)(unsigned)value);
+}
 
 static inline cu_be *cu_of(const apb_backend *be) { return (cu_be *)be->impl; }
 
@@ -146,9 +178,15 @@ apb_status cu_weight_new(cu_be *c, int64_t N, int64_t K, int has_bias, apb_bweig
  * accumulation (CUBLAS_COMPUTE_32F, TF32 off), on the instance's stream. yt is the act dtype or F32. */
 apb_status cu_gemm_nt(cu_be *c, int64_t m, int64_t n, int64_t K, const void *x, const void *w, void *y,
                       apb_dtype yt, int64_t ldy, apb_error *err);
-/* Copy `bytes` from device memory to host memory after the stream's earlier work, and wait (used to
- * read the results of validation kernels). */
-apb_status cu_read(cu_be *c, void *host, const void *dev, size_t bytes, apb_error *err);
+/* Input checks (see cu_chk_rec): cu_chk_begin registers a checked call of `kind` and gives the record
+ * and sequence number its check kernel reports to; cu_chk_end, after that kernel is enqueued, waits
+ * for it and returns the failure when checks are synchronous (else APB_OK at once); cu_chk_collect,
+ * after the stream was synchronised, returns the first failure since the last collection (and clears
+ * it). */
+apb_status cu_chk_begin(cu_be *c, int kind, long long bound, long long aux, cu_chk_rec **rec,
+                        unsigned long long *seq, apb_error *err);
+apb_status cu_chk_end(cu_be *c, apb_error *err);
+apb_status cu_chk_collect(cu_be *c, apb_error *err);
 /* 1 when be is an instance of this backend. */
 int cu_is_instance(const apb_backend *be);
 

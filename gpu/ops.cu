@@ -108,19 +108,20 @@ done:
 
 /* ================================================================ embed */
 
-/* *first = min over t of the t with ids[t] outside [0, V) (left at ULLONG_MAX when none). */
-__global__ void ids_check_kernel(const int32_t *ids, int64_t T, int64_t V, unsigned long long *first) {
+/* Input check of embed (cu_chk_rec): the ids outside [0, V). */
+__global__ void ids_check_kernel(const int32_t *ids, int64_t T, int64_t V, cu_chk_rec *rec, unsigned long long seq) {
   for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < T; t += (int64_t)gridDim.x * blockDim.x)
-    if (ids[t] < 0 || ids[t] >= V) atomicMin(first, (unsigned long long)t);
+    if (ids[t] < 0 || ids[t] >= V) cu_chk_fail(rec, seq, (unsigned long long)t, ids[t]);
 }
 
-/* out [T, E] = table [ids[t], E]: element copies, no rounding (both are act). */
+/* out [T, E] = table [ids[t], E]: element copies, no rounding (both are act); rows of ids outside
+ * [0, V) (reported by ids_check_kernel) are zeros. */
 template <typename T>
-__global__ void embed_kernel(const T *table, const int32_t *ids, int64_t nt, int64_t E, T *out) {
+__global__ void embed_kernel(const T *table, const int32_t *ids, int64_t nt, int64_t E, int64_t V, T *out) {
   const int64_t total = nt * E;
   for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t t = e / E, j = e % E;
-    out[e] = table[(int64_t)ids[t] * E + j];
+    const int64_t t = e / E, j = e % E, id = ids[t];
+    out[e] = id >= 0 && id < V ? table[id * E + j] : (T)0.0f;
   }
 }
 
@@ -132,29 +133,25 @@ apb_status cu_embed(apb_backend *be, const apb_bweight *table, const int32_t *id
   if ((st = cu_weight_check(c, err, op, "table", table, -1, -1)) || (st = apb_bc_len(err, op, "T", T, 0))) return st;
   if (T == 0) return APB_OK;
   if ((st = apb_bc_need(err, op, "ids", ids)) || (st = apb_bc_need(err, op, "out", out))) return st;
+  if (T > (int64_t)UINT32_MAX)
+    return apb_error_set(err, APB_EINVAL, "%s: T=%lld tokens; at most %lu per call", op, (long long)T,
+                         (unsigned long)UINT32_MAX);
   if ((st = cu_enter(c, err))) return st;
-  unsigned long long *first = NULL, bad = 0;
+  cu_chk_rec *rec = NULL;
+  unsigned long long seq = 0;
   const unsigned g = cu_blocks(T * table->K, CU_THREADS);
-  APB_TRY(cu_scratch(c, sizeof *first, op, (void **)&first, err));
-  APB_CU(cudaMemsetAsync(first, 0xFF, sizeof *first, c->stream));
-  ids_check_kernel<<<cu_blocks(T, CU_THREADS), CU_THREADS, 0, c->stream>>>(ids, T, table->N, first);
+  APB_TRY(cu_chk_begin(c, CU_CHK_EMBED, table->N, 0, &rec, &seq, err));
+  ids_check_kernel<<<cu_blocks(T, CU_THREADS), CU_THREADS, 0, c->stream>>>(ids, T, table->N, rec, seq);
   APB_CU_LAUNCH();
-  APB_TRY(cu_read(c, &bad, first, sizeof bad, err));
-  if (bad != ~0ull) {
-    int32_t v = 0;
-    APB_TRY(cu_read(c, &v, ids + bad, sizeof v, err));
-    st = apb_error_set(err, APB_EINVAL, "%s: ids[%lld]=%d is out of the vocabulary [0, %lld)", op, (long long)bad,
-                       (int)v, (long long)table->N);
-    goto done;
-  }
+  APB_TRY(cu_chk_end(c, err));
   if (be->act == APB_DT_BF16)
-    embed_kernel<apb_bf16><<<g, CU_THREADS, 0, c->stream>>>((const apb_bf16 *)table->w, ids, T, table->K,
+    embed_kernel<apb_bf16><<<g, CU_THREADS, 0, c->stream>>>((const apb_bf16 *)table->w, ids, T, table->K, table->N,
                                                              (apb_bf16 *)out);
   else
-    embed_kernel<float><<<g, CU_THREADS, 0, c->stream>>>((const float *)table->w, ids, T, table->K, (float *)out);
+    embed_kernel<float><<<g, CU_THREADS, 0, c->stream>>>((const float *)table->w, ids, T, table->K, table->N,
+                                                          (float *)out);
   APB_CU_LAUNCH();
 done:
-  cu_scratch_free(c, first, sizeof *first);
   return st;
 }
 

@@ -174,12 +174,13 @@ __device__ int block_excl_scan(int v, int *sh, int *total) {
   return (wid > 0 ? sh[wid - 1] : 0) + x - v;
 }
 
-/* *first = min over (r, t in [lo, T)) of r * T + t where s[r, t] is NaN (ULLONG_MAX when none). */
-__global__ void nan_check_kernel(const float *s, int64_t R, int64_t T, int64_t lo, unsigned long long *first) {
+/* Input check of topk (cu_chk_rec): NaN scores among the candidates (r, t in [lo, T)), index r * T + t. */
+__global__ void nan_check_kernel(const float *s, int64_t R, int64_t T, int64_t lo, cu_chk_rec *rec,
+                                 unsigned long long seq) {
   const int64_t n = T - lo, total = R * n;
   for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
     const int64_t r = e / n, t = lo + e % n;
-    if (isnan(s[r * T + t])) atomicMin(first, (unsigned long long)(r * T + t));
+    if (isnan(s[r * T + t])) cu_chk_fail(rec, seq, (unsigned long long)(r * T + t), 0);
   }
 }
 
@@ -245,17 +246,18 @@ apb_status cu_topk(apb_backend *be, const float *s, int R, int64_t T, int64_t lo
   cu_be *c = cu_of(be);
   apb_status st;
   if ((st = apb_bc_topk(err, s, R, T, lo, k)) || R == 0 || T == lo) return st;
+  if ((uint64_t)R * (uint64_t)T > (uint64_t)UINT32_MAX)
+    return apb_error_set(err, APB_EINVAL, "%s: R*T=%llu scores; at most %lu per call", op,
+                         (unsigned long long)R * (unsigned long long)T, (unsigned long)UINT32_MAX);
   if ((st = cu_enter(c, err))) return st;
-  unsigned long long *first = NULL, bad = 0;
-  APB_TRY(cu_scratch(c, sizeof *first, op, (void **)&first, err));
-  APB_CU(cudaMemsetAsync(first, 0xFF, sizeof *first, c->stream));
-  nan_check_kernel<<<cu_blocks((int64_t)R * (T - lo), CU_THREADS), CU_THREADS, 0, c->stream>>>(s, R, T, lo, first);
-  APB_CU_LAUNCH();
-  APB_TRY(cu_read(c, &bad, first, sizeof bad, err));
-  if (bad != ~0ull) {
-    st = apb_error_set(err, APB_ENONFINITE, "%s: score[%lld, %lld] is NaN; NaN scores are never selected", op,
-                       (long long)(bad / (unsigned long long)T), (long long)(bad % (unsigned long long)T));
-    goto done;
+  {
+    /* NaN candidates are refused (even when k = 0); a row with NaN still gets k indices in [lo, T) */
+    cu_chk_rec *rec = NULL;
+    unsigned long long seq = 0;
+    APB_TRY(cu_chk_begin(c, CU_CHK_TOPK, T, 0, &rec, &seq, err));
+    nan_check_kernel<<<cu_blocks((int64_t)R * (T - lo), CU_THREADS), CU_THREADS, 0, c->stream>>>(s, R, T, lo, rec, seq);
+    APB_CU_LAUNCH();
+    APB_TRY(cu_chk_end(c, err));
   }
   if (k == 0) goto done;
   if ((st = apb_bc_need(err, op, "idx", idx))) goto done;
@@ -266,24 +268,25 @@ apb_status cu_topk(apb_backend *be, const float *s, int R, int64_t T, int64_t lo
   }
   APB_CU_LAUNCH();
 done:
-  cu_scratch_free(c, first, sizeof *first);
   return st;
 }
 
 /* ================================================================ gather (APB.md 3.4) */
 
-/* *first = min over (h, i) of h * k + i where idx[h, i] is outside [0, T) (ULLONG_MAX when none). */
-__global__ void idx_check_kernel(const int32_t *idx, int64_t n, int64_t T, unsigned long long *first) {
+/* Input check of gather (cu_chk_rec): entries of idx [n] outside [0, T), index h * k + i. */
+__global__ void idx_check_kernel(const int32_t *idx, int64_t n, int64_t T, cu_chk_rec *rec, unsigned long long seq) {
   for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x)
-    if (idx[e] < 0 || idx[e] >= T) atomicMin(first, (unsigned long long)e);
+    if (idx[e] < 0 || idx[e] >= T) cu_chk_fail(rec, seq, (unsigned long long)e, idx[e]);
 }
 
+/* out [k, H, D] = x [idx[h, i], h, :]; rows of indices outside [0, T) (reported by idx_check_kernel)
+ * are zeros. */
 template <typename T>
-__global__ void gather_kernel(const T *x, int H, int D, const int32_t *idx, int64_t k, T *out) {
+__global__ void gather_kernel(const T *x, int64_t nt, int H, int D, const int32_t *idx, int64_t k, T *out) {
   const int64_t HD = (int64_t)H * D, total = k * HD;
   for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t i = e / HD, hd = e % HD, h = hd / D, d = hd % D;
-    out[e] = x[((int64_t)idx[h * k + i] * H + h) * D + d];
+    const int64_t i = e / HD, hd = e % HD, h = hd / D, d = hd % D, r = idx[h * k + i];
+    out[e] = r >= 0 && r < nt ? x[(r * H + h) * D + d] : (T)0.0f;
   }
 }
 
@@ -304,28 +307,25 @@ apb_status cu_gather(apb_backend *be, const void *x, int64_t T, int H, int D, co
   if ((st = apb_bc_need(err, op, "x", x)) || (st = apb_bc_need(err, op, "idx", idx)) || (st = apb_bc_need(err, op, "out", out)) ||
       (st = apb_bc_disjoint(err, op, "out", out, (size_t)(k * HD) * es, "x", x, (size_t)(T * HD) * es)))
     return st;
+  if ((uint64_t)H * (uint64_t)k > (uint64_t)UINT32_MAX)
+    return apb_error_set(err, APB_EINVAL, "%s: H*k=%llu indices; at most %lu per call", op,
+                         (unsigned long long)H * (unsigned long long)k, (unsigned long)UINT32_MAX);
   if ((st = cu_enter(c, err))) return st;
-  unsigned long long *first = NULL, bad = 0;
-  const unsigned g = cu_blocks(k * HD, CU_THREADS);
-  APB_TRY(cu_scratch(c, sizeof *first, op, (void **)&first, err));
-  APB_CU(cudaMemsetAsync(first, 0xFF, sizeof *first, c->stream));
-  idx_check_kernel<<<cu_blocks((int64_t)H * k, CU_THREADS), CU_THREADS, 0, c->stream>>>(idx, (int64_t)H * k, T, first);
-  APB_CU_LAUNCH();
-  APB_TRY(cu_read(c, &bad, first, sizeof bad, err));
-  if (bad != ~0ull) {
-    int32_t v = 0;
-    APB_TRY(cu_read(c, &v, idx + bad, sizeof v, err));
-    st = apb_error_set(err, APB_EINVAL, "%s: idx[%lld, %lld]=%d is out of [0, T=%lld)", op,
-                       (long long)(bad / (unsigned long long)k), (long long)(bad % (unsigned long long)k), (int)v,
-                       (long long)T);
-    goto done;
+  {
+    cu_chk_rec *rec = NULL;
+    unsigned long long seq = 0;
+    const unsigned g = cu_blocks(k * HD, CU_THREADS);
+    APB_TRY(cu_chk_begin(c, CU_CHK_GATHER, T, k, &rec, &seq, err));
+    idx_check_kernel<<<cu_blocks((int64_t)H * k, CU_THREADS), CU_THREADS, 0, c->stream>>>(idx, (int64_t)H * k, T, rec,
+                                                                                          seq);
+    APB_CU_LAUNCH();
+    APB_TRY(cu_chk_end(c, err));
+    if (be->act == APB_DT_BF16)
+      gather_kernel<apb_bf16><<<g, CU_THREADS, 0, c->stream>>>((const apb_bf16 *)x, T, H, D, idx, k, (apb_bf16 *)out);
+    else
+      gather_kernel<float><<<g, CU_THREADS, 0, c->stream>>>((const float *)x, T, H, D, idx, k, (float *)out);
+    APB_CU_LAUNCH();
   }
-  if (be->act == APB_DT_BF16)
-    gather_kernel<apb_bf16><<<g, CU_THREADS, 0, c->stream>>>((const apb_bf16 *)x, H, D, idx, k, (apb_bf16 *)out);
-  else
-    gather_kernel<float><<<g, CU_THREADS, 0, c->stream>>>((const float *)x, H, D, idx, k, (float *)out);
-  APB_CU_LAUNCH();
 done:
-  cu_scratch_free(c, first, sizeof *first);
   return st;
 }

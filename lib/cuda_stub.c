@@ -87,6 +87,11 @@ apb_status apb_backend_cuda_set_attn(apb_backend *be, apb_cuda_attn_impl impl, a
   return apb_error_set(err, APB_ENODEVICE, "backend_cuda_set_attn: this libapb was built without CUDA");
 }
 
+apb_status apb_backend_cuda_set_sync_checks(apb_backend *be, int on, apb_error *err) {
+  (void)be, (void)on;
+  return apb_error_set(err, APB_ENODEVICE, "backend_cuda_set_sync_checks: this libapb was built without CUDA");
+}
+
 apb_status apb_cuda_bmodel_generate(apb_backend *be, apb_preset p, uint64_t seed, apb_bmodel **out, apb_error *err) {
   (void)be, (void)p, (void)seed;
   if (out) *out = NULL;

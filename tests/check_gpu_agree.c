@@ -472,6 +472,7 @@ static apb_status run_topk(apb_backend *be, const float *s, int R, int64_t T, in
   const size_t ib = (size_t)R * (size_t)k * sizeof(int32_t);
   void *ds = d_in_raw(be, s, (size_t)R * (size_t)T * sizeof(float)), *di = d_out(be, ib);
   apb_status st = be->ops->topk(be, ds, R, T, lo, k, di, e);
+  if (st == APB_OK) st = be->ops->sync(be, e); /* where a NaN found on the device is reported by default */
   d_get(be, di, ib, idx, "topk idx");
   d_free(be, ds), d_free(be, di);
   return st;
@@ -599,13 +600,23 @@ START_TEST(test_embed) {
   d_get_act(be, d, (size_t)(T * E), out, "embed out");
   for (int64_t t = 0; t < T; t++) memcpy(want + t * E, tab + (int64_t)ids[t] * E, (size_t)E * sizeof(float));
   agree_exact("op:embed", "-", 1, dt, out, want, T * E, sizeof(float));
-  /* an id out of the vocabulary: named, and nothing written */
+  /* an id out of the vocabulary (and a later one): by default the op returns at once and the next sync
+   * names the first, once; with synchronous checks the op itself refuses, having written nothing */
   ids[T - 1] = (int32_t)V;
+  if (T > 2) ids[T - 2] = -3, ids[T - 1] = (int32_t)V;
+  const int64_t bad = T > 2 ? T - 2 : T - 1;
   OK(be->ops->upload(be, di, ids, (size_t)T * sizeof *ids, &e), &e, "upload");
-  d_poison(be, d, (size_t)(T * E) * esz(be));
   char want_msg[64];
-  snprintf(want_msg, sizeof want_msg, "ids[%lld]=%lld", (long long)(T - 1), (long long)V);
+  snprintf(want_msg, sizeof want_msg, "ids[%lld]=%d", (long long)bad, ids[bad]);
+  OK(be->ops->embed(be, bt, di, T, d, &e), &e, "embed (deferred check)");
+  FAILS(be->ops->sync(be, &e), APB_EINVAL, &e, "embed", want_msg);
+  apb_error_clear(&e);
+  OK(be->ops->sync(be, &e), &e, "the failure is reported once");
+  OK(apb_backend_cuda_set_sync_checks(be, 1, &e), &e, "set_sync_checks");
+  d_poison(be, d, (size_t)(T * E) * esz(be));
   FAILS(be->ops->embed(be, bt, di, T, d, &e), APB_EINVAL, &e, "embed", want_msg);
+  apb_error_clear(&e);
+  OK(apb_backend_cuda_set_sync_checks(be, 0, &e), &e, "set_sync_checks");
   unsigned char *raw = xmalloc((size_t)(T * E) * esz(be));
   d_get(be, d, (size_t)(T * E) * esz(be), raw, "embed (refused)");
   for (size_t i = 0; i < (size_t)(T * E) * esz(be); i++) ck_assert_msg(raw[i] == 0xFF, "embed wrote after refusing");
@@ -831,6 +842,17 @@ START_TEST(test_topk_rules) {
   ck_assert_msg(idx[0] == 5 && idx[1] == 5, "NaN before lo: selected %d, %d; want 5, 5", idx[0], idx[1]);
   nn[6 + 5] = NAN, nn[2] = NAN; /* the first in row-major order is named */
   FAILS(run_topk(be, nn, 2, 6, 1, 1, idx, &e), APB_ENONFINITE, &e, "score[0, 2]", NULL);
+  apb_error_clear(&e);
+  /* with synchronous checks the op itself refuses (run_topk's sync then has nothing to say) */
+  OK(apb_backend_cuda_set_sync_checks(be, 1, &e), &e, "set_sync_checks");
+  {
+    void *ds = d_in_raw(be, nn, sizeof nn), *di = d_out(be, sizeof(int32_t) * 2);
+    FAILS(be->ops->topk(be, ds, 2, 6, 1, 1, di, &e), APB_ENONFINITE, &e, "score[0, 2]", NULL);
+    apb_error_clear(&e);
+    OK(be->ops->sync(be, &e), &e, "sync after a synchronous refusal");
+    d_free(be, ds), d_free(be, di);
+  }
+  OK(apb_backend_cuda_set_sync_checks(be, 0, &e), &e, "set_sync_checks");
   trow_add("op:topk rules", "-", 1, modes[_i], NULL, -1, 0, 1);
 }
 END_TEST
@@ -924,7 +946,15 @@ START_TEST(test_gather) {
   char want_msg[64];
   const int64_t bad = H * k > 1 ? H * k - 2 : H * k - 1;
   snprintf(want_msg, sizeof want_msg, "idx[%lld, %lld]=%d", (long long)(bad / k), (long long)(bad % k), idx[bad]);
+  OK(be->ops->gather(be, dx, T, H, D, di, k, d, &e), &e, "gather (deferred check)");
+  FAILS(be->ops->sync(be, &e), APB_EINVAL, &e, "gather", want_msg);
+  apb_error_clear(&e);
+  OK(be->ops->sync(be, &e), &e, "the failure is reported once");
+  d_poison(be, d, (size_t)(k * HD) * esz(be));
+  OK(apb_backend_cuda_set_sync_checks(be, 1, &e), &e, "set_sync_checks");
   FAILS(be->ops->gather(be, dx, T, H, D, di, k, d, &e), APB_EINVAL, &e, "gather", want_msg);
+  apb_error_clear(&e);
+  OK(apb_backend_cuda_set_sync_checks(be, 0, &e), &e, "set_sync_checks");
   unsigned char *raw = xmalloc((size_t)(k * HD) * esz(be));
   d_get(be, d, (size_t)(k * HD) * esz(be), raw, "gather (refused)");
   for (size_t i = 0; i < (size_t)(k * HD) * esz(be); i++) ck_assert_msg(raw[i] == 0xFF, "gather wrote after refusing");

@@ -79,7 +79,10 @@ typedef struct apb_backend_ops {
   /* fp32 host <-> act backend: n elements, converted (rounded to nearest even for bf16) */
   apb_status (*upload_f32)(apb_backend *be, void *dst, const float *host, size_t n, apb_error *err);
   apb_status (*download_f32)(apb_backend *be, float *host, const void *src, size_t n, apb_error *err);
-  /* wait until every operation submitted so far has finished */
+  /* wait until every operation submitted so far has finished. Also where a backend that checks some
+   * inputs on the device without waiting (the CUDA backend: embed's ids, topk's NaN scores, gather's
+   * indices; apb/cuda.h, apb_backend_cuda_set_sync_checks) returns such a failure, as do download and
+   * download_f32; the CPU backends find them in the op itself. */
   apb_status (*sync)(apb_backend *be, apb_error *err);
 
   /* weights: w [N, K] row-major fp32 host, bias [N] or NULL; N, K >= 1. Host backends keep the
@@ -90,7 +93,9 @@ typedef struct apb_backend_ops {
   void (*weight_destroy)(apb_backend *be, apb_bweight *w);
 
   /* out [T, E] = table[ids[t]]; table [V, E]; ids [T] int32 in backend memory, each in [0, V)
-   * (APB_EINVAL naming the first bad index and value otherwise; nothing is written then) */
+   * (APB_EINVAL naming the first bad index and value otherwise; nothing is written then, except on
+   * the CUDA backend without synchronous checks: the error comes at the next sync, and bad rows are
+   * zeros) */
   apb_status (*embed)(apb_backend *be, const apb_bweight *table, const int32_t *ids, int64_t T, void *out,
                       apb_error *err);
   /* y [T, E] = x * (1 / sqrt(mean(x^2) + eps)) * w, w [1, E] (a weight with N = 1), as HF's
@@ -127,10 +132,13 @@ typedef struct apb_backend_ops {
                         apb_error *err);
   /* per row r of s [R, T]: the k highest among t in [lo, T), ties toward the lower t (-0 ties +0),
    * written to idx [R, k] in ascending t; requires 0 <= lo <= T and 0 <= k <= T - lo (APB.md 3.4);
-   * k = 0 writes nothing. A NaN score in [lo, T) is APB_ENONFINITE (even for k = 0); Inf is allowed. */
+   * k = 0 writes nothing. A NaN score in [lo, T) is APB_ENONFINITE (even for k = 0; on the CUDA
+   * backend without synchronous checks at the next sync, idx then holds k valid indices); Inf is
+   * allowed. */
   apb_status (*topk)(apb_backend *be, const float *s, int R, int64_t T, int64_t lo, int64_t k, int32_t *idx,
                      apb_error *err);
-  /* out [k, H, D] with out[i, h] = x[idx[h, i], h]; x [T, H, D], idx [H, k], each in [0, T) */
+  /* out [k, H, D] with out[i, h] = x[idx[h, i], h]; x [T, H, D], idx [H, k], each in [0, T)
+   * (APB_EINVAL naming the first bad one otherwise, as embed) */
   apb_status (*gather)(apb_backend *be, const void *x, int64_t T, int H, int D, const int32_t *idx, int64_t k,
                        void *out, apb_error *err);
 

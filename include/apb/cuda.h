@@ -114,11 +114,20 @@ void *apb_cuda_backend_stream(struct apb_backend *be);
 /* ---------------------------------------------------------------- the CUDA compute backend (gpu/)
  * apb_backend_cuda (apb/backend.h) makes an instance; these reach what only the CUDA backend has. */
 
-/* Choose the attention kernel of a CUDA backend instance (default: APB_CUDA_ATTN_TC for BF16 storage,
- * APB_CUDA_ATTN_SIMPLE for F32, or the environment variable APB_CUDA_ATTN = simple | tc | tc_w16 |
+/* Choose the attention kernel of a CUDA backend instance (default: APB_CUDA_ATTN_HOPPER for BF16
+ * storage, APB_CUDA_ATTN_SIMPLE for F32, or the environment variable APB_CUDA_ATTN = simple | tc | tc_w16 |
  * tc_w32 | hopper | hopper_v1 .. hopper_v5 read when the instance is made). APB_EINVAL for another
  * backend, an unknown impl, or a tensor-core impl on an F32 instance. */
 apb_status apb_backend_cuda_set_attn(apb_backend *be, apb_cuda_attn_impl impl, apb_error *err);
+
+/* The input checks that only the device can make (embed: token ids inside the vocabulary; topk: no NaN
+ * score among the candidates; gather: indices inside [0, T)) run beside the op without a host wait;
+ * the op skips bad entries and the failure, naming the op, the first bad element and its value, is
+ * returned by the next sync, download or download_f32 of the instance (default: on = 0, or the
+ * environment variable APB_CUDA_SYNC_CHECKS=1 read when the instance is made). on = 1 makes each such
+ * op wait for its check and return the failure itself, having written nothing: slower (one host
+ * round trip per call), for debugging. APB_EINVAL when be is not a CUDA instance. */
+apb_status apb_backend_cuda_set_sync_checks(apb_backend *be, int on, apb_error *err);
 
 /* apb_bmodel_generate for a CUDA instance (apb/backend.h says what it makes). APB_EINVAL when be is
  * not a CUDA instance or p is not a preset; APB_ENOMEM when the device memory does not suffice. */
