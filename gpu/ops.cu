@@ -538,6 +538,59 @@ __global__ void merge_kernel(Parts parts, int n, int64_t nt, int Hq, int D, T *o
   }
 }
 
+/* The BF16 form for few partials (n <= CU_MERGE_PARTS, D % 8 == 0, 16-byte aligned o): 16 threads per
+ * (row, head), each owning 8-column chunks (16-byte accesses) and computing the partials' weights
+ * itself, in double as merge_kernel does; per element the same sums in the same order. The two
+ * (row, head) pairs of a warp finish their reads before lse is written (o and lse may alias part 0). */
+__global__ void merge_bf16x8_kernel(MergeParam parts, int n, int64_t nt, int Hq, int D8, apb_bf16 *o, float *lse) {
+  const int lane = threadIdx.x & 31, sub = lane & 15;
+  const int64_t total = nt * Hq, warps = (int64_t)gridDim.x * (blockDim.x >> 5);
+  for (int64_t base = 2 * ((int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)); base < total; base += 2 * warps) {
+    const int64_t wi = base + (lane >> 4);
+    const bool active = wi < total;
+    double m = -INFINITY, sum = 0.0;
+    int64_t li = 0, oi = 0;
+    if (active) {
+      const int64_t r = wi / Hq;
+      const int h = (int)(wi % Hq);
+      li = (int64_t)h * nt + r, oi = (r * Hq + h) * (int64_t)D8;
+      int any_nan = 0;
+      for (int i = 0; i < n; i++) {
+        const double l = parts.l[i][li];
+        if (isnan(l)) any_nan = 1;
+        else if (l > m) m = l;
+      }
+      if (any_nan) m = NAN;
+      for (int i = 0; i < n; i++) {
+        const double l = parts.l[i][li];
+        sum += l == -INFINITY ? 0.0 : exp(l - m);
+      }
+      const int seen = !(m == -INFINITY);
+      for (int c = sub; c < D8; c += 16) {
+        double acc[8];
+#pragma unroll
+        for (int q = 0; q < 8; q++) acc[q] = 0.0;
+        if (seen)
+          for (int i = 0; i < n; i++) {
+            const double l = parts.l[i][li];
+            const double w = l == -INFINITY ? 0.0 : exp(l - m) / sum;
+            if (w == 0.0) continue;
+            float f[8];
+            cu_unpack8(((const uint4 *)parts.o[i])[oi + c], f);
+#pragma unroll
+            for (int q = 0; q < 8; q++) acc[q] += w * (double)f[q];
+          }
+        float f[8];
+#pragma unroll
+        for (int q = 0; q < 8; q++) f[q] = (float)acc[q];
+        ((uint4 *)o)[oi + c] = cu_pack8(f);
+      }
+    }
+    __syncwarp(); /* both pairs of the warp have read their partials' lse */
+    if (active && sub == 0 && lse) lse[li] = m == -INFINITY ? -INFINITY : (float)(m + log(sum));
+  }
+}
+
 template <typename T, typename Parts>
 static apb_status launch_merge(cu_be *c, const Parts &parts, int n, int64_t T_, int Hq, int D, void *o, float *lse,
                                apb_error *err) {
@@ -570,11 +623,22 @@ apb_status cu_merge(apb_backend *be, int n, const void *const *o_parts, const fl
   const int bf = be->act == APB_DT_BF16;
   void *tab = NULL;
   const size_t tb = 2 * (size_t)n * sizeof(void *);
+  int vec = bf && D % 8 == 0 && cu_aligned16(o);
+  for (int i = 0; i < n && vec; i++) vec = cu_aligned16(o_parts[i]);
   if (n <= CU_MERGE_PARTS) {
     MergeParam p;
     memset(&p, 0, sizeof p);
     for (int i = 0; i < n; i++) p.o[i] = o_parts[i], p.l[i] = lse_parts[i];
-    st = bf ? launch_merge<apb_bf16>(c, p, n, T, Hq, D, o, lse, err) : launch_merge<float>(c, p, n, T, Hq, D, o, lse, err);
+    if (vec) {
+      merge_bf16x8_kernel<<<cu_blocks((T * Hq + 1) / 2, CU_THREADS / 32), CU_THREADS, 0, c->stream>>>(
+          p, n, T, Hq, D / 8, (apb_bf16 *)o, lse);
+      const cudaError_t e = cudaGetLastError();
+      if (e != cudaSuccess)
+        st = apb_error_set(err, APB_EDEVICE, "%s: launch on device %d: %s (%s)", op, c->dev, cudaGetErrorString(e),
+                           cudaGetErrorName(e));
+    } else {
+      st = bf ? launch_merge<apb_bf16>(c, p, n, T, Hq, D, o, lse, err) : launch_merge<float>(c, p, n, T, Hq, D, o, lse, err);
+    }
   } else {
     /* the pointer table goes up through op scratch; pageable host -> device returns once staged */
     const void **h = (const void **)malloc(tb);

@@ -25,7 +25,8 @@
 static const char help_text[] =
     "Usage: apb bench prefill [--tokens LIST] [--gpus LIST] [--method LIST] [--preset NAME]\n"
     "                         [--query-len Q] [--anchor A] [--passing P] [--profile 0|1]\n"
-    "                         [--balance] [--overlap 0|1] [--json FILE]\n\n"
+    "                         [--balance] [--overlap 0|1] [--attn-tflops X] [--gemm-tflops X]\n"
+    "                         [--mem-gbs X] [--link-gbs X] [--latency-us X] [--json FILE]\n\n"
     "Prefill time per method on 1..N GPUs (one rank per GPU, NCCL), random bf16 weights made on the\n"
     "GPUs. Defaults: --tokens 131072, --gpus 4, --method dense,ring,zigzag,ulysses,star,apb,\n"
     "--preset llama3-8b-shape, --query-len 64,\n"
@@ -35,23 +36,31 @@ static const char help_text[] =
     "prints every rank's breakdown under the case's line. apb and star use the lengths of\n"
     "shared/APB.md 2 (apb: l_a = min(l_b/4, 8192), l_p = l_a/2; star: l_a = l_b) unless --anchor A\n"
     "(apb's l_a; star keeps l_a = l_b) or --passing P (apb's l_p) say otherwise; the paper's 128K\n"
-    "setting and the PyTorch peer (shared/bench/torch_prefill.py) use 4096 and 2048. Dense uses one GPU.\n";
+    "setting and the PyTorch peer (shared/bench/torch_prefill.py) use 4096 and 2048. Dense uses one GPU.\n"
+    "'model s' is the cost model (apb/cost.h, as `apb predict`) at the rates given by the last five\n"
+    "options (defaults: apb predict's); with --profile 1, 'floor s' is the same model at the attention and\n"
+    "GEMM rates the slowest rank reached in its profiled run (its attention FLOPs over its attention\n"
+    "time, its linear FLOPs over its projection, scorer and FFN time), printed beside it.\n";
 
 typedef struct row {
   const char *method;
   int gpus;
   int64_t tokens;
   double prefill_s, tok_s, pred_s, peak_gib;
+  double meas_attn, meas_gemm; /* profiled: the slowest rank's attention and GEMM FLOP/s (0: not profiled) */
+  double floor_s;           /* the cost model at those two rates (0: not profiled) */
   double stage_s[APB_STAGE_COUNT];
   double rank_stage_s[MAXR][APB_STAGE_COUNT]; /* profiled: every rank's per-layer seconds */
   double imbalance;         /* slowest / fastest rank's compute (prefill minus time blocked in collectives) */
   int64_t bytes;
   int64_t la, lp;           /* the plan's anchor and passing lengths */
   int ok;
+  char error[640];          /* why the case failed (ok == 0): the error message and status */
 } row;
 
 static int run_case(const apb_model_config *cfg, int I, apb_preset preset, apb_method m, int gpus, int64_t n,
-                    int64_t q, int64_t la, int64_t lp, int profile, int balance, int overlap, row *out) {
+                    int64_t q, int64_t la, int64_t lp, int profile, int balance, int overlap, const apb_hw *hw,
+                    row *out) {
   apb_error err = {0};
   apb_run_opts o;
   apb_run_opts_default(&o);
@@ -74,6 +83,7 @@ static int run_case(const apb_model_config *cfg, int I, apb_preset preset, apb_m
   apb_status st = apb_plan_make(&o, n, q, cfg, I, plan, &err);
   if (st) {
     rc = cli_report(CMD, st, &err);
+    snprintf(out->error, sizeof out->error, "%s", err.msg);
     goto done;
   }
   for (int pass = 0; pass < 1 + (profile != 0); pass++) {
@@ -81,6 +91,7 @@ static int run_case(const apb_model_config *cfg, int I, apb_preset preset, apb_m
     st = apb_nccl_execute(plan, NULL, &no, doc, query, res, NULL, &err);
     if (st) {
       rc = cli_report(CMD, st, &err);
+      snprintf(out->error, sizeof out->error, "%s (%s)", err.msg, apb_status_str(st));
       goto done;
     }
     int worst = 0;
@@ -106,19 +117,30 @@ static int run_case(const apb_model_config *cfg, int I, apb_preset preset, apb_m
         out->bytes += res[k].stats.bytes_sent;
       }
     } else {
+      const apb_host_stats *ws = &res[worst].stats;
+      const double ta = ws->stage_s[APB_STAGE_ATTN],
+                   tl = ws->stage_s[APB_STAGE_QKV] + ws->stage_s[APB_STAGE_SCORE] + ws->stage_s[APB_STAGE_OPROJ] +
+                        ws->stage_s[APB_STAGE_FFN];
+      out->meas_attn = ta > 0 ? ws->attn_flops / ta : 0;
+      out->meas_gemm = tl > 0 ? ws->linear_flops / tl : 0;
       for (int s = 0; s < APB_STAGE_COUNT; s++) out->stage_s[s] = res[worst].stats.stage_s[s] / cfg->n_layers;
       for (int k = 0; k < plan->H && k < MAXR; k++)
         for (int s = 0; s < APB_STAGE_COUNT; s++) out->rank_stage_s[k][s] = res[k].stats.stage_s[s] / cfg->n_layers;
     }
     for (int k = 0; k < plan->H; k++) apb_host_result_free(&res[k]);
   }
-  apb_hw hw;
-  apb_hw_default(&hw);
   apb_cost *c = calloc((size_t)plan->H, sizeof *c);
-  if (c && apb_cost_plan(plan, cfg, I, 2, &hw, c, &err) == APB_OK) {
+  if (c && apb_cost_plan(plan, cfg, I, 2, hw, c, &err) == APB_OK) {
     out->pred_s = 0;
     for (int k = 0; k < plan->H; k++)
       if (c[k].t_total > out->pred_s) out->pred_s = c[k].t_total;
+  }
+  if (c && out->meas_attn > 0 && out->meas_gemm > 0) {
+    apb_hw fit = *hw;
+    fit.attn_flops_s = out->meas_attn, fit.gemm_flops_s = out->meas_gemm;
+    if (apb_cost_plan(plan, cfg, I, 2, &fit, c, &err) == APB_OK)
+      for (int k = 0; k < plan->H; k++)
+        if (c[k].t_total > out->floor_s) out->floor_s = c[k].t_total;
   }
   free(c);
   out->la = plan->la, out->lp = plan->lp;
@@ -135,11 +157,13 @@ int bench_prefill(int argc, char **argv) {
   int64_t tokens[MAXN] = {131072}, gpus_l[MAXN] = {4};
   int nt = 1, ng = 1, nm = 0, profile = 1, balance = 0, overlap = 1;
   int64_t q = 64, la = -1, lp = -1;
+  apb_hw hw;
+  apb_hw_default(&hw);
   apb_method ms[APB_METHOD_COUNT];
   for (int i = 0; i < APB_METHOD_COUNT; i++) ms[nm++] = (apb_method)i;
   apb_preset preset = APB_PRESET_LLAMA3_8B;
   const char *json = NULL;
-  enum { O_TOK = 256, O_GPUS, O_METHOD, O_PRESET, O_Q, O_PROF, O_JSON, O_BAL, O_OVL, O_LA, O_LP };
+  enum { O_TOK = 256, O_GPUS, O_METHOD, O_PRESET, O_Q, O_PROF, O_JSON, O_BAL, O_OVL, O_LA, O_LP, O_RATE };
   static const struct option opts[] = {
       {"tokens", required_argument, 0, O_TOK},     {"gpus", required_argument, 0, O_GPUS},
       {"method", required_argument, 0, O_METHOD},  {"preset", required_argument, 0, O_PRESET},
@@ -147,6 +171,11 @@ int bench_prefill(int argc, char **argv) {
       {"profile", required_argument, 0, O_PROF},   {"json", required_argument, 0, O_JSON},
       {"balance", no_argument, 0, O_BAL},          {"overlap", required_argument, 0, O_OVL},
       {"anchor", required_argument, 0, O_LA},      {"passing", required_argument, 0, O_LP},
+      {"attn-tflops", required_argument, 0, O_RATE + CLI_RATE_ATTN},
+      {"gemm-tflops", required_argument, 0, O_RATE + CLI_RATE_GEMM},
+      {"mem-gbs", required_argument, 0, O_RATE + CLI_RATE_MEM},
+      {"link-gbs", required_argument, 0, O_RATE + CLI_RATE_LINK},
+      {"latency-us", required_argument, 0, O_RATE + CLI_RATE_LAT},
       {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
   int ch;
   while ((ch = cli_getopt(CMD, argc, argv, opts)) != -1) {
@@ -161,6 +190,11 @@ int bench_prefill(int argc, char **argv) {
     case O_Q: rc = cli_parse_i64(CMD, "--query-len", optarg, 1, 4096, &q); break;
     case O_PROF: rc = cli_parse_int(CMD, "--profile", optarg, 0, 1, &profile); break;
     case O_OVL: rc = cli_parse_int(CMD, "--overlap", optarg, 0, 1, &overlap); break;
+    case O_RATE + CLI_RATE_ATTN:
+    case O_RATE + CLI_RATE_GEMM:
+    case O_RATE + CLI_RATE_MEM:
+    case O_RATE + CLI_RATE_LINK:
+    case O_RATE + CLI_RATE_LAT: rc = cli_parse_rate(CMD, ch - O_RATE, optarg, &hw); break;
     case O_LA: rc = cli_parse_i64(CMD, "--anchor", optarg, 0, (int64_t)1 << 24, &la); break;
     case O_LP: rc = cli_parse_i64(CMD, "--passing", optarg, 0, (int64_t)1 << 24, &lp); break;
     case O_JSON: json = optarg; break;
@@ -190,14 +224,14 @@ int bench_prefill(int argc, char **argv) {
   if (jf) fprintf(jf, "{\"preset\": \"%s\", \"layers\": %d, \"runs\": [", apb_preset_name(preset), cfg.n_layers);
   printf("apb bench prefill: preset %s, %d layers, bf16, %d GPU(s) visible\n", apb_preset_name(preset), cfg.n_layers,
          ndev);
-  printf("%-8s %4s %8s %10s %12s %10s %9s %9s", "method", "gpus", "tokens", "prefill s", "tokens/s", "model s",
-         "peak GiB", "slow/fast");
+  printf("%-8s %4s %8s %10s %12s %10s %10s %9s %9s", "method", "gpus", "tokens", "prefill s", "tokens/s", "model s",
+         "floor s", "peak GiB", "slow/fast");
   for (int s = 0; s < APB_STAGE_COUNT; s++) printf(" %8s", apb_stage_name((apb_stage)s));
   printf("   (per-layer ms, profiled)  l_a/l_p\n");
-  int rc = CLI_OK, first = 1;
-  for (int ti = 0; ti < nt && !rc; ti++, dense_s = 0)
-    for (int gi = 0; gi < ng && !rc; gi++)
-      for (int mi = 0; mi < nm && !rc; mi++) {
+  int rc = CLI_OK, first = 1, failed = 0;
+  for (int ti = 0; ti < nt; ti++, dense_s = 0)
+    for (int gi = 0; gi < ng; gi++)
+      for (int mi = 0; mi < nm; mi++) {
         int g = (int)gpus_l[gi];
         if (ms[mi] == APB_METHOD_DENSE && gi > 0) continue; /* one GPU: once per length */
         if (g > ndev && ms[mi] != APB_METHOD_DENSE) {
@@ -206,16 +240,32 @@ int bench_prefill(int argc, char **argv) {
         }
         row rw;
         memset(&rw, 0, sizeof rw);
-        rc = run_case(&cfg, I, preset, ms[mi], g, tokens[ti], q, la, lp, profile, balance, overlap, &rw);
-        if (rc) break;
-        printf("%-8s %4d %8lld %10.3f %12.0f %10.3f %9.2f %9.3f", rw.method, rw.gpus, (long long)rw.tokens,
-               rw.prefill_s, rw.tok_s, rw.pred_s, rw.peak_gib, rw.imbalance);
+        if (run_case(&cfg, I, preset, ms[mi], g, tokens[ti], q, la, lp, profile, balance, overlap, &hw, &rw) !=
+            CLI_OK) {
+          /* one case failing (out of memory at this length, say) does not stop the others */
+          failed++;
+          printf("%-8s %4d %8lld    failed: %s\n", apb_method_name(ms[mi]), ms[mi] == APB_METHOD_DENSE ? 1 : g,
+                 (long long)tokens[ti], rw.error);
+          fflush(stdout);
+          if (jf) {
+            fprintf(jf, "%s{\"method\": \"%s\", \"gpus\": %d, \"tokens\": %lld, \"error\": \"", first ? "" : ", ",
+                    apb_method_name(ms[mi]), ms[mi] == APB_METHOD_DENSE ? 1 : g, (long long)tokens[ti]);
+            for (const char *c = rw.error; *c; c++)
+              if (*c == '"' || *c == '\\') fprintf(jf, "\\%c", *c);
+              else if ((unsigned char)*c >= 0x20) fputc(*c, jf);
+            fprintf(jf, "\"}");
+            first = 0;
+          }
+          continue;
+        }
+        printf("%-8s %4d %8lld %10.3f %12.0f %10.3f %10.3f %9.2f %9.3f", rw.method, rw.gpus, (long long)rw.tokens,
+               rw.prefill_s, rw.tok_s, rw.pred_s, rw.floor_s, rw.peak_gib, rw.imbalance);
         for (int s = 0; s < APB_STAGE_COUNT; s++) printf(" %8.2f", rw.stage_s[s] * 1e3);
         if (ms[mi] == APB_METHOD_APB || ms[mi] == APB_METHOD_STAR)
           printf("   %lld/%lld", (long long)rw.la, (long long)rw.lp);
         printf("\n");
         for (int k = 0; profile && rw.gpus > 1 && k < rw.gpus && k < MAXR; k++) {
-          printf("%-8s %4s %8s %10s %12s %10s %9s %9s", "", "", "", "", "", "", "", k ? "" : "rank:");
+          printf("%-8s %4s %8s %10s %12s %10s %10s %9s %9s", "", "", "", "", "", "", "", "", k ? "" : "rank:");
           for (int s = 0; s < APB_STAGE_COUNT; s++) printf(" %8.2f", rw.rank_stage_s[k][s] * 1e3);
           printf("   rank %d\n", k);
         }
@@ -226,10 +276,10 @@ int bench_prefill(int argc, char **argv) {
                   ms[0] == APB_METHOD_DENSE ? dense_s : 0.0);
         if (jf) {
           fprintf(jf, "%s{\"method\": \"%s\", \"gpus\": %d, \"tokens\": %lld, \"prefill_s\": %.6f, \"tokens_per_s\": %.1f, "
-                      "\"model_s\": %.6f, \"peak_gib\": %.3f, \"slowest_over_fastest\": %.4f, \"balance\": %d, "
+                      "\"model_s\": %.6f, \"floor_s\": %.6f, \"attn_tflops\": %.1f, \"gemm_tflops\": %.1f, \"peak_gib\": %.3f, \"slowest_over_fastest\": %.4f, \"balance\": %d, "
                       "\"overlap\": %d, \"anchor\": %lld, \"passing\": %lld, \"bytes_sent\": %lld, \"per_layer_ms\": {",
                   first ? "" : ", ", rw.method, rw.gpus, (long long)rw.tokens, rw.prefill_s, rw.tok_s, rw.pred_s,
-                  rw.peak_gib, rw.imbalance, balance, overlap, (long long)rw.la, (long long)rw.lp, (long long)rw.bytes);
+                  rw.floor_s, rw.meas_attn / 1e12, rw.meas_gemm / 1e12, rw.peak_gib, rw.imbalance, balance, overlap, (long long)rw.la, (long long)rw.lp, (long long)rw.bytes);
           for (int s = 0; s < APB_STAGE_COUNT; s++)
             fprintf(jf, "%s\"%s\": %.4f", s ? ", " : "", apb_stage_name((apb_stage)s), rw.stage_s[s] * 1e3);
           fprintf(jf, "}, \"rank_per_layer_ms\": [");
@@ -248,5 +298,6 @@ int bench_prefill(int argc, char **argv) {
     fclose(jf);
   }
   if (tf) fclose(tf);
+  if (failed && rc == CLI_OK) rc = cli_fail(CMD, "%d case(s) failed (the lines above say why)", failed);
   return rc;
 }

@@ -157,6 +157,29 @@ int cli_parse_f64(const char *cmd, const char *opt, const char *s, double lo, do
   return 0;
 }
 
+const char *const cli_rate_names[CLI_RATE_COUNT] = {"attn-tflops", "gemm-tflops", "mem-gbs", "link-gbs",
+                                                    "latency-us"};
+
+int cli_parse_rate(const char *cmd, int which, const char *s, apb_hw *hw) {
+  static const double lo[CLI_RATE_COUNT] = {1e-6, 1e-6, 1e-6, 1e-6, 0}, hi[CLI_RATE_COUNT] = {1e6, 1e6, 1e9, 1e9, 1e9},
+                      unit[CLI_RATE_COUNT] = {1e12, 1e12, 1e9, 1e9, 1e-6};
+  char opt[32];
+  double v = 0;
+  if (which < 0 || which >= CLI_RATE_COUNT) return cli_usage(cmd, "internal: no rate option %d", which);
+  snprintf(opt, sizeof opt, "--%s", cli_rate_names[which]);
+  int rc = cli_parse_f64(cmd, opt, s, lo[which], hi[which], &v);
+  if (rc) return rc;
+  v *= unit[which];
+  switch (which) {
+  case CLI_RATE_ATTN: hw->attn_flops_s = v; break;
+  case CLI_RATE_GEMM: hw->gemm_flops_s = v; break;
+  case CLI_RATE_MEM: hw->mem_bytes_s = v; break;
+  case CLI_RATE_LINK: hw->link_bytes_s = v; break;
+  default: hw->link_latency_s = v; break;
+  }
+  return 0;
+}
+
 int cli_parse_i64_list(const char *cmd, const char *opt, const char *s, int64_t lo, int64_t hi,
                        int64_t *out, int max, int *n) {
   int count = 0, ok = s != NULL && *s != 0;

@@ -85,6 +85,11 @@ int cli_parse_i64(const char *cmd, const char *opt, const char *s, int64_t lo, i
 int cli_parse_int(const char *cmd, const char *opt, const char *s, int lo, int hi, int *out);
 /* A finite decimal or exponent number in [lo, hi]. */
 int cli_parse_f64(const char *cmd, const char *opt, const char *s, double lo, double hi, double *out);
+/* The cost model's rates (apb/cost.h) as options, shared by `predict` and `bench prefill`: which =
+ * 0 --attn-tflops, 1 --gemm-tflops, 2 --mem-gbs, 3 --link-gbs, 4 --latency-us; sets that field of hw. */
+enum { CLI_RATE_ATTN, CLI_RATE_GEMM, CLI_RATE_MEM, CLI_RATE_LINK, CLI_RATE_LAT, CLI_RATE_COUNT };
+extern const char *const cli_rate_names[CLI_RATE_COUNT]; /* the option names, without "--" */
+int cli_parse_rate(const char *cmd, int which, const char *s, apb_hw *hw);
 /* A comma-separated list of 1..max integers, each in [lo, hi] (suffixes as cli_parse_i64), into
  * out [max]; *n receives the count. */
 int cli_parse_i64_list(const char *cmd, const char *opt, const char *s, int64_t lo, int64_t hi,

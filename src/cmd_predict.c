@@ -60,7 +60,6 @@ int cmd_predict(int argc, char **argv) {
       {"per-host", no_argument, 0, O_PER}, {"json", no_argument, 0, O_JSON}, {"help", no_argument, 0, 'h'},
       {0, 0, 0, 0}};
   int ch;
-  double v;
   while ((ch = cli_getopt(CMD, argc, argv, opts)) != -1) {
     int rc = 0;
     switch (ch) {
@@ -75,11 +74,11 @@ int cmd_predict(int argc, char **argv) {
     case O_ANCHOR: rc = cli_parse_i64(CMD, "--anchor", optarg, 0, (int64_t)1 << 40, &o.anchor); break;
     case O_PASSING: rc = cli_parse_i64(CMD, "--passing", optarg, 0, (int64_t)1 << 40, &o.passing); break;
     case O_ACT: rc = cli_parse_int(CMD, "--act-bytes", optarg, 1, 8, &act); break;
-    case O_AT: rc = cli_parse_f64(CMD, "--attn-tflops", optarg, 1e-6, 1e6, &v), hw.attn_flops_s = v * 1e12; break;
-    case O_GT: rc = cli_parse_f64(CMD, "--gemm-tflops", optarg, 1e-6, 1e6, &v), hw.gemm_flops_s = v * 1e12; break;
-    case O_MEM: rc = cli_parse_f64(CMD, "--mem-gbs", optarg, 1e-6, 1e9, &v), hw.mem_bytes_s = v * 1e9; break;
-    case O_LINK: rc = cli_parse_f64(CMD, "--link-gbs", optarg, 1e-6, 1e9, &v), hw.link_bytes_s = v * 1e9; break;
-    case O_LAT: rc = cli_parse_f64(CMD, "--latency-us", optarg, 0, 1e9, &v), hw.link_latency_s = v * 1e-6; break;
+    case O_AT: rc = cli_parse_rate(CMD, CLI_RATE_ATTN, optarg, &hw); break;
+    case O_GT: rc = cli_parse_rate(CMD, CLI_RATE_GEMM, optarg, &hw); break;
+    case O_MEM: rc = cli_parse_rate(CMD, CLI_RATE_MEM, optarg, &hw); break;
+    case O_LINK: rc = cli_parse_rate(CMD, CLI_RATE_LINK, optarg, &hw); break;
+    case O_LAT: rc = cli_parse_rate(CMD, CLI_RATE_LAT, optarg, &hw); break;
     case O_PER: per_host = 1; break;
     case O_JSON: json = 1; break;
     case 'h': help(&hw); return CLI_OK;
