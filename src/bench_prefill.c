@@ -8,8 +8,9 @@
  * from a second, profiled run, the per-layer breakdown (q/k/v projection, scorer, communication,
  * attention, o projection, FFN, other) of the slowest rank. The profiled run synchronises around every
  * stage (which removes any overlap of communication with compute), so its total is not the reported
- * time. JSON with --json FILE, and beside it FILE.tsv (method, gpus, tokens, prefill seconds, dense
- * seconds at that length or 0) from which bench/plot_prefill.gp draws the docs/ plots.
+ * time. JSON with --json FILE, and beside it FILE.tsv (method, "-balanced" appended under --balance,
+ * gpus, tokens, prefill seconds, dense seconds at that length or 0) from which bench/plot_prefill.gp
+ * draws the docs/ plots.
  * Dense always runs on one GPU. Not a test: numbers only; without NCCL or GPUs it says so and fails.
  */
 #include <stdio.h>
@@ -272,8 +273,9 @@ int bench_prefill(int argc, char **argv) {
         fflush(stdout);
         if (ms[mi] == APB_METHOD_DENSE) dense_s = rw.prefill_s;
         if (tf)
-          fprintf(tf, "%s\t%d\t%lld\t%.6f\t%.6f\n", rw.method, rw.gpus, (long long)rw.tokens, rw.prefill_s,
-                  ms[0] == APB_METHOD_DENSE ? dense_s : 0.0);
+          fprintf(tf, "%s%s\t%d\t%lld\t%.6f\t%.6f\n", rw.method,
+                  balance && (ms[mi] == APB_METHOD_APB || ms[mi] == APB_METHOD_STAR) ? "-balanced" : "", rw.gpus,
+                  (long long)rw.tokens, rw.prefill_s, ms[0] == APB_METHOD_DENSE ? dense_s : 0.0);
         if (jf) {
           fprintf(jf, "%s{\"method\": \"%s\", \"gpus\": %d, \"tokens\": %lld, \"prefill_s\": %.6f, \"tokens_per_s\": %.1f, "
                       "\"model_s\": %.6f, \"floor_s\": %.6f, \"attn_tflops\": %.1f, \"gemm_tflops\": %.1f, \"peak_gib\": %.3f, \"slowest_over_fastest\": %.4f, \"balance\": %d, "
