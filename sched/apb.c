@@ -97,7 +97,19 @@ static apb_status star_setup(host_ctx *h, apb_error *err) {
                        (st = sched_alloc(h, (size_t)(sl->P + h->A) * row, &sl->qv, err))))
       return st;
   }
-  if (p->balance) return sched_alloc(h, (size_t)maxb * (size_t)h->Hq * sizeof(float), (void **)&s->lse_tmp, err);
+  if (p->balance) {
+    if ((st = sched_alloc(h, (size_t)maxb * (size_t)h->Hq * sizeof(float), (void **)&s->lse_tmp, err))) return st;
+    /* overlapped: a slot's rows against its passing block alone, merged into its rows afterwards */
+    int64_t mb = 0;
+    for (int j = 0; j < s->ns; j++)
+      if (s->sl[j].P > 0 && s->sl[j].B > mb) mb = s->sl[j].B;
+    if (s->passing && p->overlap && mb > 0 &&
+        ((st = sched_alloc(h, (size_t)mb * (size_t)h->Hq * h->D * h->es, &s->o2, err)) ||
+         (st = sched_alloc(h, (size_t)mb * (size_t)h->Hq * sizeof(float), (void **)&s->lse2, err)) ||
+         (st = sched_alloc(h, (size_t)mb * (size_t)h->Hq * sizeof(float), (void **)&s->lse_loc, err))))
+      return st;
+    return APB_OK;
+  }
   if (s->passing && p->overlap && s->sl[0].P > 0 &&
       ((st = sched_alloc(h, (size_t)h->B * (size_t)h->Hq * h->D * h->es, &s->o2, err)) ||
        (st = sched_alloc(h, (size_t)h->B * (size_t)h->Hq * sizeof(float), (void **)&s->lse2, err)) ||
@@ -184,11 +196,24 @@ static apb_status hook_passing(host_ctx *h, int layer, const void *pk, const voi
   return st ? st : sched_hook_act(h, "passing_v", layer, pv, 3, sh, err);
 }
 
+/* Merge partial (o2, lse2) of rows [row0, row0 + B) into o and columns row0.. of lse [Hq, T], through
+ * lse_loc (the merge wants the rows' LSE contiguous). */
+static apb_status merge_rows(host_ctx *h, apb_state *s, int64_t row0, int64_t B, apb_error *err) {
+  apb_backend *be = h->be;
+  size_t T = (size_t)h->T, Bn = (size_t)B, f = sizeof(float);
+  void *o_loc = sched_row(h, h->o, row0, (int64_t)h->Hq * h->D);
+  const void *op[2] = {o_loc, s->o2};
+  const float *lp[2] = {s->lse_loc, s->lse2};
+  apb_status st = be->ops->copy2d(be, s->lse_loc, Bn * f, h->lse + row0, T * f, Bn * f, (size_t)h->Hq, err);
+  if (!st) st = be->ops->merge(be, 2, op, lp, B, h->Hq, h->D, o_loc, s->lse_loc, err);
+  if (!st) st = be->ops->copy2d(be, h->lse + row0, T * f, s->lse_loc, Bn * f, Bn * f, (size_t)h->Hq, err);
+  return st;
+}
+
 /* Overlapped form (plan.overlap): the all-gathers run while [A | B] is attended (anchor rows final,
  * local rows partial); then the local rows attend P alone and the two partials merge by LSE. Local
  * rows' LSE are columns A.. of lse [Hq, T], so they are copied out and back around the merge. */
 static apb_status attend_overlapped(host_ctx *h, int layer, apb_state *s, apb_battn_args *a, apb_error *err) {
-  apb_backend *be = h->be;
   apb_comm_req *rk = NULL, *rv = NULL;
   apb_status st;
   const slot *sl = &s->sl[0];
@@ -209,13 +234,7 @@ static apb_status attend_overlapped(host_ctx *h, int layer, apb_state *s, apb_ba
                       .q = sched_row(h, h->q, h->A, qw), .kp = s->pk, .vp = s->pv, .o = s->o2, .lse = s->lse2};
   if ((st = sched_attn(h, &b, err))) return st;
   t0 = sched_prof_begin(h);
-  size_t T = (size_t)h->T, Bn = (size_t)h->B, f = sizeof(float);
-  void *o_loc = sched_row(h, h->o, h->A, qw);
-  const void *op[2] = {o_loc, s->o2};
-  const float *lp[2] = {s->lse_loc, s->lse2};
-  st = be->ops->copy2d(be, s->lse_loc, Bn * f, h->lse + h->A, T * f, Bn * f, (size_t)h->Hq, err);
-  if (!st) st = be->ops->merge(be, 2, op, lp, h->B, h->Hq, h->D, o_loc, s->lse_loc, err);
-  if (!st) st = be->ops->copy2d(be, h->lse + h->A, T * f, s->lse_loc, Bn * f, Bn * f, (size_t)h->Hq, err);
+  st = merge_rows(h, s, h->A, h->B, err);
   sched_prof_end(h, APB_STAGE_ATTN, t0);
   return st;
 }
@@ -230,6 +249,64 @@ static apb_status attn_cols(host_ctx *h, apb_state *s, apb_battn_args *a, int64_
     st = h->be->ops->copy2d(h->be, h->lse + c0, (size_t)h->T * f, s->lse_tmp, (size_t)rows * f, (size_t)rows * f,
                             (size_t)h->Hq, err);
   return st;
+}
+
+/* Balanced and overlapped (plan.overlap with a passing block): the all-gathers run while the anchor rows
+ * and every block's rows against the anchor keys and themselves are attended; then each block's rows
+ * attend their passing block [C_0 .. C_{v-1}] alone and the two partials merge by LSE. The same
+ * function as attend_balanced's single calls. */
+static apb_status attend_balanced_overlapped(host_ctx *h, int layer, apb_state *s, apb_error *err) {
+  apb_backend *be = h->be;
+  const apb_plan *p = h->p;
+  int64_t kvw = (int64_t)h->Hkv * h->D, qw = (int64_t)h->Hq * h->D;
+  size_t row = (size_t)kvw * h->es;
+  apb_comm_req *rk = NULL, *rv = NULL;
+  double t0 = sched_prof_begin(h);
+  apb_status st = h->comm->ops->iallgatherv(h->comm, s->sl[0].ck, s->pk, s->bytes, &rk, err);
+  if (!st) st = h->comm->ops->iallgatherv(h->comm, s->sl[0].cv, s->pv, s->bytes, &rv, err);
+  sched_prof_end(h, APB_STAGE_COMM, t0);
+  apb_battn_args an = {.A = h->A, .Hq = h->Hq, .Hkv = h->Hkv, .D = h->D, .local_keys = 1, .q = h->q, .ka = h->k,
+                       .va = h->v, .o = h->o};
+  if (!st && h->A > 0) st = attn_cols(h, s, &an, 0, err);
+  for (int j = 0; j < s->ns && !st; j++) {
+    slot *sl = &s->sl[j];
+    apb_battn_args a = {.B = sl->B, .Hq = h->Hq, .Hkv = h->Hkv, .D = h->D, .local_keys = 1,
+                        .q = sched_row(h, h->q, sl->row0, qw), .kb = sched_row(h, h->k, sl->row0, kvw),
+                        .vb = sched_row(h, h->v, sl->row0, kvw), .o = sched_row(h, h->o, sl->row0, qw)};
+    if (sl->v > 0) a.P = h->A, a.kp = h->k, a.vp = h->v; /* the anchor keys: rows 0..A of k, v */
+    st = attn_cols(h, s, &a, sl->row0, err);
+  }
+  t0 = sched_prof_begin(h);
+  apb_status w1 = rk ? h->comm->ops->wait(h->comm, rk, err) : APB_OK;
+  apb_status w2 = rv ? h->comm->ops->wait(h->comm, rv, err) : APB_OK;
+  sched_prof_end(h, APB_STAGE_COMM, t0);
+  if (st) return st;
+  if (w1 || w2) return w1 ? w1 : w2;
+  for (int j = 0; j < s->ns; j++) {
+    slot *sl = &s->sl[j];
+    if (sl->v == 0 || sl->P == 0) continue;
+    int64_t at = 0;
+    t0 = sched_prof_begin(h);
+    for (int w = 0; w < sl->v && !st; w++) { /* [C_0 .. C_{v-1}] in virtual-host order */
+      int q = w < h->H ? w : 2 * h->H - 1 - w;
+      int64_t off = s->rank_off[q] + (w == q ? 0 : p->n_sel[q]);
+      size_t bytes = (size_t)p->n_sel[w] * row;
+      if (!(st = be->ops->copy(be, (char *)sl->qk + at * row, (char *)s->pk + off * row, bytes, err)))
+        st = be->ops->copy(be, (char *)sl->qv + at * row, (char *)s->pv + off * row, bytes, err);
+      at += p->n_sel[w];
+    }
+    sched_prof_end(h, APB_STAGE_COMM, t0);
+    if (st || (st = hook_passing(h, layer, sl->qk, sl->qv, sl->P, err))) return st;
+    apb_battn_args b = {.P = sl->P, .B = sl->B, .Hq = h->Hq, .Hkv = h->Hkv, .D = h->D, .local_keys = 0,
+                        .q = sched_row(h, h->q, sl->row0, qw), .kp = sl->qk, .vp = sl->qv, .o = s->o2,
+                        .lse = s->lse2};
+    if ((st = sched_attn(h, &b, err))) return st;
+    t0 = sched_prof_begin(h);
+    st = merge_rows(h, s, sl->row0, sl->B, err);
+    sched_prof_end(h, APB_STAGE_ATTN, t0);
+    if (st) return st;
+  }
+  return APB_OK;
 }
 
 /* Balanced: the anchor rows, then each virtual block against [P_v | A] and itself. */
@@ -281,7 +358,8 @@ static apb_status star_attend(host_ctx *h, int layer, apb_error *err) {
   apb_status st;
   int64_t kvw = (int64_t)h->Hkv * h->D;
   if (s && s->passing && (st = compress_all(h, layer, s, err))) return st;
-  if (s && h->p->balance) return attend_balanced(h, layer, s, err);
+  if (s && h->p->balance)
+    return s->passing && s->o2 ? attend_balanced_overlapped(h, layer, s, err) : attend_balanced(h, layer, s, err);
   apb_battn_args a = {.P = 0, .A = h->A, .B = h->B, .Hq = h->Hq, .Hkv = h->Hkv, .D = h->D, .local_keys = 1,
                       .q = h->q, .ka = h->k, .va = h->v, .kb = sched_row(h, h->k, h->A, kvw),
                       .vb = sched_row(h, h->v, h->A, kvw), .o = h->o, .lse = h->lse};

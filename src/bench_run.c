@@ -171,7 +171,7 @@ static double mem_bound(const apb_plan *p, const apb_model_config *c, int r, int
     if (p->balance) b += (double)(T > B ? T - B : B) * Hq * 4; /* lse_tmp */
     break;
   case APB_METHOD_APB: {
-    double tot = 0, maxb = (double)(T - B);
+    double tot = 0, maxb = (double)(T - B), maxbp = 0;
     for (int v = 0; v < p->V; v++) tot += (double)p->n_sel[v];
     int vv[2], nv;
     apb_plan_virtual(p, r, vv, &nv);
@@ -182,8 +182,10 @@ static double mem_bound(const apb_plan *p, const apb_model_config *c, int r, int
       b += 4 * Hkv * (double)p->n_sel[vv[j]];                       /* idx */
       if (p->balance) b += 2 * (Pv + (double)(T - B)) * Hkv * D * es; /* [P_v | A] copies */
       maxb = Bj > maxb ? Bj : maxb;
+      if (Pv > 0 && Bj > maxbp) maxbp = Bj;
     }
     if (p->balance) b += maxb * Hq * 4; /* lse_tmp */
+    if (p->balance && p->overlap && tot > 0) b += maxbp * (Hq * D * es + 2 * 4 * Hq); /* o2, lse2, lse_loc */
     else if (p->overlap && r > 0) b += (double)B * (Hq * D * es + 2 * 4 * Hq); /* o2, lse2, lse_loc */
     break;
   }
