@@ -108,17 +108,23 @@ for st in "${stages[@]}"; do
     (cd /tmp && timeout 580 torchrun --standalone --nproc_per_node=$ng "$root/.gpupeer/torch_prefill.py" \
        ${TORCH_PREFILL_ARGS:---tokens 131072} 2>&1 | grep -v Warning | tee "$OUT/torch_prefill.txt") ;;
   sanitize)
-    for t in tests/check_gpu_attn tests/check_gpu_agree; do
+    # (test, test case or "all", tools): check_gpu_agree's "gemm" and "model" cases run cuBLAS, whose own
+    # kernels racecheck flags and whose TMA stores initcheck does not see (docs/validation.md), so
+    # racecheck and initcheck take its cases of our kernels alone ("elementwise", "selection");
+    # SANITIZE_ALL=1 runs every tool on the whole suite as well.
+    san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+    runs="check_gpu_attn:all:memcheck,racecheck,initcheck check_gpu_agree:all:memcheck
+          check_gpu_agree:elementwise:racecheck,initcheck check_gpu_agree:selection:racecheck,initcheck"
+    [ -n "${SANITIZE_ALL:-}" ] && runs="$runs check_gpu_agree:all:racecheck,initcheck"
+    for r in $runs; do
+      t=tests/${r%%:*}; rest=${r#*:}; case_=${rest%%:*}; tools=${rest#*:}
       [ -e "$bld/$t" ] || continue
-      san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-      tools="memcheck racecheck initcheck"
-      # check_gpu_agree calls cuBLAS, whose own kernels racecheck flags and whose TMA stores initcheck
-      # does not see (docs/validation.md); both tools also take minutes there: only with SANITIZE_ALL=1
-      [ "$t" = tests/check_gpu_agree ] && [ -z "${SANITIZE_ALL:-}" ] && tools=memcheck
-      for tool in $tools; do
-        log "compute-sanitizer --tool $tool $(basename $t)"
-        (cd $bld && CK_FORK=no APB_GPU_SMALL=1 ./libtool --mode=execute $san --tool $tool --error-exitcode 9 "$t") >"$OUT/san_$tool.log" 2>&1 \
-          && log "  clean" || { log "  FAILED"; tail -20 "$OUT/san_$tool.log"; rc_all=1; }
+      for tool in ${tools//,/ }; do
+        log "compute-sanitizer --tool $tool $(basename $t) (case $case_)"
+        lg="$OUT/san_$(basename $t)_${case_}_$tool.log"
+        (cd $bld && export CK_FORK=no APB_GPU_SMALL=1 && { [ "$case_" = all ] || export CK_RUN_CASE=$case_; } \
+           && ./libtool --mode=execute $san --tool $tool --error-exitcode 9 "$t") >"$lg" 2>&1 \
+          && log "  clean" || { log "  FAILED"; tail -20 "$lg"; rc_all=1; }
       done
     done ;;
   *) log "unknown stage $st"; exit 2 ;;

@@ -1872,15 +1872,24 @@ int main(void) {
   tcase_add_loop_test(tc, test_validation, 0, 2);
   suite_add_tcase(s, tc);
 
-  tc = tu_tcase("ops", 300);
+  /* Test cases by what they run, so that compute-sanitizer's racecheck and initcheck can take our own
+   * kernels alone (CK_RUN_CASE=elementwise or selection; bench/gpu_session.sh sanitize): cuBLAS's
+   * kernels, which those tools misreport (docs/validation.md), run only in "gemm" and "model". */
+  tc = tu_tcase("gemm", 300);
   tcase_add_loop_test(tc, test_linear, 0, 2 * nt * 3 * 2);
+  tcase_add_loop_test(tc, test_score, 0, 2 * nt * 3 * 2);
+  suite_add_tcase(s, tc);
+
+  tc = tu_tcase("elementwise", 300);
   tcase_add_loop_test(tc, test_rmsnorm, 0, 2 * nt * 3);
   tcase_add_loop_test(tc, test_rope, 0, 2 * nt * 9);
   tcase_add_loop_test(tc, test_swiglu_add, 0, 2 * nt * 3);
   tcase_add_loop_test(tc, test_embed, 0, 2 * nt * 3);
   tcase_add_loop_test(tc, test_attn, 0, g_small ? 2 * 2 * 3 : 2 * 2 * NA);
   tcase_add_loop_test(tc, test_merge, 0, 4);
-  tcase_add_loop_test(tc, test_score, 0, 2 * nt * 3 * 2);
+  suite_add_tcase(s, tc);
+
+  tc = tu_tcase("selection", 300);
   tcase_add_loop_test(tc, test_maxpool, 0, 2 * nt * 5);
   tcase_add_loop_test(tc, test_topk_rules, 0, 2);
   tcase_add_loop_test(tc, test_topk_brute, 0, nt * 2 * 4);
