@@ -100,15 +100,22 @@ const char *apb_stage_name(apb_stage s) {
   return (unsigned)s < APB_STAGE_COUNT ? names[s] : "?";
 }
 
+/* A profiling sync; its failure is kept (the first one) for apb_host_run to return. */
+static void prof_sync(host_ctx *h) {
+  apb_error e = {0};
+  apb_status st = h->be->ops->sync(h->be, &e);
+  if (st && !h->prof_st) h->prof_st = st, h->prof_err = e;
+}
+
 double sched_prof_begin(host_ctx *h) {
   if (!h->profile) return 0;
-  h->be->ops->sync(h->be, NULL);
+  prof_sync(h);
   return now_s();
 }
 
 void sched_prof_end(host_ctx *h, apb_stage s, double t0) {
   if (!h->profile) return;
-  h->be->ops->sync(h->be, NULL);
+  prof_sync(h);
   h->stage_s[s] += now_s() - t0;
 }
 
@@ -366,6 +373,7 @@ apb_status apb_host_run(const apb_host_args *a, apb_host_result *res, apb_error 
     }
   }
   if (!st) st = be->ops->sync(be, err);
+  if (!st && h->prof_st) st = apb_error_set(err, h->prof_st, "%s", h->prof_err.msg);
   res->stats.prefill_s = now_s() - t0;
   res->stats.prefill_wait_s = a->comm->stats.wait_s - wait0;
   res->stats.attn_flops = h->attn_flops;

@@ -60,6 +60,8 @@ struct host_ctx {
   int profile;
   apb_stage cur_stage;      /* where sched_linear books its time */
   double stage_s[APB_STAGE_COUNT];
+  apb_status prof_st;       /* the first failure a profiling sync returned (a backend that checks */
+  apb_error prof_err;       /* inputs on the device reports them at a sync); returned by the run */
 };
 
 extern const method_ops apb_method_dense_ops, apb_method_star_ops, apb_method_ring_ops,
