@@ -27,6 +27,11 @@
  *     kernels need bf16 storage).
  * The other ops are in gpu/ops.cu and gpu/select.cu; the shared declarations in gpu/cuda_int.h.
  *
+ * Inputs only the device can check (embed's ids, topk's NaN scores, gather's indices) are checked by
+ * a kernel beside the op that reports into the instance's records (cu_chk_rec, gpu/cuda_int.h); sync,
+ * download and download_f32 return the first failure since the last one was returned, unless
+ * synchronous checks were asked for (each op then waits for its check).
+ *
  * What it deliberately is not: a caching allocator (scratch comes from CUDA's stream-ordered pool),
  * a graph-captured or fused layer (each op is one or a few kernels), or a place that prints or exits.
  * Every CUDA and cuBLAS call is checked (APB_CU, APB_CUBLAS) and every launch is followed by
