@@ -196,6 +196,30 @@ static apb_status hook_passing(host_ctx *h, int layer, const void *pk, const voi
   return st ? st : sched_hook_act(h, "passing_v", layer, pv, 3, sh, err);
 }
 
+/* Balanced: the keys a virtual block sees before its own, into its qk/qv: [C_0 .. C_{v-1}] in
+ * virtual-host order (host q holds virtual hosts q and 2H-1-q, in that order in pk/pv), then the anchor
+ * keys when with_anchor; booked as communication, and hooked as the passing block. */
+static apb_status slot_keys(host_ctx *h, int layer, apb_state *s, slot *sl, int with_anchor, apb_error *err) {
+  apb_backend *be = h->be;
+  const apb_plan *p = h->p;
+  size_t row = (size_t)h->Hkv * h->D * h->es;
+  int64_t at = 0;
+  apb_status st = APB_OK;
+  double t0 = sched_prof_begin(h);
+  for (int w = 0; w < sl->v && !st; w++) {
+    int q = w < h->H ? w : 2 * h->H - 1 - w;
+    int64_t off = s->rank_off[q] + (w == q ? 0 : p->n_sel[q]);
+    size_t bytes = (size_t)p->n_sel[w] * row;
+    if (!(st = be->ops->copy(be, (char *)sl->qk + at * row, (char *)s->pk + off * row, bytes, err)))
+      st = be->ops->copy(be, (char *)sl->qv + at * row, (char *)s->pv + off * row, bytes, err);
+    at += p->n_sel[w];
+  }
+  if (!st && with_anchor) st = be->ops->copy(be, (char *)sl->qk + at * row, h->k, (size_t)h->A * row, err);
+  if (!st && with_anchor) st = be->ops->copy(be, (char *)sl->qv + at * row, h->v, (size_t)h->A * row, err);
+  sched_prof_end(h, APB_STAGE_COMM, t0);
+  return st ? st : hook_passing(h, layer, sl->qk, sl->qv, sl->P, err);
+}
+
 /* Merge partial (o2, lse2) of rows [row0, row0 + B) into o and columns row0.. of lse [Hq, T], through
  * lse_loc (the merge wants the rows' LSE contiguous). */
 static apb_status merge_rows(host_ctx *h, apb_state *s, int64_t row0, int64_t B, apb_error *err) {
@@ -256,10 +280,7 @@ static apb_status attn_cols(host_ctx *h, apb_state *s, apb_battn_args *a, int64_
  * attend their passing block [C_0 .. C_{v-1}] alone and the two partials merge by LSE. The same
  * function as attend_balanced's single calls. */
 static apb_status attend_balanced_overlapped(host_ctx *h, int layer, apb_state *s, apb_error *err) {
-  apb_backend *be = h->be;
-  const apb_plan *p = h->p;
   int64_t kvw = (int64_t)h->Hkv * h->D, qw = (int64_t)h->Hq * h->D;
-  size_t row = (size_t)kvw * h->es;
   apb_comm_req *rk = NULL, *rv = NULL;
   double t0 = sched_prof_begin(h);
   apb_status st = h->comm->ops->iallgatherv(h->comm, s->sl[0].ck, s->pk, s->bytes, &rk, err);
@@ -285,18 +306,7 @@ static apb_status attend_balanced_overlapped(host_ctx *h, int layer, apb_state *
   for (int j = 0; j < s->ns; j++) {
     slot *sl = &s->sl[j];
     if (sl->v == 0 || sl->P == 0) continue;
-    int64_t at = 0;
-    t0 = sched_prof_begin(h);
-    for (int w = 0; w < sl->v && !st; w++) { /* [C_0 .. C_{v-1}] in virtual-host order */
-      int q = w < h->H ? w : 2 * h->H - 1 - w;
-      int64_t off = s->rank_off[q] + (w == q ? 0 : p->n_sel[q]);
-      size_t bytes = (size_t)p->n_sel[w] * row;
-      if (!(st = be->ops->copy(be, (char *)sl->qk + at * row, (char *)s->pk + off * row, bytes, err)))
-        st = be->ops->copy(be, (char *)sl->qv + at * row, (char *)s->pv + off * row, bytes, err);
-      at += p->n_sel[w];
-    }
-    sched_prof_end(h, APB_STAGE_COMM, t0);
-    if (st || (st = hook_passing(h, layer, sl->qk, sl->qv, sl->P, err))) return st;
+    if ((st = slot_keys(h, layer, s, sl, 0, err))) return st;
     apb_battn_args b = {.P = sl->P, .B = sl->B, .Hq = h->Hq, .Hkv = h->Hkv, .D = h->D, .local_keys = 0,
                         .q = sched_row(h, h->q, sl->row0, qw), .kp = sl->qk, .vp = sl->qv, .o = s->o2,
                         .lse = s->lse2};
@@ -311,10 +321,7 @@ static apb_status attend_balanced_overlapped(host_ctx *h, int layer, apb_state *
 
 /* Balanced: the anchor rows, then each virtual block against [P_v | A] and itself. */
 static apb_status attend_balanced(host_ctx *h, int layer, apb_state *s, apb_error *err) {
-  apb_backend *be = h->be;
-  const apb_plan *p = h->p;
   int64_t kvw = (int64_t)h->Hkv * h->D, qw = (int64_t)h->Hq * h->D;
-  size_t row = (size_t)kvw * h->es;
   apb_status st = APB_OK;
   if (s->passing) {
     if ((st = sched_allgatherv(h, s->sl[0].ck, s->pk, s->bytes, err)) ||
@@ -332,20 +339,7 @@ static apb_status attend_balanced(host_ctx *h, int layer, apb_state *s, apb_erro
     if (sl->v > 0 && !s->passing) { /* star: the anchor keys are rows 0..A of k, v */
       a.P = h->A, a.kp = h->k, a.vp = h->v;
     } else if (sl->v > 0) {         /* [C_0 .. C_{v-1} | A] in virtual-host order */
-      int64_t at = 0;
-      double t0 = sched_prof_begin(h);
-      for (int w = 0; w < sl->v && !st; w++) {
-        int q = w < h->H ? w : 2 * h->H - 1 - w;
-        int64_t off = s->rank_off[q] + (w == q ? 0 : p->n_sel[q]);
-        size_t bytes = (size_t)p->n_sel[w] * row;
-        if (!(st = be->ops->copy(be, (char *)sl->qk + at * row, (char *)s->pk + off * row, bytes, err)))
-          st = be->ops->copy(be, (char *)sl->qv + at * row, (char *)s->pv + off * row, bytes, err);
-        at += p->n_sel[w];
-      }
-      if (!st) st = be->ops->copy(be, (char *)sl->qk + at * row, h->k, (size_t)h->A * row, err);
-      if (!st) st = be->ops->copy(be, (char *)sl->qv + at * row, h->v, (size_t)h->A * row, err);
-      sched_prof_end(h, APB_STAGE_COMM, t0);
-      if (st || (st = hook_passing(h, layer, sl->qk, sl->qv, sl->P, err))) return st;
+      if ((st = slot_keys(h, layer, s, sl, 1, err))) return st;
       a.P = sl->P + h->A, a.kp = sl->qk, a.vp = sl->qv;
     }
     if ((st = attn_cols(h, s, &a, sl->row0, err))) return st;
