@@ -7,7 +7,7 @@
 # lack). Packages are unpacked under /tmp, never into /.
 #
 #   bash bench/gpu_session.sh [STAGE ...]      stages: build check gpucheck bench-attn sanitize prefill
-#                                              torch-prefill
+#                                              prefill-ab torch-prefill
 #   bash bench/gpu_session.sh pack             (here) source tarball into .gpudist when make dist fails
 #
 # Default stages: build gpucheck. Logs and results go to $OUT (or ./.out when OUT is unset).
@@ -102,6 +102,20 @@ for st in "${stages[@]}"; do
     ng=$(nvidia-smi -L | wc -l)
     (cd $bld && ./apb bench prefill ${PREFILL_ARGS:---tokens 131072 --gpus $ng} --json "$OUT/prefill.json" 2>&1 \
        | tee "$OUT/prefill.txt") ;;
+  prefill-ab)
+    # apb at 128K with the peer's lengths, its variants side by side on this machine, twice over in
+    # alternation (noise shows as the spread between the two rounds): default, synchronous input
+    # checks, --overlap 0, --balance, --balance --overlap 0. Extra arguments: $PREFILL_AB_ARGS.
+    ng=$(nvidia-smi -L | wc -l)
+    base="./apb bench prefill --tokens 131072 --gpus $ng --method apb --anchor 4096 --passing 2048 --profile 0 ${PREFILL_AB_ARGS:-}"
+    for round in 1 2; do
+      for v in "default|" "sync-checks|APB_CUDA_SYNC_CHECKS=1" "overlap-0|--overlap 0" "balance|--balance" \
+               "balance-overlap-0|--balance --overlap 0"; do
+        name=${v%%|*}; arg=${v#*|}; envs=""; case $arg in APB_*) envs=$arg; arg="" ;; esac
+        line=$(cd $bld && env $envs $base $arg 2>&1 | grep '^apb ')
+        log "prefill-ab round $round $name: $line"
+      done
+    done ;;
   torch-prefill)
     ng=$(nvidia-smi -L | wc -l)
     [ -f "$root/.gpupeer/torch_prefill.py" ] || { log "no .gpupeer/torch_prefill.py carried"; rc_all=1; continue; }
