@@ -14,7 +14,7 @@
 
 static void help(const apb_hw *hw) {
   printf("Usage: apb predict [--preset NAME | --model DIR] [--tokens N] [--query-len Q] [--method LIST]\n"
-         "                   [--hosts H] [--anchor A] [--passing P] [--act-bytes 2|4]\n"
+         "                   [--hosts H] [--anchor A] [--passing P] [--balance] [--act-bytes 2|4]\n"
          "                   [--attn-tflops X] [--gemm-tflops X] [--mem-gbs X] [--link-gbs X] [--latency-us X]\n"
          "                   [--per-host] [--json]\n\n"
          "Predicted prefill time per method from counted FLOPs and bytes (apb/cost.h):\n"
@@ -26,6 +26,7 @@ static void help(const apb_hw *hw) {
          "  --query-len Q     query tokens (default 64)\n"
          "  --method LIST     default dense,ring,zigzag,ulysses,star,apb\n"
          "  --hosts H         default 4\n"
+         "  --balance         apb, star: two virtual hosts per host (h and 2H-1-h), as apb run --balance\n"
          "  --anchor A, --passing P   as in apb run (defaults of shared/APB.md 2)\n"
          "  --act-bytes B     bytes per activation element (default 2: bf16)\n"
          "  --attn-tflops X   default %.0f\n  --gemm-tflops X   default %.0f\n  --mem-gbs X       default %.0f\n"
@@ -48,7 +49,7 @@ int cmd_predict(int argc, char **argv) {
   int nm = 0, act = 2, per_host = 0, json = 0;
   for (int i = 0; i < APB_METHOD_COUNT; i++) ms[nm++] = (apb_method)i;
   enum { O_PRESET = 256, O_MODEL, O_TOKENS, O_Q, O_METHOD, O_HOSTS, O_ANCHOR, O_PASSING, O_ACT, O_AT, O_GT, O_MEM,
-         O_LINK, O_LAT, O_PER, O_JSON };
+         O_LINK, O_LAT, O_PER, O_JSON, O_BAL };
   static const struct option opts[] = {
       {"preset", required_argument, 0, O_PRESET}, {"model", required_argument, 0, O_MODEL},
       {"tokens", required_argument, 0, O_TOKENS}, {"query-len", required_argument, 0, O_Q},
@@ -57,7 +58,8 @@ int cmd_predict(int argc, char **argv) {
       {"act-bytes", required_argument, 0, O_ACT}, {"attn-tflops", required_argument, 0, O_AT},
       {"gemm-tflops", required_argument, 0, O_GT}, {"mem-gbs", required_argument, 0, O_MEM},
       {"link-gbs", required_argument, 0, O_LINK}, {"latency-us", required_argument, 0, O_LAT},
-      {"per-host", no_argument, 0, O_PER}, {"json", no_argument, 0, O_JSON}, {"help", no_argument, 0, 'h'},
+      {"per-host", no_argument, 0, O_PER}, {"json", no_argument, 0, O_JSON}, {"balance", no_argument, 0, O_BAL},
+      {"help", no_argument, 0, 'h'},
       {0, 0, 0, 0}};
   int ch;
   while ((ch = cli_getopt(CMD, argc, argv, opts)) != -1) {
@@ -80,6 +82,7 @@ int cmd_predict(int argc, char **argv) {
     case O_LINK: rc = cli_parse_rate(CMD, CLI_RATE_LINK, optarg, &hw); break;
     case O_LAT: rc = cli_parse_rate(CMD, CLI_RATE_LAT, optarg, &hw); break;
     case O_PER: per_host = 1; break;
+    case O_BAL: o.balance = 1; break;
     case O_JSON: json = 1; break;
     case 'h': help(&hw); return CLI_OK;
     default: return CLI_USAGE;
@@ -111,6 +114,7 @@ int cmd_predict(int argc, char **argv) {
     apb_run_opts oi = o;
     oi.method = ms[i];
     if (ms[i] == APB_METHOD_STAR && o.passing > 0) oi.passing = -1;
+    oi.balance = o.balance > 0 && (ms[i] == APB_METHOD_APB || ms[i] == APB_METHOD_STAR); /* others: no pairs */
     apb_status st = apb_plan_make(&oi, n, q, &cfg, I, plan, &err);
     if (!st) st = apb_cost_plan(plan, &cfg, I, act, &hw, c, &err);
     if (st) {

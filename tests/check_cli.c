@@ -494,6 +494,32 @@ START_TEST(bench_and_demo) {
   assert_has(out, "unknown benchmark target 'nope'");
   free(out);
 
+  /* the GPU benchmarks read their options before they look for a device: usage errors everywhere */
+  const struct {
+    const char *args, *msg;
+  } gpu_usage[] = {
+      {"bench prefill --overlap 2", "--overlap wants an integer in [0, 1]"},
+      {"bench prefill --anchor x", "--anchor wants an integer"},
+      {"bench prefill --attn-tflops 0", "--attn-tflops wants a finite number"},
+      {"bench prefill --tokens 8", "--tokens wants"},
+      {"bench gpu-attn --shape 1:2", "expected P:A:B or P:A:B:n"},
+      {"bench gpu-attn --shape 0:0:5:n", "the rows see no key at all"},
+      {"bench gpu-attn --shape 0:0:0", "A + B must be at least 1"},
+      {"predict --gemm-tflops -3", "--gemm-tflops wants a finite number"},
+  };
+  for (size_t i = 0; i < sizeof gpu_usage / sizeof gpu_usage[0]; i++) {
+    ck_assert_int_eq(apb(&out, "%s", gpu_usage[i].args), 2);
+    assert_has(out, gpu_usage[i].msg);
+    free(out);
+  }
+  /* predict: the rates are used (a 10x slower attention rate moves apb's attention time 10x) */
+  ck_assert_int_eq(apb(&out, "predict --method apb --anchor 4096 --passing 2048 --attn-tflops 59 --json"), 0);
+  assert_has(out, "\"t_attn\": 7.8272");
+  free(out);
+  ck_assert_int_eq(apb(&out, "predict --method apb,ring --balance"), 0);
+  assert_has(out, "ring ");
+  free(out);
+
   ck_assert_int_eq(apb(&out, "demo --tokens 1500 --hosts 3 --hq 4 --hkv 2 --d 16 --seed 5"), 0);
   assert_has(out, "PASS");
   assert_has(out, "host 2 of 3");
