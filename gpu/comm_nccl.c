@@ -1281,7 +1281,18 @@ static void *run_rank(void *p) {
     apb_host_args a = {.plan = x->plan, .bm = r->bm, .be = r->be, .comm = c, .doc = x->doc, .query = x->query,
                        .hook = r->fault ? fault_hook : x->o->hook, .hook_user = r->fault ? (void *)r : x->o->hook_user,
                        .want_hidden = x->o->want_hidden, .profile = x->o->profile};
-    r->st = apb_host_run(&a, &x->res[r->rank], &r->err);
+    /* warm-up runs: the same work, results dropped; then the counts start afresh for the returned run
+     * (no collective is in flight after apb_nccl_sync) */
+    apb_host_args aw = a;
+    aw.hook = NULL, aw.hook_user = NULL, aw.want_hidden = 0, aw.profile = 0;
+    for (int w = 0; w < x->o->warmup && r->st == APB_OK; w++) {
+      apb_host_result tmp;
+      r->st = apb_host_run(&aw, &tmp, &r->err);
+      apb_host_result_free(&tmp);
+      if (r->st == APB_OK) r->st = apb_nccl_sync(c, &r->err);
+    }
+    if (r->st == APB_OK && x->o->warmup > 0) memset(&c->stats, 0, sizeof c->stats);
+    if (r->st == APB_OK) r->st = apb_host_run(&a, &x->res[r->rank], &r->err);
     if (r->st == APB_OK) r->st = apb_nccl_sync(c, &r->err); /* complete, and not garbage from an abort */
   }
   if (r->st != APB_OK) c->ops->abort(c, r->err.msg);
@@ -1327,6 +1338,7 @@ static apb_status parse_fault(int H, int *rank, int *layer, apb_error *err) {
 apb_status apb_nccl_execute(const apb_plan *plan, const apb_model *m, const apb_nccl_opts *o, const int32_t *doc,
                             const int32_t *query, apb_host_result *res, apb_comm_stats *stats, apb_error *err) {
   if (!plan || !o || !res) return apb_error_set(err, APB_EINVAL, "NCCL run: plan, opts and res are required");
+  if (o->warmup < 0) return apb_error_set(err, APB_EINVAL, "NCCL run: warmup=%d runs; must be >= 0", o->warmup);
   if (!o->use_preset && !m) return apb_error_set(err, APB_EINVAL, "NCCL run: no model (and use_preset is 0)");
   int H = plan->H, ndev = 0;
   const char *kind = o->backend ? o->backend : "cuda-bf16";

@@ -350,6 +350,7 @@ apb_status apb_host_run(const apb_host_args *a, apb_host_result *res, apb_error 
   h->profile = a->profile;
   apb_backend *be = h->be;
   double t0 = now_s(), wait0 = a->comm->stats.wait_s;
+  const int64_t sent0 = apb_comm_bytes_sent(a->comm); /* the communicator may have served earlier runs */
   apb_status st = make_rows(h, a->doc, a->query, err);
   int last = h->r == p->last_rank;
   if (!st) st = alloc_cache(h, last ? p->q_len + p->o.max_new_tokens : 0, err);
@@ -389,7 +390,7 @@ apb_status apb_host_run(const apb_host_args *a, apb_host_result *res, apb_error 
   if (!st) st = sched_decode(h, a->query, p->q_len, p->o.max_new_tokens, res, err);
   res->n_rows = h->B;
   res->row_pos = h->row_pos, h->row_pos = NULL;
-  res->stats.bytes_sent = apb_comm_bytes_sent(a->comm);
+  res->stats.bytes_sent = apb_comm_bytes_sent(a->comm) - sent0;
   size_t cur = 0, peak = 0;
   res->stats.peak_bytes = apb_backend_mem(be, &cur, &peak) == APB_OK ? (int64_t)peak : -1;
   free_cache(h);

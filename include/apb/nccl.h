@@ -101,6 +101,10 @@ typedef struct apb_nccl_opts {
   void *hook_user;
   int want_hidden;
   int profile;              /* per-stage times in each rank's stats (apb_host_args.profile) */
+  int warmup;               /* whole runs before the one returned, on the same weights and communicators,
+                               untimed and without hook: NCCL's connections, CUDA's lazy module loading
+                               and cuBLAS's first calls are paid there (0: none); `stats` then covers
+                               the returned run only */
 } apb_nccl_opts;
 
 apb_status apb_nccl_execute(const apb_plan *plan, const apb_model *m, const apb_nccl_opts *o, const int32_t *doc,
