@@ -26,6 +26,7 @@
 static const char help_text[] =
     "Usage: apb bench prefill [--tokens LIST] [--gpus LIST] [--method LIST] [--preset NAME]\n"
     "                         [--query-len Q] [--anchor A] [--passing P] [--profile 0|1] [--warmup N]\n"
+    "                         [--reps N]\n"
     "                         [--balance] [--overlap 0|1] [--attn-tflops X] [--gemm-tflops X]\n"
     "                         [--mem-gbs X] [--link-gbs X] [--latency-us X] [--json FILE]\n\n"
     "Prefill time per method on 1..N GPUs (one rank per GPU, NCCL), random bf16 weights made on the\n"
@@ -33,7 +34,8 @@ static const char help_text[] =
     "--preset llama3-8b-shape, --query-len 64,\n"
     "--profile 1 (a second run per case for the per-stage breakdown), --warmup 1 (untimed whole runs\n"
     "before each measured one, on the same weights and NCCL communicators, so that connection setup\n"
-    "and first-call costs are not timed; the PyTorch peer also runs one). --balance runs apb and star\n"
+    "and first-call costs are not timed), --reps 1 (timed runs; the fastest is reported, by its slowest\n"
+    "rank; the PyTorch peer reports the best of 2 after 1 untimed). --balance runs apb and star\n"
     "with two virtual hosts per GPU (h and 2H-1-h). --overlap 0 runs apb's attention as one call after\n"
     "the all-gather (default 1: [A|B] attended while it is in flight, then merged). The profiled run\n"
     "prints every rank's breakdown under the case's line. apb and star use the lengths of\n"
@@ -62,8 +64,8 @@ typedef struct row {
 } row;
 
 static int run_case(const apb_model_config *cfg, int I, apb_preset preset, apb_method m, int gpus, int64_t n,
-                    int64_t q, int64_t la, int64_t lp, int profile, int warmup, int balance, int overlap,
-                    const apb_hw *hw, row *out) {
+                    int64_t q, int64_t la, int64_t lp, int profile, int warmup, int reps, int balance,
+                    int overlap, const apb_hw *hw, row *out) {
   apb_error err = {0};
   apb_run_opts o;
   apb_run_opts_default(&o);
@@ -91,7 +93,7 @@ static int run_case(const apb_model_config *cfg, int I, apb_preset preset, apb_m
   }
   for (int pass = 0; pass < 1 + (profile != 0); pass++) {
     apb_nccl_opts no = {.backend = "cuda-bf16", .use_preset = 1, .preset = preset, .seed = 1, .profile = pass == 1,
-                        .warmup = warmup};
+                        .warmup = warmup, .reps = pass == 1 ? 1 : reps};
     st = apb_nccl_execute(plan, NULL, &no, doc, query, res, NULL, &err);
     if (st) {
       rc = cli_report(CMD, st, &err);
@@ -159,7 +161,7 @@ done:
 
 int bench_prefill(int argc, char **argv) {
   int64_t tokens[MAXN] = {131072}, gpus_l[MAXN] = {4};
-  int nt = 1, ng = 1, nm = 0, profile = 1, balance = 0, overlap = 1, warmup = 1;
+  int nt = 1, ng = 1, nm = 0, profile = 1, balance = 0, overlap = 1, warmup = 1, reps = 1;
   int64_t q = 64, la = -1, lp = -1;
   apb_hw hw;
   apb_hw_default(&hw);
@@ -167,7 +169,8 @@ int bench_prefill(int argc, char **argv) {
   for (int i = 0; i < APB_METHOD_COUNT; i++) ms[nm++] = (apb_method)i;
   apb_preset preset = APB_PRESET_LLAMA3_8B;
   const char *json = NULL;
-  enum { O_TOK = 256, O_GPUS, O_METHOD, O_PRESET, O_Q, O_PROF, O_JSON, O_BAL, O_OVL, O_LA, O_LP, O_WARM, O_RATE };
+  enum { O_TOK = 256, O_GPUS, O_METHOD, O_PRESET, O_Q, O_PROF, O_JSON, O_BAL, O_OVL, O_LA, O_LP, O_WARM, O_REPS,
+         O_RATE };
   static const struct option opts[] = {
       {"tokens", required_argument, 0, O_TOK},     {"gpus", required_argument, 0, O_GPUS},
       {"method", required_argument, 0, O_METHOD},  {"preset", required_argument, 0, O_PRESET},
@@ -175,7 +178,7 @@ int bench_prefill(int argc, char **argv) {
       {"profile", required_argument, 0, O_PROF},   {"json", required_argument, 0, O_JSON},
       {"balance", no_argument, 0, O_BAL},          {"overlap", required_argument, 0, O_OVL},
       {"anchor", required_argument, 0, O_LA},      {"passing", required_argument, 0, O_LP},
-      {"warmup", required_argument, 0, O_WARM},
+      {"warmup", required_argument, 0, O_WARM},    {"reps", required_argument, 0, O_REPS},
       {"attn-tflops", required_argument, 0, O_RATE + CLI_RATE_ATTN},
       {"gemm-tflops", required_argument, 0, O_RATE + CLI_RATE_GEMM},
       {"mem-gbs", required_argument, 0, O_RATE + CLI_RATE_MEM},
@@ -196,6 +199,7 @@ int bench_prefill(int argc, char **argv) {
     case O_PROF: rc = cli_parse_int(CMD, "--profile", optarg, 0, 1, &profile); break;
     case O_OVL: rc = cli_parse_int(CMD, "--overlap", optarg, 0, 1, &overlap); break;
     case O_WARM: rc = cli_parse_int(CMD, "--warmup", optarg, 0, 100, &warmup); break;
+    case O_REPS: rc = cli_parse_int(CMD, "--reps", optarg, 1, 100, &reps); break;
     case O_RATE + CLI_RATE_ATTN:
     case O_RATE + CLI_RATE_GEMM:
     case O_RATE + CLI_RATE_MEM:
@@ -247,8 +251,8 @@ int bench_prefill(int argc, char **argv) {
         }
         row rw;
         memset(&rw, 0, sizeof rw);
-        int crc = run_case(&cfg, I, preset, ms[mi], g, tokens[ti], q, la, lp, profile, warmup, balance, overlap,
-                           &hw, &rw);
+        int crc = run_case(&cfg, I, preset, ms[mi], g, tokens[ti], q, la, lp, profile, warmup, reps, balance,
+                           overlap, &hw, &rw);
         if (crc != CLI_OK) {
           /* one case failing (out of memory at this length, say) does not stop the others */
           failed++;
@@ -288,11 +292,11 @@ int bench_prefill(int argc, char **argv) {
                   "%s{\"method\": \"%s\", \"gpus\": %d, \"tokens\": %lld, \"prefill_s\": %.6f, "
                   "\"tokens_per_s\": %.1f, \"model_s\": %.6f, \"floor_s\": %.6f, \"attn_tflops\": %.1f, "
                   "\"gemm_tflops\": %.1f, \"peak_gib\": %.3f, \"slowest_over_fastest\": %.4f, \"balance\": %d, "
-                  "\"overlap\": %d, \"warmup\": %d, \"anchor\": %lld, \"passing\": %lld, \"bytes_sent\": %lld, "
-                  "\"per_layer_ms\": {",
+                  "\"overlap\": %d, \"warmup\": %d, \"reps\": %d, \"anchor\": %lld, \"passing\": %lld, "
+                  "\"bytes_sent\": %lld, \"per_layer_ms\": {",
                   first ? "" : ", ", rw.method, rw.gpus, (long long)rw.tokens, rw.prefill_s, rw.tok_s, rw.pred_s,
                   rw.floor_s, rw.meas_attn / 1e12, rw.meas_gemm / 1e12, rw.peak_gib, rw.imbalance, balance, overlap,
-                  warmup, (long long)rw.la, (long long)rw.lp, (long long)rw.bytes);
+                  warmup, reps, (long long)rw.la, (long long)rw.lp, (long long)rw.bytes);
           for (int s = 0; s < APB_STAGE_COUNT; s++)
             fprintf(jf, "%s\"%s\": %.4f", s ? ", " : "", apb_stage_name((apb_stage)s), rw.stage_s[s] * 1e3);
           fprintf(jf, "}, \"rank_per_layer_ms\": [");
