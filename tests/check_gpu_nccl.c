@@ -799,6 +799,9 @@ typedef enum where_run {
   ON_GPUS                   /* one rank per GPU through NCCL (apb_nccl_execute) */
 } where_run;
 
+/* Warm-up and timed runs of apb_nccl_execute in run_plan (test_warmup_reps sets them). */
+static int g_warmup = 0, g_reps = 0;
+
 /* Run the plan; backend names the CUDA mode for ON_ONE_GPU and ON_GPUS; cap (may be NULL) captures
  * the selections; use_preset generates the weights on each device (ON_GPUS only). */
 static void run_plan(const apb_plan *plan, where_run w, const char *backend, int use_preset, sel_cap *cap,
@@ -812,7 +815,8 @@ static void run_plan(const apb_plan *plan, where_run w, const char *backend, int
     st = apb_sim_execute(plan, tiny, &so, doc, query, o->res, o->stats, &err);
   } else {
     apb_nccl_opts no = {.backend = backend, .use_preset = use_preset, .preset = APB_PRESET_TINY, .seed = 1,
-                        .timeout_s = 120, .hook = cap ? sel_hook : NULL, .hook_user = cap, .want_hidden = 1};
+                        .timeout_s = 120, .hook = cap ? sel_hook : NULL, .hook_user = cap, .want_hidden = 1,
+                        .warmup = g_warmup, .reps = g_reps};
     st = apb_nccl_execute(plan, use_preset ? NULL : tiny, &no, doc, query, o->res, o->stats, &err);
   }
   static const char *wn[] = {"cpu", "cpu bf16", "simulated hosts on one GPU", "NCCL"};
@@ -985,6 +989,37 @@ START_TEST(test_preset_on_device) {
 }
 END_TEST
 
+/* Warm-up runs and repeated timed runs (what bench prefill times) return what one run returns, bit for
+ * bit, with the counts of one run. */
+START_TEST(test_warmup_reps) {
+  int H = Hs[0];
+  arm(300, "warmup and reps", _i);
+  apb_run_opts ro;
+  apb_run_opts_default(&ro);
+  ro.method = _i ? APB_METHOD_RING : APB_METHOD_APB, ro.hosts = H, ro.max_new_tokens = 3;
+  ro.scorer = APB_SCORER_RETAINING;
+  apb_plan *plan = malloc(sizeof *plan);
+  apb_error err = {0};
+  ck_assert_msg(apb_plan_make(&ro, 1023, 5, &tiny->cfg, tiny->scorer_width, plan, &err) == APB_OK, "%s", err.msg);
+  int32_t *doc, *query;
+  make_doc(1023, 5, &doc, &query);
+  run_out one, more;
+  run_plan(plan, ON_GPUS, "cuda-f32", 0, NULL, doc, query, &one);
+  g_warmup = 1, g_reps = 3;
+  run_plan(plan, ON_GPUS, "cuda-f32", 0, NULL, doc, query, &more);
+  g_warmup = 0, g_reps = 0;
+  char what[64];
+  snprintf(what, sizeof what, "%s H=%d warmup 1 reps 3 vs one run", apb_method_name(ro.method), H);
+  tu_assert_bitwise(what, more.hidden, one.hidden, (size_t)plan->n * (size_t)tiny->cfg.hidden);
+  tu_assert_bitwise(what, more.logits, one.logits, tiny->cfg.vocab);
+  assert_same_counts(what, &more, &one);
+  for (int r = 0; r < H; r++) ck_assert_int_eq(more.res[r].stats.bytes_sent, one.res[r].stats.bytes_sent);
+  run_free(&one), run_free(&more);
+  free(doc), free(query), free(plan);
+  disarm();
+}
+END_TEST
+
 int main(void) {
   apb_error err = {0};
   int n = 0;
@@ -1035,6 +1070,7 @@ int main(void) {
   tc = tu_tcase("end_to_end", 3600);
   tcase_add_loop_test(tc, test_methods_vs_cpu, 0, N_METHODS * n_Hs);
   tcase_add_loop_test(tc, test_preset_on_device, 0, n_Hs);
+  tcase_add_loop_test(tc, test_warmup_reps, 0, 2);
   suite_add_tcase(s, tc);
   int rc = tu_run(s, "check_gpu_nccl");
   apb_model_free(tiny);
