@@ -199,6 +199,9 @@ typedef struct nc_comm {
   pthread_cond_t wd_cv;
   int fault_armed;        /* apb_nccl_execute's fault hook fired: fail the next call */
   char fault_msg[256];
+  int timing;             /* APB_NCCL_TIMING / apb_nccl_opts.comm_timing: time the compute stream's */
+  cudaEvent_t *tev;       /* collectives and waits: [n_tev] start/end pairs recorded on cs, owner */
+  int n_tev, cap_tev;     /* thread only, resolved into stats.visible_s by apb_nccl_sync */
 } nc_comm;
 
 struct nc_group {
@@ -336,6 +339,40 @@ static apb_status scan_locked(nc_comm *x) {
                          x->rank, x->dev, kind_name(p->kind), (long long)p->seq, p->bytes, x->timeout_s);
   }
   return APB_OK;
+}
+
+/* Timing on: record an event on the compute stream (one end of a start/end pair). Owner thread only. */
+static apb_status tmark(nc_comm *x, apb_error *err) {
+  apb_status st = APB_OK;
+  cudaEvent_t ev = NULL;
+  if (!x->timing) return APB_OK;
+  if (x->n_tev == x->cap_tev) {
+    int cap = x->cap_tev ? 2 * x->cap_tev : 256;
+    cudaEvent_t *t = realloc(x->tev, sizeof *t * (size_t)cap);
+    if (!t) return apb_error_set(err, APB_ENOMEM, "rank %d: out of memory for the timing events", x->rank);
+    x->tev = t, x->cap_tev = cap;
+  }
+  CUCK(x->rank, x->dev, cudaEventCreate(&ev));
+  CUCK(x->rank, x->dev, cudaEventRecord(ev, x->cs));
+  x->tev[x->n_tev++] = ev;
+  ev = NULL;
+done:
+  if (ev) cudaEventDestroy(ev);
+  return st;
+}
+
+/* After the compute stream has drained: add the pairs' elapsed times to stats.visible_s and drop them
+ * (an unpaired last mark, from a call that failed half-way, is dropped too). */
+static void tresolve(nc_comm *x) {
+  double s = 0;
+  for (int i = 0; i + 1 < x->n_tev; i += 2) {
+    float ms = 0;
+    if (cudaEventElapsedTime(&ms, x->tev[i], x->tev[i + 1]) == cudaSuccess) s += ms * 1e-3;
+    else cudaGetLastError();
+  }
+  for (int i = 0; i < x->n_tev; i++) cudaEventDestroy(x->tev[i]);
+  x->n_tev = 0;
+  if (x->pub) x->pub->stats.visible_s += s;
 }
 
 /* With x->mu held: record a completion event for a collective just enqueued on stream s. */
@@ -642,6 +679,7 @@ static apb_status issue(apb_comm *c, coll *k, int async, apb_comm_req **req, apb
     CUCK(x->rank, x->dev, cudaEventRecord(ev_start, x->cs));
     CUCK(x->rank, x->dev, cudaStreamWaitEvent(x->xs, ev_start, 0));
   }
+  if (!async && (st = tmark(x, err))) goto done;
   if ((st = self_copies(x, k, s, err))) goto done;
   NCCK(x->rank, x->dev, x->nc, ncclGroupStart());
   in_group = 1;
@@ -655,6 +693,7 @@ static apb_status issue(apb_comm *c, coll *k, int async, apb_comm_req **req, apb
     goto done;
   }
   if ((st = settle_locked(x, what, err))) goto done;
+  if (!async && (st = tmark(x, err))) goto done;
   if ((st = push_pending(x, s, k->kind, x->seq, k->moved, err))) goto done;
   if (async) {
     CUCK(x->rank, x->dev, cudaEventCreateWithFlags(&rq->done, cudaEventDisableTiming));
@@ -799,7 +838,9 @@ static apb_status nc_wait(apb_comm *c, apb_comm_req *req, apb_error *err) {
   }
   pthread_mutex_unlock(&x->mu);
   if (failed) spread(x);
+  if (!st) st = tmark(x, err);
   if (!st) CUCK(x->rank, x->dev, cudaStreamWaitEvent(x->cs, req->done, 0));
+  if (!st) st = tmark(x, err);
 done:
   cudaEventDestroy(req->done);
   free(req);
@@ -861,6 +902,8 @@ static void free_comm(nc_comm *x) {
   int prev = dev_enter(x->dev);
   for (int i = 0; i < x->n_pend; i++) cudaEventDestroy(x->pend[i].ev);
   free(x->pend);
+  for (int i = 0; i < x->n_tev; i++) cudaEventDestroy(x->tev[i]);
+  free(x->tev);
   if (x->xs) cudaStreamDestroy(x->xs);
   if (x->scratch) cudaFree(x->scratch);
   if (x->fp_dev) cudaFree(x->fp_dev);
@@ -965,7 +1008,7 @@ static apb_status comm_alloc(int rank, int size, apb_backend *be, double timeout
   nc_comm *x = calloc(1, sizeof *x);
   if (!x) return apb_error_set(err, APB_ENOMEM, "NCCL rank %d: out of memory", rank);
   x->rank = rank, x->size = size, x->dev = dev, x->cs = (cudaStream_t)stream;
-  x->timeout_s = timeout_s, x->check = check;
+  x->timeout_s = timeout_s, x->check = check, x->timing = env_flag("APB_NCCL_TIMING");
   pthread_mutex_init(&x->mu, NULL);
   pthread_condattr_t ca;
   pthread_condattr_init(&ca);
@@ -1206,6 +1249,7 @@ apb_status apb_nccl_sync(apb_comm *c, apb_error *err) {
   locked = 0;
   if (!(st = wait_event(x, e1, "the compute stream (apb_nccl_sync)", err)))
     st = wait_event(x, e2, "the communication stream (apb_nccl_sync)", err);
+  if (!st) tresolve(x);
 done:
   if (locked) pthread_mutex_unlock(&x->mu);
   if (e1) cudaEventDestroy(e1);
@@ -1391,6 +1435,8 @@ apb_status apb_nccl_execute(const apb_plan *plan, const apb_model *m, const apb_
   for (int r = 0; r < H; r++) bes[r] = rk[r].be;
   /* 2: the NCCL group */
   if ((st = group_create(H, NULL, bes, timeout_s, comms, &g, err))) goto done;
+  if (o->comm_timing)
+    for (int r = 0; r < H; r++) ((nc_comm *)comms[r]->impl)->timing = 1;
   /* 3: every rank's run */
   if ((st = run_threads(H, rk, run_rank, err))) {
     for (int r = 0; r < H; r++)

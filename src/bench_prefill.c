@@ -45,7 +45,9 @@ static const char help_text[] =
     "'model s' is the cost model (apb/cost.h, as `apb predict`) at the rates given by the last five\n"
     "options (defaults: apb predict's); with --profile 1, 'floor s' is the same model at the attention and\n"
     "GEMM rates the slowest rank reached in its profiled run (its attention FLOPs over its attention\n"
-    "time, its linear FLOPs over its projection, scorer and FFN time), printed beside it.\n";
+    "time, its linear FLOPs over its projection, scorer and FFN time), printed beside it. 'comm %' is the\n"
+    "share of the slowest rank's prefill its compute stream spent in collectives or waiting for them\n"
+    "(CUDA events around each, in the timed run: apb_comm_stats.visible_s), dense 0.\n";
 
 typedef struct row {
   const char *method;
@@ -54,6 +56,7 @@ typedef struct row {
   double prefill_s, tok_s, pred_s, peak_gib;
   double meas_attn, meas_gemm; /* profiled: the slowest rank's attention and GEMM FLOP/s (0: not profiled) */
   double floor_s;           /* the cost model at those two rates (0: not profiled) */
+  double vis_s;             /* the slowest rank's visible communication (apb_comm_stats.visible_s) */
   double stage_s[APB_STAGE_COUNT];
   double rank_stage_s[MAXR][APB_STAGE_COUNT]; /* profiled: every rank's per-layer seconds */
   double imbalance;         /* slowest / fastest rank's compute (prefill minus time blocked in collectives) */
@@ -76,8 +79,9 @@ static int run_case(const apb_model_config *cfg, int I, apb_preset preset, apb_m
   apb_plan *plan = malloc(sizeof *plan);
   int32_t *doc = malloc(sizeof(int32_t) * (size_t)n), *query = malloc(sizeof(int32_t) * (size_t)q);
   apb_host_result *res = calloc((size_t)gpus, sizeof *res);
+  apb_comm_stats *cst = calloc((size_t)gpus, sizeof *cst);
   int rc = CLI_OK;
-  if (!plan || !doc || !query || !res) {
+  if (!plan || !doc || !query || !res || !cst) {
     rc = cli_fail(CMD, "out of memory");
     goto done;
   }
@@ -93,8 +97,8 @@ static int run_case(const apb_model_config *cfg, int I, apb_preset preset, apb_m
   }
   for (int pass = 0; pass < 1 + (profile != 0); pass++) {
     apb_nccl_opts no = {.backend = "cuda-bf16", .use_preset = 1, .preset = preset, .seed = 1, .profile = pass == 1,
-                        .warmup = warmup, .reps = pass == 1 ? 1 : reps};
-    st = apb_nccl_execute(plan, NULL, &no, doc, query, res, NULL, &err);
+                        .warmup = warmup, .reps = pass == 1 ? 1 : reps, .comm_timing = pass == 0};
+    st = apb_nccl_execute(plan, NULL, &no, doc, query, res, cst, &err);
     if (st) {
       rc = cli_report(CMD, st, &err);
       snprintf(out->error, sizeof out->error, "%s (%s)", err.msg, apb_status_str(st));
@@ -114,6 +118,7 @@ static int run_case(const apb_model_config *cfg, int I, apb_preset preset, apb_m
     if (cmin > 0) out->imbalance = cmax / cmin;
     if (pass == 0) {
       out->prefill_s = res[worst].stats.prefill_s;
+      out->vis_s = cst[worst].visible_s;
       out->tok_s = (double)n / out->prefill_s;
       out->peak_gib = 0;
       out->bytes = 0;
@@ -155,7 +160,7 @@ static int run_case(const apb_model_config *cfg, int I, apb_preset preset, apb_m
   out->tokens = n;
   out->ok = 1;
 done:
-  free(plan), free(doc), free(query), free(res);
+  free(plan), free(doc), free(query), free(res), free(cst);
   return rc;
 }
 
@@ -234,8 +239,8 @@ int bench_prefill(int argc, char **argv) {
   if (jf) fprintf(jf, "{\"preset\": \"%s\", \"layers\": %d, \"runs\": [", apb_preset_name(preset), cfg.n_layers);
   printf("apb bench prefill: preset %s, %d layers, bf16, %d GPU(s) visible\n", apb_preset_name(preset), cfg.n_layers,
          ndev);
-  printf("%-8s %4s %8s %10s %12s %10s %10s %9s %9s", "method", "gpus", "tokens", "prefill s", "tokens/s", "model s",
-         "floor s", "peak GiB", "slow/fast");
+  printf("%-8s %4s %8s %10s %12s %10s %10s %9s %9s %8s", "method", "gpus", "tokens", "prefill s", "tokens/s",
+         "model s", "floor s", "peak GiB", "slow/fast", "comm %");
   for (int s = 0; s < APB_STAGE_COUNT; s++) printf(" %8s", apb_stage_name((apb_stage)s));
   printf("   (per-layer ms, profiled)  l_a/l_p\n");
   int rc = CLI_OK, first = 1, failed = 0;
@@ -270,14 +275,16 @@ int bench_prefill(int argc, char **argv) {
           }
           continue;
         }
-        printf("%-8s %4d %8lld %10.3f %12.0f %10.3f %10.3f %9.2f %9.3f", rw.method, rw.gpus, (long long)rw.tokens,
-               rw.prefill_s, rw.tok_s, rw.pred_s, rw.floor_s, rw.peak_gib, rw.imbalance);
+        printf("%-8s %4d %8lld %10.3f %12.0f %10.3f %10.3f %9.2f %9.3f %8.2f", rw.method, rw.gpus,
+               (long long)rw.tokens, rw.prefill_s, rw.tok_s, rw.pred_s, rw.floor_s, rw.peak_gib, rw.imbalance,
+               rw.prefill_s > 0 ? 100.0 * rw.vis_s / rw.prefill_s : 0.0);
         for (int s = 0; s < APB_STAGE_COUNT; s++) printf(" %8.2f", rw.stage_s[s] * 1e3);
         if (ms[mi] == APB_METHOD_APB || ms[mi] == APB_METHOD_STAR)
           printf("   %lld/%lld", (long long)rw.la, (long long)rw.lp);
         printf("\n");
         for (int k = 0; profile && rw.gpus > 1 && k < rw.gpus && k < MAXR; k++) {
-          printf("%-8s %4s %8s %10s %12s %10s %10s %9s %9s", "", "", "", "", "", "", "", "", k ? "" : "rank:");
+          printf("%-8s %4s %8s %10s %12s %10s %10s %9s %9s %8s", "", "", "", "", "", "", "", "", "",
+                 k ? "" : "rank:");
           for (int s = 0; s < APB_STAGE_COUNT; s++) printf(" %8.2f", rw.rank_stage_s[k][s] * 1e3);
           printf("   rank %d\n", k);
         }
@@ -293,10 +300,10 @@ int bench_prefill(int argc, char **argv) {
                   "\"tokens_per_s\": %.1f, \"model_s\": %.6f, \"floor_s\": %.6f, \"attn_tflops\": %.1f, "
                   "\"gemm_tflops\": %.1f, \"peak_gib\": %.3f, \"slowest_over_fastest\": %.4f, \"balance\": %d, "
                   "\"overlap\": %d, \"warmup\": %d, \"reps\": %d, \"anchor\": %lld, \"passing\": %lld, "
-                  "\"bytes_sent\": %lld, \"per_layer_ms\": {",
+                  "\"bytes_sent\": %lld, \"visible_comm_s\": %.6f, \"per_layer_ms\": {",
                   first ? "" : ", ", rw.method, rw.gpus, (long long)rw.tokens, rw.prefill_s, rw.tok_s, rw.pred_s,
                   rw.floor_s, rw.meas_attn / 1e12, rw.meas_gemm / 1e12, rw.peak_gib, rw.imbalance, balance, overlap,
-                  warmup, reps, (long long)rw.la, (long long)rw.lp, (long long)rw.bytes);
+                  warmup, reps, (long long)rw.la, (long long)rw.lp, (long long)rw.bytes, rw.vis_s);
           for (int s = 0; s < APB_STAGE_COUNT; s++)
             fprintf(jf, "%s\"%s\": %.4f", s ? ", " : "", apb_stage_name((apb_stage)s), rw.stage_s[s] * 1e3);
           fprintf(jf, "}, \"rank_per_layer_ms\": [");

@@ -800,7 +800,7 @@ typedef enum where_run {
 } where_run;
 
 /* Warm-up and timed runs of apb_nccl_execute in run_plan (test_warmup_reps sets them). */
-static int g_warmup = 0, g_reps = 0;
+static int g_warmup = 0, g_reps = 0, g_timing = 0;
 
 /* Run the plan; backend names the CUDA mode for ON_ONE_GPU and ON_GPUS; cap (may be NULL) captures
  * the selections; use_preset generates the weights on each device (ON_GPUS only). */
@@ -816,7 +816,7 @@ static void run_plan(const apb_plan *plan, where_run w, const char *backend, int
   } else {
     apb_nccl_opts no = {.backend = backend, .use_preset = use_preset, .preset = APB_PRESET_TINY, .seed = 1,
                         .timeout_s = 120, .hook = cap ? sel_hook : NULL, .hook_user = cap, .want_hidden = 1,
-                        .warmup = g_warmup, .reps = g_reps};
+                        .warmup = g_warmup, .reps = g_reps, .comm_timing = g_timing};
     st = apb_nccl_execute(plan, use_preset ? NULL : tiny, &no, doc, query, o->res, o->stats, &err);
   }
   static const char *wn[] = {"cpu", "cpu bf16", "simulated hosts on one GPU", "NCCL"};
@@ -1005,9 +1005,22 @@ START_TEST(test_warmup_reps) {
   make_doc(1023, 5, &doc, &query);
   run_out one, more;
   run_plan(plan, ON_GPUS, "cuda-f32", 0, NULL, doc, query, &one);
-  g_warmup = 1, g_reps = 3;
+  g_warmup = 1, g_reps = 3, g_timing = 1;
   run_plan(plan, ON_GPUS, "cuda-f32", 0, NULL, doc, query, &more);
-  g_warmup = 0, g_reps = 0;
+  g_warmup = 0, g_reps = 0, g_timing = 0;
+  /* the visible communication time: measured only with timing on, within the rank's prefill, and
+   * not zero for apb (rank 0's all-gathers block its compute stream) */
+  double vis = 0;
+  for (int r = 0; r < H; r++) {
+    ck_assert_msg(one.stats[r].visible_s == 0, "rank %d: visible_s %g without timing", r, one.stats[r].visible_s);
+    ck_assert_msg(more.stats[r].visible_s >= 0 && more.stats[r].visible_s <= more.res[r].stats.prefill_s +
+                  more.res[r].stats.query_s + more.res[r].stats.decode_s,
+                  "rank %d: visible_s %g outside [0, the run's %g s]", r, more.stats[r].visible_s,
+                  more.res[r].stats.prefill_s + more.res[r].stats.query_s + more.res[r].stats.decode_s);
+    vis += more.stats[r].visible_s;
+  }
+  if (ro.method == APB_METHOD_APB) ck_assert_msg(vis > 0, "apb: no visible communication time measured");
+  fprintf(stderr, "    %s: visible communication %.3f ms summed over ranks\n", apb_method_name(ro.method), vis * 1e3);
   char what[64];
   snprintf(what, sizeof what, "%s H=%d warmup 1 reps 3 vs one run", apb_method_name(ro.method), H);
   tu_assert_bitwise(what, more.hidden, one.hidden, (size_t)plan->n * (size_t)tiny->cfg.hidden);

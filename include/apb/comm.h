@@ -43,6 +43,9 @@ typedef struct apb_comm_stats {
   int64_t bytes_sent[APB_COLL_COUNT];
   int64_t bytes_recv[APB_COLL_COUNT];
   double wait_s;             /* wall time spent blocked inside collectives */
+  double visible_s;          /* NCCL with timing on (APB_NCCL_TIMING=1, apb_nccl_opts.comm_timing): time
+                                the compute stream spent in collectives and waiting for the i-variants,
+                                from CUDA events (no host wait), added up at apb_nccl_sync; else 0 */
 } apb_comm_stats;
 
 typedef struct apb_comm_ops {

@@ -105,6 +105,7 @@ typedef struct apb_nccl_opts {
                                untimed and without hook: NCCL's connections, CUDA's lazy module loading
                                and cuBLAS's first calls are paid there (0: none); `stats` then covers
                                the returned run only */
+  int comm_timing;          /* 1: stats[r].visible_s measured (as APB_NCCL_TIMING=1 does) */
   int reps;                 /* timed runs after the warm-ups (0 or 1: one); res gets the run whose slowest
                                rank was fastest, `stats` the last run's counts; the hook sees every one */
 } apb_nccl_opts;
