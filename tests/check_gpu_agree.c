@@ -1432,6 +1432,9 @@ static const mcase all_mcases[] = {
     {APB_PRESET_SMALL, APB_METHOD_ZIGZAG, 4, 0, 0}, {APB_PRESET_SMALL, APB_METHOD_ULYSSES, 2, 0, 0},
     {APB_PRESET_SMALL, APB_METHOD_STAR, 2, 0, 0},   {APB_PRESET_SMALL, APB_METHOD_STAR, 4, 0, 0},
     {APB_PRESET_SMALL, APB_METHOD_APB, 2, 0, 0},    {APB_PRESET_SMALL, APB_METHOD_APB, 4, 0, 0},
+    /* eight simulated hosts on one GPU (issue 8's setting without eight GPUs; ulysses needs 8 KV heads) */
+    {APB_PRESET_TINY, APB_METHOD_RING, 8, 0, 0},    {APB_PRESET_TINY, APB_METHOD_ZIGZAG, 8, 0, 0},
+    {APB_PRESET_TINY, APB_METHOD_STAR, 8, 0, 0},    {APB_PRESET_TINY, APB_METHOD_APB, 8, 0, 0},
 };
 enum { N_MCASES = sizeof all_mcases / sizeof all_mcases[0] };
 static const mcase *run_mcases[N_MCASES];
