@@ -470,6 +470,14 @@ START_TEST(dispatcher) {
 }
 END_TEST
 
+/* Run `apb ARGS`, expect exit code want_rc and (when want_msg) that text in the output. */
+static void expect(int want_rc, const char *args, const char *want_msg) {
+  char *out = NULL;
+  ck_assert_int_eq(apb(&out, "%s", args), want_rc);
+  if (want_msg) assert_has(out, want_msg);
+  free(out);
+}
+
 START_TEST(bench_and_demo) {
   char *out = NULL;
   ck_assert_int_eq(apb(&out, "bench attn --tokens 64,97 --hq 4 --hkv 2 --d 8 --reps 2 --gemm 64 --threads 2"),
@@ -485,14 +493,9 @@ START_TEST(bench_and_demo) {
   ck_assert_int_eq(apb(&out, "bench attn --tokens 64,,128"), 2);
   assert_has(out, "--tokens wants a comma-separated list");
   free(out);
-  ck_assert_int_eq(apb(&out, "bench attn --hq 3 --hkv 2"), 2);
-  free(out);
-  ck_assert_int_eq(apb(&out, "bench"), 2);
-  assert_has(out, "attn");
-  free(out);
-  ck_assert_int_eq(apb(&out, "bench nope"), 2);
-  assert_has(out, "unknown benchmark target 'nope'");
-  free(out);
+  expect(2, "bench attn --hq 3 --hkv 2", NULL);
+  expect(2, "bench", "attn");
+  expect(2, "bench nope", "unknown benchmark target 'nope'");
 
   /* the GPU benchmarks read their options before they look for a device: usage errors everywhere */
   const struct {
@@ -509,18 +512,10 @@ START_TEST(bench_and_demo) {
       {"bench gpu-attn --shape 0:0:0", "A + B must be at least 1"},
       {"predict --gemm-tflops -3", "--gemm-tflops wants a finite number"},
   };
-  for (size_t i = 0; i < sizeof gpu_usage / sizeof gpu_usage[0]; i++) {
-    ck_assert_int_eq(apb(&out, "%s", gpu_usage[i].args), 2);
-    assert_has(out, gpu_usage[i].msg);
-    free(out);
-  }
+  for (size_t i = 0; i < sizeof gpu_usage / sizeof gpu_usage[0]; i++) expect(2, gpu_usage[i].args, gpu_usage[i].msg);
   /* predict: the rates are used (a 10x slower attention rate moves apb's attention time 10x) */
-  ck_assert_int_eq(apb(&out, "predict --method apb --anchor 4096 --passing 2048 --attn-tflops 59 --json"), 0);
-  assert_has(out, "\"t_attn\": 7.8272");
-  free(out);
-  ck_assert_int_eq(apb(&out, "predict --method apb,ring --balance"), 0);
-  assert_has(out, "ring ");
-  free(out);
+  expect(0, "predict --method apb --anchor 4096 --passing 2048 --attn-tflops 59 --json", "\"t_attn\": 7.8272");
+  expect(0, "predict --method apb,ring --balance", "ring ");
 
   ck_assert_int_eq(apb(&out, "demo --tokens 1500 --hosts 3 --hq 4 --hkv 2 --d 16 --seed 5"), 0);
   assert_has(out, "PASS");
