@@ -557,8 +557,6 @@ done:
   return st;
 }
 
-int aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
-
 } /* namespace */
 
 /* ================================================================ public entry points */
@@ -605,7 +603,7 @@ extern "C" apb_status apb_cuda_attn(const apb_cuda_attn_args *x, apb_cuda_attn_i
   const void *ptrs[] = {x->q, x->kp, x->vp, x->ka, x->va, x->kb, x->vb, x->o};
   int ok = x->D % 8 == 0;
   for (size_t i = 0; i < sizeof ptrs / sizeof ptrs[0]; i++)
-    if (ptrs[i] && !aligned16(ptrs[i])) ok = 0;
+    if (ptrs[i] && !apb_aligned16(ptrs[i])) ok = 0;
   if (!ok) return launch_simple(a, x->dtype, s, err);
   if (impl >= APB_CUDA_ATTN_HOPPER && impl <= APB_CUDA_ATTN_HOPPER_V5) {
     /* HOPPER -> its best variant (0); HOPPER_Vk -> variant k. */

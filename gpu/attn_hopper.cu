@@ -654,8 +654,6 @@ apb_status launch_variant(const HopParams &hp, unsigned blocks, int variant, cud
   }
 }
 
-int aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
-
 } /* namespace */
 
 apb_status apb_cuda_attn_hopper(const apb_cuda_attn_args *x, float scale, int variant, void *stream, int *done,
@@ -670,7 +668,7 @@ apb_status apb_cuda_attn_hopper(const apb_cuda_attn_args *x, float scale, int va
   if (x->P > lim || x->A > lim || x->B > lim || x->A + x->B > lim || x->A + x->B == 0) return APB_OK;
   const void *ptrs[] = {x->q, x->kp, x->vp, x->ka, x->va, x->kb, x->vb, x->o};
   for (size_t i = 0; i < sizeof ptrs / sizeof ptrs[0]; i++)
-    if (ptrs[i] && !aligned16(ptrs[i])) return APB_OK;
+    if (ptrs[i] && !apb_aligned16(ptrs[i])) return APB_OK;
   int dev = 0, major = 0, minor = 0;
   APB_CU(cudaGetDevice(&dev));
   APB_CU(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));

@@ -153,7 +153,6 @@ __device__ __forceinline__ uint4 cu_pack8(const float f[8]) {
   for (int j = 0; j < 4; j++) h[j] = __floats2bfloat162_rn(f[2 * j], f[2 * j + 1]);
   return v;
 }
-static inline int cu_aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 
 /* ---------------------------------------------------------------- launch sizes */
 
@@ -187,6 +186,10 @@ apb_status cu_chk_begin(cu_be *c, int kind, long long bound, long long aux, cu_c
                         unsigned long long *seq, apb_error *err);
 apb_status cu_chk_end(cu_be *c, apb_error *err);
 apb_status cu_chk_collect(cu_be *c, apb_error *err);
+/* The check of an int32 array v [n] against [0, bound) (embed's ids, gather's indices) as a `kind` call
+ * with aux (gpu/ops.cu): begin, the check kernel, end. */
+apb_status cu_check_range(cu_be *c, int kind, const int32_t *v, int64_t n, int64_t bound, long long aux,
+                          apb_error *err);
 /* 1 when be is an instance of this backend. */
 int cu_is_instance(const apb_backend *be);
 

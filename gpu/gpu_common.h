@@ -1,4 +1,5 @@
-/* gpu/gpu_common.h: the check macros every CUDA, cuBLAS and NCCL call in gpu/ goes through.
+/* gpu/gpu_common.h: the check macros every CUDA, cuBLAS and NCCL call in gpu/ goes through, and the
+ * few device helpers the attention kernels and the backend's ops share.
  *
  * APB_CU(call) records the call text, file:line and device into `err` (a variable in scope) and jumps
  * to the label `done` (every function has one, freeing what it owns); `st` (an apb_status in scope) is
@@ -31,6 +32,9 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 #include <string.h>
+
+/* 1 when p is 16-byte aligned (the 16-byte, cp.async and TMA paths need it). */
+static inline int apb_aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 
 /* 2^x by the SFU (ex2.approx.ftz): the softmax exponent of the tensor-core attention kernels. */
 __device__ __forceinline__ float apb_fast_exp2(float x) {

@@ -108,14 +108,28 @@ done:
 
 /* ================================================================ embed */
 
-/* Input check of embed (cu_chk_rec): the ids outside [0, V). */
-__global__ void ids_check_kernel(const int32_t *ids, int64_t T, int64_t V, cu_chk_rec *rec, unsigned long long seq) {
-  for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < T; t += (int64_t)gridDim.x * blockDim.x)
-    if (ids[t] < 0 || ids[t] >= V) cu_chk_fail(rec, seq, (unsigned long long)t, ids[t]);
+/* The input check of embed's ids and gather's indices (cu_chk_rec): entries of v [n] outside [0, bound). */
+__global__ void range_check_kernel(const int32_t *v, int64_t n, int64_t bound, cu_chk_rec *rec,
+                                   unsigned long long seq) {
+  for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x)
+    if (v[e] < 0 || v[e] >= bound) cu_chk_fail(rec, seq, (unsigned long long)e, v[e]);
+}
+
+apb_status cu_check_range(cu_be *c, int kind, const int32_t *v, int64_t n, int64_t bound, long long aux,
+                          apb_error *err) {
+  apb_status st = APB_OK;
+  cu_chk_rec *rec = NULL;
+  unsigned long long seq = 0;
+  APB_TRY(cu_chk_begin(c, kind, bound, aux, &rec, &seq, err));
+  range_check_kernel<<<cu_blocks(n, CU_THREADS), CU_THREADS, 0, c->stream>>>(v, n, bound, rec, seq);
+  APB_CU_LAUNCH();
+  st = cu_chk_end(c, err);
+done:
+  return st;
 }
 
 /* out [T, E] = table [ids[t], E]: element copies, no rounding (both are act); rows of ids outside
- * [0, V) (reported by ids_check_kernel) are zeros. */
+ * [0, V) (reported by cu_check_range) are zeros. */
 template <typename T>
 __global__ void embed_kernel(const T *table, const int32_t *ids, int64_t nt, int64_t E, int64_t V, T *out) {
   const int64_t total = nt * E;
@@ -130,20 +144,13 @@ apb_status cu_embed(apb_backend *be, const apb_bweight *table, const int32_t *id
   const char *op = "embed";
   cu_be *c = cu_of(be);
   apb_status st;
-  if ((st = cu_weight_check(c, err, op, "table", table, -1, -1)) || (st = apb_bc_len(err, op, "T", T, 0))) return st;
-  if (T == 0) return APB_OK;
-  if ((st = apb_bc_need(err, op, "ids", ids)) || (st = apb_bc_need(err, op, "out", out))) return st;
+  if ((st = cu_weight_check(c, err, op, "table", table, -1, -1)) || (st = apb_bc_embed(err, T, ids, out)) || T == 0)
+    return st;
   if (T > (int64_t)UINT32_MAX)
     return apb_error_set(err, APB_EINVAL, "%s: T=%lld tokens; at most %lu per call", op, (long long)T,
                          (unsigned long)UINT32_MAX);
-  if ((st = cu_enter(c, err))) return st;
-  cu_chk_rec *rec = NULL;
-  unsigned long long seq = 0;
   const unsigned g = cu_blocks(T * table->K, CU_THREADS);
-  APB_TRY(cu_chk_begin(c, CU_CHK_EMBED, table->N, 0, &rec, &seq, err));
-  ids_check_kernel<<<cu_blocks(T, CU_THREADS), CU_THREADS, 0, c->stream>>>(ids, T, table->N, rec, seq);
-  APB_CU_LAUNCH();
-  APB_TRY(cu_chk_end(c, err));
+  if ((st = cu_enter(c, err)) || (st = cu_check_range(c, CU_CHK_EMBED, ids, T, table->N, 0, err))) return st;
   if (be->act == APB_DT_BF16)
     embed_kernel<apb_bf16><<<g, CU_THREADS, 0, c->stream>>>((const apb_bf16 *)table->w, ids, T, table->K, table->N,
                                                              (apb_bf16 *)out);
@@ -207,14 +214,11 @@ apb_status cu_rmsnorm(apb_backend *be, const apb_bweight *w, float eps, const vo
   const char *op = "rmsnorm";
   cu_be *c = cu_of(be);
   apb_status st;
-  if ((st = cu_weight_check(c, err, op, "w", w, 1, -1)) || (st = apb_bc_len(err, op, "T", T, 0))) return st;
-  if (!isfinite(eps) || eps < 0)
-    return apb_error_set(err, APB_EINVAL, "%s: eps=%g must be finite and >= 0", op, (double)eps);
-  if (T == 0) return APB_OK;
-  if ((st = apb_bc_need(err, op, "x", x)) || (st = apb_bc_need(err, op, "y", y))) return st;
+  if ((st = cu_weight_check(c, err, op, "w", w, 1, -1)) || (st = apb_bc_rmsnorm(err, eps, T, x, y)) || T == 0)
+    return st;
   if ((st = cu_enter(c, err))) return st;
   const unsigned g = T < 65535 * 16 ? (unsigned)T : 65535u * 16u;
-  if (be->act == APB_DT_BF16 && w->K % 8 == 0 && cu_aligned16(x) && cu_aligned16(y) && cu_aligned16(w->w))
+  if (be->act == APB_DT_BF16 && w->K % 8 == 0 && apb_aligned16(x) && apb_aligned16(y) && apb_aligned16(w->w))
     rmsnorm_bf16x8_kernel<<<g, CU_THREADS, 0, c->stream>>>((const uint4 *)x, (const uint4 *)w->w, eps, T, w->K / 8,
                                                            (uint4 *)y);
   else if (be->act == APB_DT_BF16)
@@ -396,18 +400,12 @@ __global__ void swiglu_bf16x8_kernel(const uint4 *gu, int64_t nt, int64_t F8, ui
 }
 
 apb_status cu_swiglu(apb_backend *be, const void *gu, int64_t T, int64_t F, void *out, apb_error *err) {
-  const char *op = "swiglu";
   cu_be *c = cu_of(be);
-  apb_status st;
-  if ((st = apb_bc_len(err, op, "T", T, 0)) || (st = apb_bc_len(err, op, "F", F, 1))) return st;
-  if (T == 0) return APB_OK;
-  const size_t es = apb_act_size(be);
-  if ((st = apb_bc_need(err, op, "gu", gu)) || (st = apb_bc_need(err, op, "out", out)) ||
-      (st = apb_bc_disjoint(err, op, "out", out, (size_t)(T * F) * es, "gu", gu, (size_t)(T * 2 * F) * es)))
-    return st;
+  apb_status st = apb_bc_swiglu(err, T, F, gu, out, apb_act_size(be));
+  if (st || T == 0) return st;
   if ((st = cu_enter(c, err))) return st;
   const unsigned g = cu_blocks(T * F, CU_THREADS);
-  if (be->act == APB_DT_BF16 && F % 8 == 0 && cu_aligned16(gu) && cu_aligned16(out)) {
+  if (be->act == APB_DT_BF16 && F % 8 == 0 && apb_aligned16(gu) && apb_aligned16(out)) {
     const dim3 grid(cu_blocks(F / 8, CU_THREADS), (unsigned)(T < 65535 ? T : 65535));
     swiglu_bf16x8_kernel<<<grid, CU_THREADS, 0, c->stream>>>((const uint4 *)gu, T, F / 8, (uint4 *)out);
   } else if (be->act == APB_DT_BF16)
@@ -440,14 +438,12 @@ __global__ void add_kernel(T *y, const T *x, size_t n) {
 }
 
 apb_status cu_add(apb_backend *be, void *y, const void *x, size_t n, apb_error *err) {
-  const char *op = "add";
   cu_be *c = cu_of(be);
-  apb_status st;
-  if (n == 0) return APB_OK;
-  if ((st = apb_bc_need(err, op, "y", y)) || (st = apb_bc_need(err, op, "x", x))) return st;
+  apb_status st = apb_bc_add(err, n, y, x);
+  if (st || n == 0) return st;
   if ((st = cu_enter(c, err))) return st;
   const unsigned g = cu_blocks((int64_t)n, CU_THREADS);
-  if (be->act == APB_DT_BF16 && n % 8 == 0 && cu_aligned16(y) && cu_aligned16(x))
+  if (be->act == APB_DT_BF16 && n % 8 == 0 && apb_aligned16(y) && apb_aligned16(x))
     add_bf16x8_kernel<<<cu_blocks((int64_t)(n / 8), CU_THREADS), CU_THREADS, 0, c->stream>>>((uint4 *)y,
                                                                                             (const uint4 *)x, n / 8);
   else if (be->act == APB_DT_BF16)
@@ -545,7 +541,8 @@ __global__ void merge_kernel(Parts parts, int n, int64_t nt, int Hq, int D, T *o
 __global__ void merge_bf16x8_kernel(MergeParam parts, int n, int64_t nt, int Hq, int D8, apb_bf16 *o, float *lse) {
   const int lane = threadIdx.x & 31, sub = lane & 15;
   const int64_t total = nt * Hq, warps = (int64_t)gridDim.x * (blockDim.x >> 5);
-  for (int64_t base = 2 * ((int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)); base < total; base += 2 * warps) {
+  const int64_t first = 2 * ((int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5));
+  for (int64_t base = first; base < total; base += 2 * warps) {
     const int64_t wi = base + (lane >> 4);
     const bool active = wi < total;
     double m = -INFINITY, sum = 0.0;
@@ -602,6 +599,16 @@ done:
   return st;
 }
 
+static apb_status launch_merge_bf16x8(cu_be *c, const MergeParam &parts, int n, int64_t T_, int Hq, int D, void *o,
+                                      float *lse, apb_error *err) {
+  apb_status st = APB_OK;
+  merge_bf16x8_kernel<<<cu_blocks((T_ * Hq + 1) / 2, CU_THREADS / 32), CU_THREADS, 0, c->stream>>>(
+      parts, n, T_, Hq, D / 8, (apb_bf16 *)o, lse);
+  APB_CU_LAUNCH();
+done:
+  return st;
+}
+
 apb_status cu_merge(apb_backend *be, int n, const void *const *o_parts, const float *const *lse_parts, int64_t T,
                     int Hq, int D, void *o, float *lse, apb_error *err) {
   const char *op = "merge";
@@ -623,22 +630,14 @@ apb_status cu_merge(apb_backend *be, int n, const void *const *o_parts, const fl
   const int bf = be->act == APB_DT_BF16;
   void *tab = NULL;
   const size_t tb = 2 * (size_t)n * sizeof(void *);
-  int vec = bf && D % 8 == 0 && cu_aligned16(o);
-  for (int i = 0; i < n && vec; i++) vec = cu_aligned16(o_parts[i]);
+  int vec = bf && D % 8 == 0 && apb_aligned16(o);
+  for (int i = 0; i < n && vec; i++) vec = apb_aligned16(o_parts[i]);
   if (n <= CU_MERGE_PARTS) {
     MergeParam p;
     memset(&p, 0, sizeof p);
     for (int i = 0; i < n; i++) p.o[i] = o_parts[i], p.l[i] = lse_parts[i];
-    if (vec) {
-      merge_bf16x8_kernel<<<cu_blocks((T * Hq + 1) / 2, CU_THREADS / 32), CU_THREADS, 0, c->stream>>>(
-          p, n, T, Hq, D / 8, (apb_bf16 *)o, lse);
-      const cudaError_t e = cudaGetLastError();
-      if (e != cudaSuccess)
-        st = apb_error_set(err, APB_EDEVICE, "%s: launch on device %d: %s (%s)", op, c->dev, cudaGetErrorString(e),
-                           cudaGetErrorName(e));
-    } else {
-      st = bf ? launch_merge<apb_bf16>(c, p, n, T, Hq, D, o, lse, err) : launch_merge<float>(c, p, n, T, Hq, D, o, lse, err);
-    }
+    if (vec) st = launch_merge_bf16x8(c, p, n, T, Hq, D, o, lse, err);
+    else st = bf ? launch_merge<apb_bf16>(c, p, n, T, Hq, D, o, lse, err) : launch_merge<float>(c, p, n, T, Hq, D, o, lse, err);
   } else {
     /* the pointer table goes up through op scratch; pageable host -> device returns once staged */
     const void **h = (const void **)malloc(tb);

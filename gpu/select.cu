@@ -273,13 +273,7 @@ done:
 
 /* ================================================================ gather (APB.md 3.4) */
 
-/* Input check of gather (cu_chk_rec): entries of idx [n] outside [0, T), index h * k + i. */
-__global__ void idx_check_kernel(const int32_t *idx, int64_t n, int64_t T, cu_chk_rec *rec, unsigned long long seq) {
-  for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x)
-    if (idx[e] < 0 || idx[e] >= T) cu_chk_fail(rec, seq, (unsigned long long)e, idx[e]);
-}
-
-/* out [k, H, D] = x [idx[h, i], h, :]; rows of indices outside [0, T) (reported by idx_check_kernel)
+/* out [k, H, D] = x [idx[h, i], h, :]; rows of indices outside [0, T) (reported by cu_check_range)
  * are zeros. */
 template <typename T>
 __global__ void gather_kernel(const T *x, int64_t nt, int H, int D, const int32_t *idx, int64_t k, T *out) {
@@ -310,22 +304,13 @@ apb_status cu_gather(apb_backend *be, const void *x, int64_t T, int H, int D, co
   if ((uint64_t)H * (uint64_t)k > (uint64_t)UINT32_MAX)
     return apb_error_set(err, APB_EINVAL, "%s: H*k=%llu indices; at most %lu per call", op,
                          (unsigned long long)H * (unsigned long long)k, (unsigned long)UINT32_MAX);
-  if ((st = cu_enter(c, err))) return st;
-  {
-    cu_chk_rec *rec = NULL;
-    unsigned long long seq = 0;
-    const unsigned g = cu_blocks(k * HD, CU_THREADS);
-    APB_TRY(cu_chk_begin(c, CU_CHK_GATHER, T, k, &rec, &seq, err));
-    idx_check_kernel<<<cu_blocks((int64_t)H * k, CU_THREADS), CU_THREADS, 0, c->stream>>>(idx, (int64_t)H * k, T, rec,
-                                                                                          seq);
-    APB_CU_LAUNCH();
-    APB_TRY(cu_chk_end(c, err));
-    if (be->act == APB_DT_BF16)
-      gather_kernel<apb_bf16><<<g, CU_THREADS, 0, c->stream>>>((const apb_bf16 *)x, T, H, D, idx, k, (apb_bf16 *)out);
-    else
-      gather_kernel<float><<<g, CU_THREADS, 0, c->stream>>>((const float *)x, T, H, D, idx, k, (float *)out);
-    APB_CU_LAUNCH();
-  }
+  const unsigned g = cu_blocks(k * HD, CU_THREADS);
+  if ((st = cu_enter(c, err)) || (st = cu_check_range(c, CU_CHK_GATHER, idx, (int64_t)H * k, T, k, err))) return st;
+  if (be->act == APB_DT_BF16)
+    gather_kernel<apb_bf16><<<g, CU_THREADS, 0, c->stream>>>((const apb_bf16 *)x, T, H, D, idx, k, (apb_bf16 *)out);
+  else
+    gather_kernel<float><<<g, CU_THREADS, 0, c->stream>>>((const float *)x, T, H, D, idx, k, (float *)out);
+  APB_CU_LAUNCH();
 done:
   return st;
 }

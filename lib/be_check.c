@@ -1,6 +1,7 @@
 /* lib/be_check.c: see be_check.h. */
 #include "be_check.h"
 
+#include <math.h>
 #include <stdio.h>
 
 apb_status apb_bc_need(apb_error *err, const char *op, const char *arg, const void *p) {
@@ -95,4 +96,38 @@ apb_status apb_bc_topk(apb_error *err, const float *s, int R, int64_t T, int64_t
                          (long long)k, (long long)(T - lo), (long long)T, (long long)lo);
   if (R == 0 || T == lo) return APB_OK;
   return apb_bc_need(err, op, "s", s);
+}
+
+apb_status apb_bc_embed(apb_error *err, int64_t T, const void *ids, const void *out) {
+  const char *op = "embed";
+  apb_status st = apb_bc_len(err, op, "T", T, 0);
+  if (st || T == 0) return st;
+  if ((st = apb_bc_need(err, op, "ids", ids))) return st;
+  return apb_bc_need(err, op, "out", out);
+}
+
+apb_status apb_bc_rmsnorm(apb_error *err, float eps, int64_t T, const void *x, const void *y) {
+  const char *op = "rmsnorm";
+  apb_status st = apb_bc_len(err, op, "T", T, 0);
+  if (st) return st;
+  if (!isfinite(eps) || eps < 0)
+    return apb_error_set(err, APB_EINVAL, "%s: eps=%g must be finite and >= 0", op, (double)eps);
+  if (T == 0) return APB_OK;
+  if ((st = apb_bc_need(err, op, "x", x))) return st;
+  return apb_bc_need(err, op, "y", y);
+}
+
+apb_status apb_bc_swiglu(apb_error *err, int64_t T, int64_t F, const void *gu, const void *out, size_t es) {
+  const char *op = "swiglu";
+  apb_status st;
+  if ((st = apb_bc_len(err, op, "T", T, 0)) || (st = apb_bc_len(err, op, "F", F, 1)) || T == 0) return st;
+  if ((st = apb_bc_need(err, op, "gu", gu)) || (st = apb_bc_need(err, op, "out", out))) return st;
+  return apb_bc_disjoint(err, op, "out", out, (size_t)(T * F) * es, "gu", gu, (size_t)(T * 2 * F) * es);
+}
+
+apb_status apb_bc_add(apb_error *err, size_t n, const void *y, const void *x) {
+  apb_status st;
+  if (n == 0) return APB_OK;
+  if ((st = apb_bc_need(err, "add", "y", y))) return st;
+  return apb_bc_need(err, "add", "x", x);
 }

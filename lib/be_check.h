@@ -37,6 +37,14 @@ apb_status apb_bc_weight(apb_error *err, const char *op, const char *arg, int pr
 apb_status apb_bc_topk(apb_error *err, const float *s, int R, int64_t T, int64_t lo, int64_t k);
 /* maxpool's arguments: R, T >= 0, w odd >= 1, s and out present and disjoint when R*T > 0. */
 apb_status apb_bc_maxpool(apb_error *err, const float *s, int R, int64_t T, int w, const float *out);
+/* The elementwise ops' arguments after their weight check (elements of es bytes): T (n) >= 0, and when
+ * there is anything to do the pointers present and, where the op requires it, output and input disjoint.
+ * embed: ids and out; rmsnorm: also eps finite and >= 0, x and y (may alias); swiglu: F >= 1, out
+ * [T, F] apart from gu [T, 2F]; add: y and x (may alias). */
+apb_status apb_bc_embed(apb_error *err, int64_t T, const void *ids, const void *out);
+apb_status apb_bc_rmsnorm(apb_error *err, float eps, int64_t T, const void *x, const void *y);
+apb_status apb_bc_swiglu(apb_error *err, int64_t T, int64_t F, const void *gu, const void *out, size_t es);
+apb_status apb_bc_add(apb_error *err, size_t n, const void *y, const void *x);
 
 #ifdef __cplusplus
 }

@@ -34,9 +34,7 @@ static apb_status naive_embed(apb_backend *be, const apb_bweight *table, const i
                               void *out, apb_error *err) {
   const char *op = "embed";
   apb_status st;
-  if ((st = apb_cpu_weight(err, op, "table", table, -1, -1)) || (st = apb_bc_len(err, op, "T", T, 0))) return st;
-  if (T == 0) return APB_OK;
-  if ((st = apb_bc_need(err, op, "ids", ids)) || (st = apb_bc_need(err, op, "out", out)) ||
+  if ((st = apb_cpu_weight(err, op, "table", table, -1, -1)) || (st = apb_bc_embed(err, T, ids, out)) || T == 0 ||
       (st = apb_cpu_check_ids(err, op, ids, T, table->N)))
     return st;
   const apb_cpu *c = apb_cpu_of(be);
@@ -51,11 +49,7 @@ static apb_status naive_rmsnorm(apb_backend *be, const apb_bweight *w, float eps
                                 void *y, apb_error *err) {
   const char *op = "rmsnorm";
   apb_status st;
-  if ((st = apb_cpu_weight(err, op, "w", w, 1, -1)) || (st = apb_bc_len(err, op, "T", T, 0))) return st;
-  if (!isfinite(eps) || eps < 0)
-    return apb_error_set(err, APB_EINVAL, "%s: eps=%g must be finite and >= 0", op, (double)eps);
-  if (T == 0) return APB_OK;
-  if ((st = apb_bc_need(err, op, "x", x)) || (st = apb_bc_need(err, op, "y", y))) return st;
+  if ((st = apb_cpu_weight(err, op, "w", w, 1, -1)) || (st = apb_bc_rmsnorm(err, eps, T, x, y)) || T == 0) return st;
   const apb_cpu *c = apb_cpu_of(be);
   const int64_t E = w->K;
   const float *xs = x;
@@ -134,14 +128,8 @@ static apb_status naive_split_rope(apb_backend *be, const void *qkv, int64_t T, 
 
 static apb_status naive_swiglu(apb_backend *be, const void *gu, int64_t T, int64_t F, void *out,
                                apb_error *err) {
-  const char *op = "swiglu";
-  apb_status st;
-  if ((st = apb_bc_len(err, op, "T", T, 0)) || (st = apb_bc_len(err, op, "F", F, 1))) return st;
-  if (T == 0) return APB_OK;
-  if ((st = apb_bc_need(err, op, "gu", gu)) || (st = apb_bc_need(err, op, "out", out)) ||
-      (st = apb_bc_disjoint(err, op, "out", out, (size_t)(T * F) * sizeof(float), "gu", gu,
-                             (size_t)(T * 2 * F) * sizeof(float))))
-    return st;
+  apb_status st = apb_bc_swiglu(err, T, F, gu, out, sizeof(float));
+  if (st || T == 0) return st;
   const apb_cpu *c = apb_cpu_of(be);
   const float *x = gu;
   float *y = out;
@@ -154,10 +142,8 @@ static apb_status naive_swiglu(apb_backend *be, const void *gu, int64_t T, int64
 }
 
 static apb_status naive_add(apb_backend *be, void *y, const void *x, size_t n, apb_error *err) {
-  const char *op = "add";
-  apb_status st;
-  if (n == 0) return APB_OK;
-  if ((st = apb_bc_need(err, op, "y", y)) || (st = apb_bc_need(err, op, "x", x))) return st;
+  apb_status st = apb_bc_add(err, n, y, x);
+  if (st || n == 0) return st;
   const apb_cpu *c = apb_cpu_of(be);
   float *ys = y;
   const float *xs = x;
