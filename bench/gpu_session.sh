@@ -6,8 +6,8 @@
 # it: the GPU machines have no libtool) and .gpudeps/*.deb (Check and jansson, which the GPU machines
 # lack). Packages are unpacked under /tmp, never into /.
 #
-#   bash bench/gpu_session.sh [STAGE ...]      stages: build check gpucheck bench-attn sanitize prefill
-#                                              prefill-ab torch-prefill
+#   bash bench/gpu_session.sh [STAGE ...]      stages: build check gpucheck bench-attn bench-ops sanitize
+#                                              prefill prefill-ab torch-prefill
 #   bash bench/gpu_session.sh pack             (here) source tarball into .gpudist when make dist fails
 #
 # Default stages: build gpucheck. Logs and results go to $OUT (or ./.out when OUT is unset).
@@ -98,6 +98,9 @@ for st in "${stages[@]}"; do
     fi
     (cd $bld && "${bench[@]}" ${BENCH_ATTN_ARGS:---impl all --apb-shape} --json "$OUT/gpu_attn.json" 2>&1 | tee "$OUT/gpu_attn.txt")
     python3 "$src/bench/gpu_attn_torch.py" ${TORCH_ATTN_ARGS:---apb-shape} --json "$OUT/gpu_attn_torch.json" 2>&1 | tee "$OUT/gpu_attn_torch.txt" ;;
+  bench-ops)
+    # The memory-bound ops of one layer (the prefill's "other"), GB/s beside a device copy: $BENCH_OPS_ARGS.
+    (cd $bld && ./apb bench gpu-ops ${BENCH_OPS_ARGS:-} 2>&1 | tee "$OUT/gpu_ops.txt") ;;
   prefill)
     ng=$(nvidia-smi -L | wc -l)
     (cd $bld && ./apb bench prefill ${PREFILL_ARGS:---tokens 131072 --gpus $ng} --json "$OUT/prefill.json" 2>&1 \

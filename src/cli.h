@@ -43,6 +43,7 @@ int cmd_run(int argc, char **argv);   /* src/cmd_run.c */
 int cmd_predict(int argc, char **argv); /* src/cmd_predict.c */
 int cmd_gen_model(int argc, char **argv); /* src/cmd_gen.c */
 int cmd_bench_gpu_attn(int argc, char **argv); /* src/cmd_bench_gpu.c: `apb bench gpu-attn` */
+int cmd_bench_gpu_ops(int argc, char **argv);  /* src/cmd_bench_ops.c: `apb bench gpu-ops` */
 
 /* The row called name in table [n], or NULL. */
 const cli_command *cli_find(const cli_command *table, int n, const char *name);

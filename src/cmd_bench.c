@@ -203,6 +203,7 @@ static int bench_attn(int argc, char **argv) {
 static const cli_command targets[] = {
     {"attn", "causal dense attention (apb_attn_fast) against OpenBLAS sgemm", bench_attn},
     {"gpu-attn", "CUDA attention kernels (dense and the APB shape), TFLOP/s", cmd_bench_gpu_attn},
+    {"gpu-ops", "CUDA memory-bound ops (rmsnorm, RoPE, SwiGLU, add, merge) of one layer, GB/s", cmd_bench_gpu_ops},
     {"forward", "a model's dense prefill: tokens/s and the linear layers' rate against sgemm", bench_forward},
     {"prefill", "multi-GPU prefill per method (NCCL, random bf16 weights made on the GPUs)", bench_prefill},
     {"sim", "simulated hosts: the slowest host's compute time against its FLOPs at the sgemm rate", bench_sim},

@@ -510,6 +510,10 @@ START_TEST(bench_and_demo) {
       {"bench gpu-attn --shape 1:2", "expected P:A:B or P:A:B:n"},
       {"bench gpu-attn --shape 0:0:5:n", "the rows see no key at all"},
       {"bench gpu-attn --shape 0:0:0", "A + B must be at least 1"},
+      {"bench gpu-ops --d 3", "--d 3 must be even"},
+      {"bench gpu-ops --hq 6 --hkv 4", "--hq 6 is not a multiple of --hkv 4"},
+      {"bench gpu-ops --reps 0", "--reps wants an integer in [1, 10000]"},
+      {"bench gpu-ops --tokens 0", "--tokens wants"},
       {"predict --gemm-tflops -3", "--gemm-tflops wants a finite number"},
   };
   for (size_t i = 0; i < sizeof gpu_usage / sizeof gpu_usage[0]; i++) expect(2, gpu_usage[i].args, gpu_usage[i].msg);
