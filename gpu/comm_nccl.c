@@ -1278,6 +1278,7 @@ typedef struct exec_ctx {
   const int32_t *doc, *query;
   apb_host_result *res;
   apb_host_result *runs;  /* [reps, H] every timed run when reps > 1 (else NULL: straight into res) */
+  apb_comm_stats *run_stats; /* [reps, H] the communicators' counts of each timed run (with runs) */
   int reps;
   apb_comm **comms;
   rank_ctx *rk;
@@ -1337,13 +1338,15 @@ static void *run_rank(void *p) {
       apb_host_result_free(&tmp);
       if (r->st == APB_OK) r->st = apb_nccl_sync(c, &r->err);
     }
+    /* each timed run ends with a sync (complete, not garbage from an abort, and its visible time
+     * resolved), after which its counts are kept beside it: the run returned is the best, not the last */
     for (int k = 0; k < x->reps && r->st == APB_OK; k++) {
+      const size_t i = (size_t)k * (size_t)x->plan->H + (size_t)r->rank;
       if (x->o->warmup > 0 || k > 0) memset(&c->stats, 0, sizeof c->stats);
-      r->st = apb_host_run(&a, x->runs ? &x->runs[(size_t)k * (size_t)x->plan->H + (size_t)r->rank]
-                                       : &x->res[r->rank], &r->err);
-      if (r->st == APB_OK && k + 1 < x->reps) r->st = apb_nccl_sync(c, &r->err);
+      r->st = apb_host_run(&a, x->runs ? &x->runs[i] : &x->res[r->rank], &r->err);
+      if (r->st == APB_OK) r->st = apb_nccl_sync(c, &r->err);
+      if (r->st == APB_OK && x->run_stats) x->run_stats[i] = c->stats;
     }
-    if (r->st == APB_OK) r->st = apb_nccl_sync(c, &r->err); /* complete, and not garbage from an abort */
   }
   if (r->st != APB_OK) c->ops->abort(c, r->err.msg);
   return NULL;
@@ -1411,6 +1414,8 @@ apb_status apb_nccl_execute(const apb_plan *plan, const apb_model *m, const apb_
 
   memset(res, 0, sizeof *res * (size_t)H);
   apb_host_result *runs = NULL; /* every timed run when o->reps > 1 ([reps, H]) */
+  apb_comm_stats *run_stats = NULL; /* and its communicators' counts */
+  int best_run = 0;
   const int reps = o->reps > 1 ? o->reps : 1;
   nc_group *g = NULL;
   rank_ctx *rk = calloc((size_t)H, sizeof *rk);
@@ -1420,11 +1425,12 @@ apb_status apb_nccl_execute(const apb_plan *plan, const apb_model *m, const apb_
     st = apb_error_set(err, APB_ENOMEM, "NCCL run: out of memory for %d ranks", H);
     goto done;
   }
-  if (reps > 1 && !(runs = calloc((size_t)reps * (size_t)H, sizeof *runs))) {
+  if (reps > 1 && (!(runs = calloc((size_t)reps * (size_t)H, sizeof *runs)) ||
+                   !(run_stats = calloc((size_t)reps * (size_t)H, sizeof *run_stats)))) {
     st = apb_error_set(err, APB_ENOMEM, "NCCL run: out of memory for %d runs of %d ranks", reps, H);
     goto done;
   }
-  exec_ctx x = {plan, m, o, kind, doc, query, res, runs, reps, comms, rk, fault_layer};
+  exec_ctx x = {plan, m, o, kind, doc, query, res, runs, run_stats, reps, comms, rk, fault_layer};
   for (int r = 0; r < H; r++)
     rk[r] = (rank_ctx){.rank = r, .dev = o->devices ? o->devices[r] : r, .x = &x, .fault = r == fault_rank};
   /* 1: a backend instance and the weights on every device, in parallel */
@@ -1463,16 +1469,18 @@ apb_status apb_nccl_execute(const apb_plan *plan, const apb_model *m, const apb_
         if (runs[(size_t)k * H + r].stats.prefill_s > worst) worst = runs[(size_t)k * H + r].stats.prefill_s;
       if (k == 0 || worst < best_s) best = k, best_s = worst;
     }
+    best_run = best;
     for (int r = 0; r < H; r++) {
       res[r] = runs[(size_t)best * H + r];
       memset(&runs[(size_t)best * H + r], 0, sizeof *runs);
     }
   }
   if (stats)
-    for (int r = 0; r < H; r++) stats[r] = comms[r]->stats;
+    for (int r = 0; r < H; r++) stats[r] = runs && !st ? run_stats[(size_t)best_run * H + r] : comms[r]->stats;
 done:
   for (size_t i = 0; runs && i < (size_t)reps * (size_t)H; i++) apb_host_result_free(&runs[i]);
   free(runs);
+  free(run_stats);
   for (int r = 0; comms && r < H; r++)
     if (comms[r]) apb_comm_destroy(comms[r]);
   for (int r = 0; rk && r < H; r++) {

@@ -46,8 +46,10 @@ static const char help_text[] =
     "options (defaults: apb predict's); with --profile 1, 'floor s' is the same model at the attention and\n"
     "GEMM rates the slowest rank reached in its profiled run (its attention FLOPs over its attention\n"
     "time, its linear FLOPs over its projection, scorer and FFN time), printed beside it. 'comm %' is the\n"
-    "share of the slowest rank's prefill its compute stream spent in collectives or waiting for them\n"
-    "(CUDA events around each, in the timed run: apb_comm_stats.visible_s), dense 0.\n";
+    "share of the prefill that the critical rank's compute stream spent in collectives or waiting for\n"
+    "them (CUDA events around each, in the timed run: apb_comm_stats.visible_s), the critical rank being\n"
+    "the one with the most time outside them (the others' waits are mostly waiting for it: load\n"
+    "imbalance, which 'slow/fast' shows); dense 0.\n";
 
 typedef struct row {
   const char *method;
@@ -56,7 +58,7 @@ typedef struct row {
   double prefill_s, tok_s, pred_s, peak_gib;
   double meas_attn, meas_gemm; /* profiled: the slowest rank's attention and GEMM FLOP/s (0: not profiled) */
   double floor_s;           /* the cost model at those two rates (0: not profiled) */
-  double vis_s;             /* the slowest rank's visible communication (apb_comm_stats.visible_s) */
+  double vis_s;             /* the critical rank's visible communication (apb_comm_stats.visible_s) */
   double stage_s[APB_STAGE_COUNT];
   double rank_stage_s[MAXR][APB_STAGE_COUNT]; /* profiled: every rank's per-layer seconds */
   double imbalance;         /* slowest / fastest rank's compute (prefill minus time blocked in collectives) */
@@ -118,7 +120,13 @@ static int run_case(const apb_model_config *cfg, int I, apb_preset preset, apb_m
     if (cmin > 0) out->imbalance = cmax / cmin;
     if (pass == 0) {
       out->prefill_s = res[worst].stats.prefill_s;
-      out->vis_s = cst[worst].visible_s;
+      /* the critical rank: the most time outside collectives. All ranks end a layer together, so the
+       * others' visible time is mostly waiting for it (load imbalance, which slow/fast shows), not the
+       * cost of communicating */
+      int crit = 0;
+      for (int k = 1; k < plan->H; k++)
+        if (res[k].stats.prefill_s - cst[k].visible_s > res[crit].stats.prefill_s - cst[crit].visible_s) crit = k;
+      out->vis_s = cst[crit].visible_s;
       out->tok_s = (double)n / out->prefill_s;
       out->peak_gib = 0;
       out->bytes = 0;

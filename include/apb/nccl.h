@@ -107,7 +107,7 @@ typedef struct apb_nccl_opts {
                                the returned run only */
   int comm_timing;          /* 1: stats[r].visible_s measured (as APB_NCCL_TIMING=1 does) */
   int reps;                 /* timed runs after the warm-ups (0 or 1: one); res gets the run whose slowest
-                               rank was fastest, `stats` the last run's counts; the hook sees every one */
+                               rank was fastest, `stats` that same run's counts; the hook sees every one */
 } apb_nccl_opts;
 
 apb_status apb_nccl_execute(const apb_plan *plan, const apb_model *m, const apb_nccl_opts *o, const int32_t *doc,
