@@ -16,7 +16,8 @@
  *   - every output buffer is poisoned with 0xFF bytes (NaN in f32 and bf16) before each run, and has a
  *     guard region after it that must come back intact; a NaN left anywhere fails the comparison;
  *   - TC and HOPPER run twice (the second time without LSE) give bitwise-identical o: no race, and
- *     lse = NULL is honoured;
+ *     lse = NULL is honoured; HOPPER with other CTA orders (APB_CUDA_HOPPER_HEAD_GROUP 1 and 3) gives
+ *     the same o and lse bit for bit;
  *   - argument validation: APB_EINVAL / APB_EUNSUPPORTED with messages, and A + B = 0 is a no-op.
  *
  * The CPU bf16 emulation ("the same computation done in bf16 on the CPU", docs/gpu-attention.md): the
@@ -384,6 +385,16 @@ START_TEST(test_bf16) {
                     "%s: bf16 %s: two runs differ (a race, or lse = NULL changes o)", c->name,
                     impl_names[impl]);
     }
+    if (impl == APB_CUDA_ATTN_HOPPER) /* other CTA orders (APB_CUDA_HOPPER_HEAD_GROUP): the same bits */
+      for (int g = 1; g <= 3; g += 2) {
+        float *lse2 = xmalloc_f(h.nlse);
+        setenv("APB_CUDA_HOPPER_HEAD_GROUP", g == 1 ? "1" : "3", 1);
+        run_gpu(c, &h, &d, APB_DT_BF16, impl, 1, o_raw2, o2, lse2);
+        unsetenv("APB_CUDA_HOPPER_HEAD_GROUP");
+        ck_assert_msg(memcmp(o_raw, o_raw2, h.nq * 2) == 0 && memcmp(lse, lse2, h.nlse * sizeof *lse) == 0,
+                      "%s: bf16 hopper: CTA order with head group %d changes o or lse", c->name, g);
+        free(lse2);
+      }
   }
   dprob_free(&d);
   free(ref), free(ref_lse), free(emu), free(rnd), free(o), free(lse), free(o2), free(o_raw), free(o_raw2);

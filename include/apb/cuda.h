@@ -58,7 +58,9 @@ typedef enum apb_cuda_attn_impl {
   APB_CUDA_ATTN_HOPPER = 4, /* sm_90a kernel (gpu/attn_hopper.cu: wgmma, TMA, warp specialization), BF16
                              * only, D 64 and 128; best variant (V2 at D 128, V3 at D 64). Other D, a
                              * GPU other than compute capability 9.0, or pointers not 16-byte aligned
-                             * run TC instead */
+                             * run TC instead. Its CTA order (environment APB_CUDA_HOPPER_HEAD_GROUP=k:
+                             * k KV heads' row tiles interleaved, default 1, 0 all) changes speed only,
+                             * never a bit of the results */
   APB_CUDA_ATTN_HOPPER_V1 = 5, /* HOPPER forcing its first version (S, softmax, P V in turn); tests, benchmarks */
   APB_CUDA_ATTN_HOPPER_V2 = 6, /* HOPPER forcing softmax/P V overlap without warpgroup ping-pong; likewise */
   APB_CUDA_ATTN_HOPPER_V3 = 7, /* HOPPER forcing overlap plus ping-pong of the two consumer warpgroups */
