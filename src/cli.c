@@ -226,6 +226,16 @@ int cli_parse_choice(const char *cmd, const char *opt, const char *s, const char
 
 /* ---------------------------------------------------------------- shared helpers */
 
+static int cmp_float(const void *a, const void *b) {
+  float x = *(const float *)a, y = *(const float *)b;
+  return (x > y) - (x < y);
+}
+
+float cli_median_f(float *v, int n) {
+  qsort(v, (size_t)n, sizeof *v, cmp_float);
+  return n % 2 ? v[n / 2] : 0.5f * (v[n / 2 - 1] + v[n / 2]);
+}
+
 void cli_set_threads(int n) {
   if (n <= 0) return;
   omp_set_num_threads(n);

@@ -110,6 +110,9 @@ void cli_set_threads(int n);
 int cli_threads(void);
 /* Seconds from CLOCK_MONOTONIC. */
 double cli_now(void);
+/* Median of v [n >= 1] (the mean of the two middle values for even n); sorts v ascending, so v[0] is
+ * then the best. */
+float cli_median_f(float *v, int n);
 /* Median seconds of `reps` OpenBLAS sgemm runs of size g x g x g (seeded normal inputs), after one
  * warm-up; < 0 when out of memory. The baseline every CPU benchmark reports against. */
 double cli_time_sgemm(int g, int reps, uint64_t seed);

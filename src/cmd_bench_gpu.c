@@ -283,11 +283,6 @@ static apb_status agree_step(agree *g, const bench_bufs *b, const bench_shape *s
   return APB_OK;
 }
 
-static int cmp_float(const void *a, const void *b) {
-  float x = *(const float *)a, y = *(const float *)b;
-  return (x > y) - (x < y);
-}
-
 /* Warm up, then time o->reps calls; *median and *best in ms. */
 static apb_status time_impl(const apb_cuda_attn_args *x, apb_cuda_attn_impl impl, const bench_opts *o,
                             apb_cuda_timer *tm, float *ms, float *median, float *best, apb_error *err) {
@@ -301,8 +296,7 @@ static apb_status time_impl(const apb_cuda_attn_args *x, apb_cuda_attn_impl impl
     if (st == APB_OK) st = apb_cuda_timer_ms(tm, &ms[i], err);
   }
   if (st != APB_OK) return st;
-  qsort(ms, (size_t)o->reps, sizeof *ms, cmp_float);
-  *median = o->reps % 2 ? ms[o->reps / 2] : 0.5f * (ms[o->reps / 2 - 1] + ms[o->reps / 2]);
+  *median = cli_median_f(ms, o->reps);
   *best = ms[0];
   return APB_OK;
 }

@@ -95,11 +95,6 @@ typedef struct ops_bufs {
   apb_bweight *norm_w;
 } ops_bufs;
 
-static int cmp_float(const void *a, const void *b) {
-  float x = *(const float *)a, y = *(const float *)b;
-  return (x > y) - (x < y);
-}
-
 /* One call of op `k` on the buffers. */
 static apb_status run_op(apb_backend *be, int k, const ops_opts *o, ops_bufs *b, apb_error *err) {
   const apb_rope rope = {.type = APB_ROPE_DEFAULT, .theta = 500000.0};
@@ -196,8 +191,7 @@ int cmd_bench_gpu_ops(int argc, char **argv) {
       if (!st) st = apb_cuda_timer_ms(tm, &ms[i], &err);
     }
     if (st) break;
-    qsort(ms, (size_t)o.reps, sizeof *ms, cmp_float);
-    const double med = ms[o.reps / 2], rate = info[k].bytes / (med * 1e-3) * 1e-9;
+    const double med = cli_median_f(ms, o.reps), rate = info[k].bytes / (med * 1e-3) * 1e-9;
     if (k == OP_COPY) copy_rate = rate;
     layer_ms += med * info[k].per_layer;
     printf("%-18s %10.4f %10.1f %9.1f %9.3f %12.4f\n", info[k].name, med, info[k].bytes * 1e-6, rate,
