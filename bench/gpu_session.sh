@@ -6,8 +6,8 @@
 # it: the GPU machines have no libtool) and .gpudeps/*.deb (Check and jansson, which the GPU machines
 # lack). Packages are unpacked under /tmp, never into /.
 #
-#   bash bench/gpu_session.sh [STAGE ...]      stages: build check gpucheck bench-attn bench-ops sanitize
-#                                              prefill prefill-ab torch-prefill
+#   bash bench/gpu_session.sh [STAGE ...]      stages: build check gpucheck bench-attn attn-rounds
+#                                              bench-ops sanitize prefill prefill-ab torch-prefill
 #   bash bench/gpu_session.sh pack             (here) source tarball into .gpudist when make dist fails
 #
 # Default stages: build gpucheck. Logs and results go to $OUT (or ./.out when OUT is unset).
@@ -98,6 +98,17 @@ for st in "${stages[@]}"; do
     fi
     (cd $bld && "${bench[@]}" ${BENCH_ATTN_ARGS:---impl all --apb-shape} --json "$OUT/gpu_attn.json" 2>&1 | tee "$OUT/gpu_attn.txt")
     python3 "$src/bench/gpu_attn_torch.py" ${TORCH_ATTN_ARGS:---apb-shape} --json "$OUT/gpu_attn_torch.json" 2>&1 | tee "$OUT/gpu_attn_torch.txt" ;;
+  attn-rounds)
+    # Issue 6's comparison: our kernel and torch's cuDNN alternating, $ATTN_ROUNDS rounds (default 3) on
+    # this GPU, median of 20 after 3 each; impls and shapes from $ATTN_ROUNDS_IMPL (default hopper) and
+    # $ATTN_ROUNDS_TOKENS (default 16384,32768,65536,131072), plus the APB shape.
+    for r in $(seq 1 ${ATTN_ROUNDS:-3}); do
+      log "attn-rounds round $r"
+      (cd $bld && ./apb bench gpu-attn --tokens ${ATTN_ROUNDS_TOKENS:-16384,32768,65536,131072} \
+         --impl ${ATTN_ROUNDS_IMPL:-hopper} --apb-shape --reps 20 --warmup 3 2>&1 | tee -a "$OUT/attn_rounds.txt")
+      python3 "$src/bench/gpu_attn_torch.py" --tokens ${ATTN_ROUNDS_TOKENS:-16384,32768,65536,131072} --impl cudnn \
+        --apb-shape --reps 20 --warmup 3 2>&1 | tee -a "$OUT/attn_rounds.txt"
+    done ;;
   bench-ops)
     # The memory-bound ops of one layer (the prefill's "other"), GB/s beside a device copy: $BENCH_OPS_ARGS.
     (cd $bld && ./apb bench gpu-ops ${BENCH_OPS_ARGS:-} 2>&1 | tee "$OUT/gpu_ops.txt") ;;
