@@ -671,10 +671,13 @@ START_TEST(test_attn) {
 }
 END_TEST
 
-/* n partials (3, or 40: beyond the by-value limit) with -inf rows; out of place and aliasing part 0 */
+/* n partials with -inf rows, out of place and aliasing part 0: 2-4 take the bf16 few-partials kernel, 5 the
+ * general one, 40 goes beyond the by-value limit; D 256 makes each thread of the bf16 forms take two
+ * 16-byte chunks */
+static const struct { int n, D; } merge_cases[] = {{3, 64}, {40, 64}, {2, 128}, {2, 256}, {4, 128}, {5, 128}};
 START_TEST(test_merge) {
   const apb_dtype dt = modes[_i % 2];
-  const int n = _i / 2 ? 40 : 3, Hq = 4, D = 64;
+  const int n = merge_cases[_i / 2].n, Hq = 4, D = merge_cases[_i / 2].D;
   const int64_t T = 97;
   const size_t no = (size_t)(T * Hq * D), nl = (size_t)(Hq * T);
   float **o = xmalloc((size_t)n * sizeof *o), **l = xmalloc((size_t)n * sizeof *l);
@@ -1889,7 +1892,7 @@ int main(void) {
   tcase_add_loop_test(tc, test_swiglu_add, 0, 2 * nt * 3);
   tcase_add_loop_test(tc, test_embed, 0, 2 * nt * 3);
   tcase_add_loop_test(tc, test_attn, 0, g_small ? 2 * 2 * 3 : 2 * 2 * NA);
-  tcase_add_loop_test(tc, test_merge, 0, 4);
+  tcase_add_loop_test(tc, test_merge, 0, 2 * (int)(sizeof merge_cases / sizeof merge_cases[0]));
   suite_add_tcase(s, tc);
 
   tc = tu_tcase("selection", 300);
