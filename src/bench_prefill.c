@@ -49,7 +49,9 @@ static const char help_text[] =
     "share of the prefill that the critical rank's compute stream spent in collectives or waiting for\n"
     "them (CUDA events around each, in the timed run: apb_comm_stats.visible_s), the critical rank being\n"
     "the one with the most time outside them (the others' waits are mostly waiting for it: load\n"
-    "imbalance, which 'slow/fast' shows); dense 0.\n";
+    "imbalance, which 'slow/fast' shows); dense 0. After each length and GPU count that ran apb, one line\n"
+    "gives apb's speedup over every other method of that length and GPU count (dense: its one-GPU run),\n"
+    "all measured in this run.\n";
 
 typedef struct row {
   const char *method;
@@ -253,7 +255,8 @@ int bench_prefill(int argc, char **argv) {
   printf("   (per-layer ms, profiled)  l_a/l_p\n");
   int rc = CLI_OK, first = 1, failed = 0;
   for (int ti = 0; ti < nt; ti++, dense_s = 0)
-    for (int gi = 0; gi < ng; gi++)
+    for (int gi = 0; gi < ng; gi++) {
+      double took[APB_METHOD_COUNT] = {0}; /* this length and GPU count: each method's seconds (0: not run) */
       for (int mi = 0; mi < nm; mi++) {
         int g = (int)gpus_l[gi];
         if (ms[mi] == APB_METHOD_DENSE && gi > 0) continue; /* one GPU: once per length */
@@ -298,6 +301,7 @@ int bench_prefill(int argc, char **argv) {
         }
         fflush(stdout);
         if (ms[mi] == APB_METHOD_DENSE) dense_s = rw.prefill_s;
+        took[ms[mi]] = rw.prefill_s;
         if (tf)
           fprintf(tf, "%s%s\t%d\t%lld\t%.6f\t%.6f\n", rw.method,
                   balance && (ms[mi] == APB_METHOD_APB || ms[mi] == APB_METHOD_STAR) ? "-balanced" : "", rw.gpus,
@@ -325,6 +329,23 @@ int bench_prefill(int argc, char **argv) {
           first = 0;
         }
       }
+      /* apb's speedups over the other methods of this length and GPU count (dense: this length's
+       * one-GPU run), all measured in this run */
+      if (took[APB_METHOD_APB] > 0) {
+        int any = 0;
+        for (int m = 0; m < APB_METHOD_COUNT; m++) {
+          const double t = m == APB_METHOD_DENSE ? dense_s : took[m];
+          if (m == APB_METHOD_APB || t <= 0) continue;
+          if (!any) printf("apb on %d GPU(s), %lld tokens%s: ", (int)gpus_l[gi], (long long)tokens[ti],
+                           balance ? " (--balance)" : "");
+          printf("%s%.2fx %s%s", any ? ", " : "", t / took[APB_METHOD_APB], apb_method_name((apb_method)m),
+                 m == APB_METHOD_DENSE ? " (1 GPU)" : "");
+          any = 1;
+        }
+        if (any) printf(" (speedup, this run)\n");
+        fflush(stdout);
+      }
+    }
   if (jf) {
     fprintf(jf, "]}\n");
     fclose(jf);
