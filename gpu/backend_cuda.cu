@@ -365,6 +365,38 @@ done:
   return st;
 }
 
+/* Timing marks: an event recorded on the instance's stream (no host wait). */
+static apb_status cu_mark(apb_backend *be, void **m, apb_error *err) {
+  cu_be *c = cu_of(be);
+  cudaEvent_t e = NULL;
+  apb_status st = cu_enter(c, err);
+  if (st != APB_OK) return st;
+  *m = NULL;
+  APB_CU(cudaEventCreate(&e));
+  APB_CU(cudaEventRecord(e, c->stream));
+  *m = e, e = NULL;
+done:
+  if (e) cudaEventDestroy(e);
+  return st;
+}
+
+static apb_status cu_mark_elapsed(apb_backend *be, void *a, void *b, double *seconds, apb_error *err) {
+  cu_be *c = cu_of(be);
+  float ms = 0;
+  apb_status st = cu_enter(c, err);
+  if (st != APB_OK) return st;
+  if (!a || !b) return apb_error_set(err, APB_EINVAL, "mark_elapsed: %s mark is NULL", !a ? "the first" : "the second");
+  APB_CU(cudaEventElapsedTime(&ms, (cudaEvent_t)a, (cudaEvent_t)b));
+  *seconds = 1e-3 * (double)ms;
+done:
+  return st;
+}
+
+static void cu_mark_free(apb_backend *be, void *m) {
+  (void)be;
+  if (m) cudaEventDestroy((cudaEvent_t)m);
+}
+
 /* ---------------------------------------------------------------- weights */
 
 apb_status cu_weight_new(cu_be *c, int64_t N, int64_t K, int has_bias, apb_bweight **out, apb_error *err) {
@@ -585,6 +617,9 @@ static const apb_backend_ops cu_ops = {
     cu_topk,
     cu_gather,
     cu_mem,
+    cu_mark,
+    cu_mark_elapsed,
+    cu_mark_free,
 };
 
 /* The attention kernels by name (apb/cuda.h), for APB_CUDA_ATTN. */

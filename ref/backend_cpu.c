@@ -33,6 +33,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "apb/dtype.h"
 
@@ -321,6 +322,29 @@ apb_status apb_cpu_download_f32(apb_backend *be, float *host, const void *src, s
 apb_status apb_cpu_sync(apb_backend *be, apb_error *err) {
   (void)be, (void)err;
   return APB_OK; /* every CPU op has finished when it returns */
+}
+
+apb_status apb_cpu_mark(apb_backend *be, void **m, apb_error *err) {
+  (void)be;
+  double *t = malloc(sizeof *t);
+  if (!t) return apb_error_set(err, APB_ENOMEM, "mark: out of host memory");
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  *t = (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+  *m = t;
+  return APB_OK;
+}
+
+apb_status apb_cpu_mark_elapsed(apb_backend *be, void *a, void *b, double *seconds, apb_error *err) {
+  (void)be;
+  if (!a || !b) return apb_error_set(err, APB_EINVAL, "mark_elapsed: %s mark is NULL", !a ? "the first" : "the second");
+  *seconds = *(const double *)b - *(const double *)a;
+  return APB_OK;
+}
+
+void apb_cpu_mark_free(apb_backend *be, void *m) {
+  (void)be;
+  free(m);
 }
 
 /* ---------------------------------------------------------------- weights */

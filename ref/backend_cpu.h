@@ -87,6 +87,10 @@ apb_status apb_cpu_download(apb_backend *be, void *host, const void *src, size_t
 apb_status apb_cpu_upload_f32(apb_backend *be, void *dst, const float *host, size_t n, apb_error *err);
 apb_status apb_cpu_download_f32(apb_backend *be, float *host, const void *src, size_t n, apb_error *err);
 apb_status apb_cpu_sync(apb_backend *be, apb_error *err);
+/* Timing marks: the monotonic clock when the mark is made (CPU ops are synchronous). */
+apb_status apb_cpu_mark(apb_backend *be, void **m, apb_error *err);
+apb_status apb_cpu_mark_elapsed(apb_backend *be, void *a, void *b, double *seconds, apb_error *err);
+void apb_cpu_mark_free(apb_backend *be, void *m);
 apb_status apb_cpu_weight_create(apb_backend *be, const float *w, int64_t N, int64_t K, const float *bias,
                                  apb_bweight **out, apb_error *err);
 void apb_cpu_weight_destroy(apb_backend *be, apb_bweight *w);

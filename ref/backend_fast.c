@@ -313,6 +313,9 @@ static const apb_backend_ops fast_ops = {
     .topk = apb_cpu_topk,
     .gather = apb_cpu_gather,
     .mem = apb_cpu_mem,
+    .mark = apb_cpu_mark,
+    .mark_elapsed = apb_cpu_mark_elapsed,
+    .mark_free = apb_cpu_mark_free,
 };
 
 apb_status apb_backend_fast(const apb_cpu_opts *o, apb_backend **out, apb_error *err) {

@@ -221,6 +221,9 @@ static const apb_backend_ops naive_ops = {
     .topk = apb_cpu_topk,
     .gather = apb_cpu_gather,
     .mem = apb_cpu_mem,
+    .mark = apb_cpu_mark,
+    .mark_elapsed = apb_cpu_mark_elapsed,
+    .mark_free = apb_cpu_mark_free,
 };
 
 apb_status apb_backend_naive(const apb_cpu_opts *o, apb_backend **out, apb_error *err) {

@@ -107,16 +107,73 @@ static void prof_sync(host_ctx *h) {
   if (st && !h->prof_st) h->prof_st = st, h->prof_err = e;
 }
 
+/* Profile 2: a timing mark in the backend's queue, its number (-1 after a failure, kept in prof_st). */
+static int prof_mark(host_ctx *h) {
+  apb_error e = {0};
+  if (h->prof_st) return -1;
+  if (h->n_marks == h->cap_marks) {
+    int cap = h->cap_marks ? 2 * h->cap_marks : 256;
+    void **m = realloc(h->marks, sizeof *m * (size_t)cap);
+    if (!m) {
+      h->prof_st = apb_error_set(&e, APB_ENOMEM, "profiling: out of memory for %d timing marks", cap), h->prof_err = e;
+      return -1;
+    }
+    h->marks = m, h->cap_marks = cap;
+  }
+  apb_status st = h->be->ops->mark(h->be, &h->marks[h->n_marks], &e);
+  if (st) {
+    h->prof_st = st, h->prof_err = e;
+    return -1;
+  }
+  return h->n_marks++;
+}
+
+/* Profile 2 uses marks only where the backend has them; otherwise it is profile 1. */
+static int prof_marks(const host_ctx *h) { return h->profile == 2 && h->be->ops->mark; }
+
 double sched_prof_begin(host_ctx *h) {
   if (!h->profile) return 0;
+  if (prof_marks(h)) return (double)prof_mark(h);
   prof_sync(h);
   return now_s();
 }
 
 void sched_prof_end(host_ctx *h, apb_stage s, double t0) {
   if (!h->profile) return;
-  prof_sync(h);
-  h->stage_s[s] += now_s() - t0;
+  if (!prof_marks(h)) {
+    prof_sync(h);
+    h->stage_s[s] += now_s() - t0;
+    return;
+  }
+  const int a = (int)t0, b = prof_mark(h);
+  if (a < 0 || b < 0) return;
+  if (h->n_spans == h->cap_spans) {
+    int cap = h->cap_spans ? 2 * h->cap_spans : 128;
+    void *sp = realloc(h->spans, sizeof *h->spans * (size_t)cap);
+    if (!sp) {
+      apb_error e = {0};
+      h->prof_st = apb_error_set(&e, APB_ENOMEM, "profiling: out of memory for %d stage spans", cap), h->prof_err = e;
+      return;
+    }
+    h->spans = sp, h->cap_spans = cap;
+  }
+  h->spans[h->n_spans].stage = (int)s, h->spans[h->n_spans].a = a, h->spans[h->n_spans].b = b;
+  h->n_spans++;
+}
+
+/* Profile 2, after the prefill's last sync: book every span to its stage, release the marks. */
+static void prof_resolve(host_ctx *h) {
+  for (int i = 0; i < h->n_spans && !h->prof_st; i++) {
+    apb_error e = {0};
+    double sec = 0;
+    apb_status st = h->be->ops->mark_elapsed(h->be, h->marks[h->spans[i].a], h->marks[h->spans[i].b], &sec, &e);
+    if (st) h->prof_st = st, h->prof_err = e;
+    else h->stage_s[h->spans[i].stage] += sec;
+  }
+  for (int i = 0; i < h->n_marks; i++) h->be->ops->mark_free(h->be, h->marks[i]);
+  free(h->marks), free(h->spans);
+  h->marks = NULL, h->spans = NULL;
+  h->n_marks = h->cap_marks = h->n_spans = h->cap_spans = 0;
 }
 
 apb_status sched_attn(host_ctx *h, const apb_battn_args *a, apb_error *err) {
@@ -374,6 +431,10 @@ apb_status apb_host_run(const apb_host_args *a, apb_host_result *res, apb_error 
     }
   }
   if (!st) st = be->ops->sync(be, err);
+  if (h->marks || h->spans) { /* profile 2: the spans are complete now (after a failure: only freed) */
+    if (st) h->n_spans = 0;
+    prof_resolve(h);
+  }
   if (!st && h->prof_st) st = apb_error_set(err, h->prof_st, "%s", h->prof_err.msg);
   res->stats.prefill_s = now_s() - t0;
   res->stats.prefill_wait_s = a->comm->stats.wait_s - wait0;
@@ -384,6 +445,7 @@ apb_status apb_host_run(const apb_host_args *a, apb_host_result *res, apb_error 
     for (int k = 0; k < APB_STAGE_COUNT; k++) booked += h->stage_s[k];
     h->stage_s[APB_STAGE_OTHER] = res->stats.prefill_s - booked;
     for (int k = 0; k < APB_STAGE_COUNT; k++) res->stats.stage_s[k] = h->stage_s[k];
+    h->profile = 0; /* the breakdown is the prefill's: the query and decode phases run unprofiled */
   }
   if (h->m->teardown) h->m->teardown(h);
   free_prefill(h);

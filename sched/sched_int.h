@@ -57,7 +57,11 @@ struct host_ctx {
   const method_ops *m;
   void *mstate;
   double attn_flops, linear_flops;
-  int profile;
+  int profile;              /* apb_host_args.profile: 0, 1 (syncs) or 2 (the backend's timing marks) */
+  void **marks;             /* profile 2: the marks made so far [n_marks] */
+  int n_marks, cap_marks;
+  struct { int stage, a, b; } *spans; /* profile 2: a stage from mark a to mark b [n_spans] */
+  int n_spans, cap_spans;
   apb_stage cur_stage;      /* where sched_linear books its time */
   double stage_s[APB_STAGE_COUNT];
   apb_status prof_st;       /* the first failure a profiling sync returned (a backend that checks */
@@ -90,8 +94,10 @@ double sched_attn_flops(const apb_battn_args *a);
 apb_status sched_linear(host_ctx *h, const apb_bweight *w, int64_t N, int64_t K, const void *x, int64_t T,
                         void *y, apb_error *err);
 
-/* Profiling: when h->profile, sync the backend and return the clock (else 0); sched_prof_end adds
- * the time since t0 to stage s. */
+/* Profiling: profile 1: sync the backend and return the clock, and sched_prof_end adds the time
+ * since t0 to stage s; profile 2 (a backend with timing marks): make a mark and return its number, and
+ * sched_prof_end books the span between two marks, resolved after the prefill's last sync; else
+ * nothing. */
 double sched_prof_begin(host_ctx *h);
 void sched_prof_end(host_ctx *h, apb_stage s, double t0);
 /* Collectives through these, so their time is booked to APB_STAGE_COMM. */

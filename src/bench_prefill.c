@@ -8,7 +8,7 @@
  * from a second, profiled run, the per-layer breakdown (q/k/v projection, scorer, communication,
  * attention, o projection, FFN, other) of the slowest rank. The profiled run synchronises around every
  * stage (which removes any overlap of communication with compute), so its total is not the reported
- * time. JSON with --json FILE, and beside it FILE.tsv (method, "-balanced" appended under --balance,
+ * time; --profile 2 times the stages with CUDA events on each rank's stream instead (no wait). JSON with --json FILE, and beside it FILE.tsv (method, "-balanced" appended under --balance,
  * gpus, tokens, prefill seconds, dense seconds at that length or 0) from which bench/plot_prefill.gp
  * draws the docs/ plots.
  * Dense always runs on one GPU. Not a test: numbers only; without NCCL or GPUs it says so and fails.
@@ -25,14 +25,16 @@
 
 static const char help_text[] =
     "Usage: apb bench prefill [--tokens LIST] [--gpus LIST] [--method LIST] [--preset NAME]\n"
-    "                         [--query-len Q] [--anchor A] [--passing P] [--profile 0|1] [--warmup N]\n"
+    "                         [--query-len Q] [--anchor A] [--passing P] [--profile 0|1|2] [--warmup N]\n"
     "                         [--reps N]\n"
     "                         [--balance] [--overlap 0|1] [--attn-tflops X] [--gemm-tflops X]\n"
     "                         [--mem-gbs X] [--link-gbs X] [--latency-us X] [--json FILE]\n\n"
     "Prefill time per method on 1..N GPUs (one rank per GPU, NCCL), random bf16 weights made on the\n"
     "GPUs. Defaults: --tokens 131072, --gpus 4, --method dense,ring,zigzag,ulysses,star,apb,\n"
     "--preset llama3-8b-shape, --query-len 64,\n"
-    "--profile 1 (a second run per case for the per-stage breakdown), --warmup 1 (untimed whole runs\n"
+    "--profile 1 (a second run per case for the per-stage breakdown, each stage between two syncs;\n"
+    "2: between two CUDA events on the rank's stream, no host wait and the overlap kept, so the\n"
+    "stages add up to what the timed run does), --warmup 1 (untimed whole runs\n"
     "before each measured one, on the same weights and NCCL communicators, so that connection setup\n"
     "and first-call costs are not timed), --reps 1 (timed runs; the fastest is reported, by its slowest\n"
     "rank; the PyTorch peer reports the best of 2 after 1 untimed). --balance runs apb and star\n"
@@ -100,7 +102,7 @@ static int run_case(const apb_model_config *cfg, int I, apb_preset preset, apb_m
     goto done;
   }
   for (int pass = 0; pass < 1 + (profile != 0); pass++) {
-    apb_nccl_opts no = {.backend = "cuda-bf16", .use_preset = 1, .preset = preset, .seed = 1, .profile = pass == 1,
+    apb_nccl_opts no = {.backend = "cuda-bf16", .use_preset = 1, .preset = preset, .seed = 1, .profile = pass == 1 ? profile : 0,
                         .warmup = warmup, .reps = pass == 1 ? 1 : reps, .comm_timing = pass == 0};
     st = apb_nccl_execute(plan, NULL, &no, doc, query, res, cst, &err);
     if (st) {
@@ -211,7 +213,7 @@ int bench_prefill(int argc, char **argv) {
       if (apb_preset_parse(optarg, &preset)) rc = cli_usage(CMD, "--preset: unknown preset '%s'", optarg);
       break;
     case O_Q: rc = cli_parse_i64(CMD, "--query-len", optarg, 1, 4096, &q); break;
-    case O_PROF: rc = cli_parse_int(CMD, "--profile", optarg, 0, 1, &profile); break;
+    case O_PROF: rc = cli_parse_int(CMD, "--profile", optarg, 0, 2, &profile); break;
     case O_OVL: rc = cli_parse_int(CMD, "--overlap", optarg, 0, 1, &overlap); break;
     case O_WARM: rc = cli_parse_int(CMD, "--warmup", optarg, 0, 100, &warmup); break;
     case O_REPS: rc = cli_parse_int(CMD, "--reps", optarg, 1, 100, &reps); break;

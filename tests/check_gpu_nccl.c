@@ -800,7 +800,7 @@ typedef enum where_run {
 } where_run;
 
 /* Warm-up and timed runs of apb_nccl_execute in run_plan (test_warmup_reps sets them). */
-static int g_warmup = 0, g_reps = 0, g_timing = 0;
+static int g_warmup = 0, g_reps = 0, g_timing = 0, g_profile = 0;
 
 /* Run the plan; backend names the CUDA mode for ON_ONE_GPU and ON_GPUS; cap (may be NULL) captures
  * the selections; use_preset generates the weights on each device (ON_GPUS only). */
@@ -816,7 +816,8 @@ static void run_plan(const apb_plan *plan, where_run w, const char *backend, int
   } else {
     apb_nccl_opts no = {.backend = backend, .use_preset = use_preset, .preset = APB_PRESET_TINY, .seed = 1,
                         .timeout_s = 120, .hook = cap ? sel_hook : NULL, .hook_user = cap, .want_hidden = 1,
-                        .warmup = g_warmup, .reps = g_reps, .comm_timing = g_timing};
+                        .warmup = g_warmup, .reps = g_reps, .comm_timing = g_timing,
+                        .profile = g_profile};
     st = apb_nccl_execute(plan, use_preset ? NULL : tiny, &no, doc, query, o->res, o->stats, &err);
   }
   static const char *wn[] = {"cpu", "cpu bf16", "simulated hosts on one GPU", "NCCL"};
@@ -1027,6 +1028,29 @@ START_TEST(test_warmup_reps) {
   tu_assert_bitwise(what, more.logits, one.logits, tiny->cfg.vocab);
   assert_same_counts(what, &more, &one);
   for (int r = 0; r < H; r++) ck_assert_int_eq(more.res[r].stats.bytes_sent, one.res[r].stats.bytes_sent);
+  /* --profile 2: stages timed by CUDA events on each rank's stream; no result changes, and the stages
+   * are a breakdown of the prefill (each >= 0, summing to it; projections, attention, FFN timed) */
+  run_out prof;
+  g_profile = 2;
+  run_plan(plan, ON_GPUS, "cuda-f32", 0, NULL, doc, query, &prof);
+  g_profile = 0;
+  snprintf(what, sizeof what, "%s H=%d profile 2 vs unprofiled", apb_method_name(ro.method), H);
+  tu_assert_bitwise(what, prof.hidden, one.hidden, (size_t)plan->n * (size_t)tiny->cfg.hidden);
+  for (int r = 0; r < H; r++) {
+    const apb_host_stats *hs = &prof.res[r].stats;
+    double sum = 0;
+    for (int k = 0; k < APB_STAGE_COUNT; k++) {
+      ck_assert_msg(hs->stage_s[k] >= 0, "%s: rank %d stage %s %g s", what, r, apb_stage_name((apb_stage)k),
+                    hs->stage_s[k]);
+      sum += hs->stage_s[k];
+    }
+    ck_assert_msg(fabs(sum - hs->prefill_s) <= 1e-6 * hs->prefill_s, "%s: rank %d stages %g s, prefill %g s", what,
+                  r, sum, hs->prefill_s);
+    ck_assert_msg(hs->stage_s[APB_STAGE_QKV] > 0 && hs->stage_s[APB_STAGE_ATTN] > 0 && hs->stage_s[APB_STAGE_FFN] > 0,
+                  "%s: rank %d: qkv %g, attn %g, ffn %g s", what, r, hs->stage_s[APB_STAGE_QKV],
+                  hs->stage_s[APB_STAGE_ATTN], hs->stage_s[APB_STAGE_FFN]);
+  }
+  run_free(&prof);
   run_free(&one), run_free(&more);
   free(doc), free(query), free(plan);
   disarm();

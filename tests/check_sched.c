@@ -46,6 +46,8 @@ static void make_doc(int64_t n, int64_t q, int32_t **doc, int32_t **query) {
   for (int64_t i = 0; i < q; i++) (*query)[i] = (int32_t)apb_rng_below(&r, (uint64_t)tiny->cfg.vocab);
 }
 
+static int g_profile; /* apb_sim_opts.profile of run() (test_profile_stages sets it) */
+
 /* Run opts o on n document tokens (seeded), q query tokens, 4 new tokens; threads t. */
 static void run(const apb_run_opts *o, int64_t n, int64_t q, int threads, run_out *out) {
   setup_model();
@@ -56,7 +58,8 @@ static void run(const apb_run_opts *o, int64_t n, int64_t q, int threads, run_ou
   apb_status st = apb_plan_make(o, n, q, &tiny->cfg, tiny->scorer_width, &out->plan, &err);
   ck_assert_msg(st == APB_OK, "plan (%s, H=%d, n=%lld): %s", apb_method_name(o->method), o->hosts, (long long)n,
                 err.msg);
-  apb_sim_opts so = {.backend = "fast", .cpu = {.threads = threads}, .timeout_s = 120, .want_hidden = 1};
+  apb_sim_opts so = {.backend = "fast", .cpu = {.threads = threads}, .timeout_s = 120, .want_hidden = 1,
+                     .profile = g_profile};
   st = apb_sim_execute(&out->plan, tiny, &so, doc, query, out->res, out->stats, &err);
   ck_assert_msg(st == APB_OK, "run (%s, H=%d, n=%lld): %s", apb_method_name(o->method), o->hosts, (long long)n, err.msg);
   int H = out->plan.H, E = tiny->cfg.hidden;
@@ -225,6 +228,48 @@ START_TEST(test_threads_bitwise) {
 }
 END_TEST
 
+/* Profiling (apb_host_args.profile 1: syncs, 2: the backend's timing marks) changes no result, and the
+ * per-stage times are a breakdown of the prefill: each stage >= 0, the projections, attention and FFN
+ * > 0, the compressing host's scorer > 0, and the stages sum to the prefill time (OTHER is the rest). */
+START_TEST(test_profile_stages) {
+  const apb_method m = _i ? APB_METHOD_RING : APB_METHOD_APB;
+  run_out ref;
+  apb_run_opts o = opts(m, 2);
+  o.anchor = 64, o.passing = 48;
+  run(&o, 1025, 5, 0, &ref);
+  for (int r = 0; r < ref.H; r++)
+    for (int k = 0; k < APB_STAGE_COUNT; k++) ck_assert_msg(ref.res[r].stats.stage_s[k] == 0, "unprofiled stage time");
+  for (int prof = 1; prof <= 2; prof++) {
+    run_out a;
+    g_profile = prof;
+    run(&o, 1025, 5, 0, &a);
+    g_profile = 0;
+    char what[96];
+    snprintf(what, sizeof what, "%s H=2 --profile %d against unprofiled", apb_method_name(m), prof);
+    tu_assert_bitwise(what, a.hidden, ref.hidden, 1025 * tiny->cfg.hidden);
+    tu_assert_bitwise(what, a.logits, ref.logits, tiny->cfg.vocab);
+    for (int r = 0; r < a.H; r++) {
+      const apb_host_stats *hs = &a.res[r].stats;
+      double sum = 0;
+      for (int k = 0; k < APB_STAGE_COUNT; k++) {
+        ck_assert_msg(hs->stage_s[k] >= 0, "%s: host %d stage %s %g s < 0", what, r, apb_stage_name((apb_stage)k),
+                      hs->stage_s[k]);
+        sum += hs->stage_s[k];
+      }
+      ck_assert_msg(fabs(sum - hs->prefill_s) <= 1e-9 * hs->prefill_s + 1e-12,
+                    "%s: host %d stages sum to %.9g s, prefill %.9g s", what, r, sum, hs->prefill_s);
+      const apb_stage busy[] = {APB_STAGE_QKV, APB_STAGE_ATTN, APB_STAGE_OPROJ, APB_STAGE_FFN};
+      for (size_t k = 0; k < sizeof busy / sizeof busy[0]; k++)
+        ck_assert_msg(hs->stage_s[busy[k]] > 0, "%s: host %d stage %s not timed", what, r, apb_stage_name(busy[k]));
+      if (m == APB_METHOD_APB && r == 0)
+        ck_assert_msg(hs->stage_s[APB_STAGE_SCORE] > 0, "%s: host 0 compresses but its scorer is not timed", what);
+    }
+    run_free(&a);
+  }
+  run_free(&ref);
+}
+END_TEST
+
 /* the cost model counts what the simulator did: attention FLOPs and bytes per host, exactly */
 START_TEST(test_cost_model_counts) {
   apb_method m = (apb_method)(_i % APB_METHOD_COUNT);
@@ -376,6 +421,7 @@ int main(void) {
   tcase_add_loop_test(ti, test_apb_overlap_same_function, 0, 4);
   tcase_add_loop_test(ti, test_balance_equals_2h_hosts, 0, 6);
   tcase_add_loop_test(ti, test_threads_bitwise, 0, 3);
+  tcase_add_loop_test(ti, test_profile_stages, 0, 2);
   tcase_add_loop_test(ti, test_cost_model_counts, 0, 3 * APB_METHOD_COUNT);
   suite_add_tcase(s, ti);
   TCase *tc = tu_tcase("program", 300);

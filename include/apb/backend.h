@@ -144,6 +144,15 @@ typedef struct apb_backend_ops {
 
   /* memory accounting (apb_backend_mem); NULL when the backend does not count */
   void (*mem)(const apb_backend *be, size_t *current, size_t *peak);
+
+  /* timing marks, for profiling without waiting (apb_host_args.profile = 2); all three NULL when the
+   * backend has none. mark puts a point in the backend's queue (CUDA: a timing event recorded on the
+   * instance's stream; CPU: the clock, every op having finished when it returns) into *m;
+   * mark_elapsed gives the seconds from a to b once the work before b has finished (after a sync);
+   * mark_free releases a mark (NULL is allowed). */
+  apb_status (*mark)(apb_backend *be, void **m, apb_error *err);
+  apb_status (*mark_elapsed)(apb_backend *be, void *a, void *b, double *seconds, apb_error *err);
+  void (*mark_free)(apb_backend *be, void *m);
 } apb_backend_ops;
 
 struct apb_backend {

@@ -167,8 +167,11 @@ typedef struct apb_host_args {
   apb_hook_fn hook;         /* may be NULL */
   void *hook_user;
   int want_hidden;          /* fill result->hidden */
-  int profile;              /* fill stats.stage_s: the backend is synced around every stage (slower,
-                               and it removes any overlap of communication with compute) */
+  int profile;              /* fill stats.stage_s. 1: the backend is synced around every stage (slower,
+                               and it removes any overlap of communication with compute); 2: timing
+                               marks in the backend's queue around every stage (apb_backend_ops.mark:
+                               CUDA events), no wait, overlap kept; 1's method where the backend has
+                               no marks */
 } apb_host_args;
 
 /* Run this host's prefill, query and decode. On failure the caller reports the error and then calls
