@@ -29,6 +29,7 @@
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "../ref/backend_cpu.h" /* white-box: the CPU weight descriptor, for apb_bmodel shapes */
 #include "apb/attn.h"
@@ -143,6 +144,32 @@ START_TEST(test_create) {
     ck_assert(be == NULL);
   }
   apb_backend_destroy(NULL);
+}
+END_TEST
+
+/* timing marks (apb_host_args.profile 2): the CPU backends' are the clock; elapsed between two marks is
+ * >= 0 and grows with the work between them; a NULL mark is an error; freeing NULL is allowed */
+START_TEST(test_marks) {
+  const char *name = _i ? "fast" : "naive";
+  apb_backend *be = mk(name, 0, 0);
+  const apb_backend_ops *op = be->ops;
+  apb_error e = {0};
+  ck_assert(op->mark && op->mark_elapsed && op->mark_free);
+  void *m0 = NULL, *m1 = NULL, *m2 = NULL;
+  OK(op->mark(be, &m0, &e), &e, "mark");
+  OK(op->mark(be, &m1, &e), &e, "mark");
+  struct timespec ts = {0, 20 * 1000 * 1000}; /* 20 ms of "work" */
+  nanosleep(&ts, NULL);
+  OK(op->mark(be, &m2, &e), &e, "mark");
+  double a = -1, b = -1;
+  OK(op->mark_elapsed(be, m0, m1, &a, &e), &e, "mark_elapsed");
+  OK(op->mark_elapsed(be, m1, m2, &b, &e), &e, "mark_elapsed");
+  ck_assert_msg(a >= 0 && a < 0.01, "%s: back-to-back marks %g s apart", name, a);
+  ck_assert_msg(b >= 0.019, "%s: 20 ms sleep measured as %g s", name, b);
+  double c = 0;
+  FAILS(op->mark_elapsed(be, NULL, m1, &c, &e), APB_EINVAL, &e, "NULL", NULL);
+  op->mark_free(be, m0), op->mark_free(be, m1), op->mark_free(be, m2), op->mark_free(be, NULL);
+  apb_backend_destroy(be);
 }
 END_TEST
 
@@ -1174,6 +1201,7 @@ int main(void) {
   TCase *tc = tu_tcase("memory", 30);
   tcase_add_test(tc, test_create);
   tcase_add_loop_test(tc, test_memory, 0, 2);
+  tcase_add_loop_test(tc, test_marks, 0, 2);
   tcase_add_loop_test(tc, test_bmodel, 0, 8);
   suite_add_tcase(s, tc);
 

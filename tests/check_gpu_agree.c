@@ -671,6 +671,34 @@ START_TEST(test_attn) {
 }
 END_TEST
 
+/* The CUDA backend's timing marks (events on its stream, apb_host_args.profile 2): a span around 64 MiB
+ * of copies is > 0 after a sync and no longer than the wall time around it; a NULL mark is an error. */
+START_TEST(test_marks) {
+  apb_backend *be = gpu_be(modes[_i]);
+  const apb_backend_ops *op = be->ops;
+  apb_error e = {0};
+  ck_assert(op->mark && op->mark_elapsed && op->mark_free);
+  const size_t bytes = (size_t)64 << 20;
+  void *a = d_alloc(be, bytes), *b = d_alloc(be, bytes), *m0 = NULL, *m1 = NULL;
+  OK(op->sync(be, &e), &e, "sync");
+  struct timespec t0, t1;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  OK(op->mark(be, &m0, &e), &e, "mark");
+  for (int i = 0; i < 8; i++) OK(op->copy(be, i % 2 ? a : b, i % 2 ? b : a, bytes, &e), &e, "copy");
+  OK(op->mark(be, &m1, &e), &e, "mark");
+  OK(op->sync(be, &e), &e, "sync");
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  const double wall = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+  double span = -1;
+  OK(op->mark_elapsed(be, m0, m1, &span, &e), &e, "mark_elapsed");
+  ck_assert_msg(span > 0 && span <= wall, "8 copies of 64 MiB: marks %g s apart, wall %g s", span, wall);
+  double c = 0;
+  FAILS(op->mark_elapsed(be, m0, NULL, &c, &e), APB_EINVAL, &e, "NULL", NULL);
+  op->mark_free(be, m0), op->mark_free(be, m1), op->mark_free(be, NULL);
+  d_free(be, a), d_free(be, b);
+}
+END_TEST
+
 /* n partials with -inf rows, out of place and aliasing part 0: 2-4 take the bf16 few-partials kernel, 5 the
  * general one, 40 goes beyond the by-value limit; D 256 makes each thread of the bf16 forms take two
  * 16-byte chunks */
@@ -1893,6 +1921,7 @@ int main(void) {
   tcase_add_loop_test(tc, test_embed, 0, 2 * nt * 3);
   tcase_add_loop_test(tc, test_attn, 0, g_small ? 2 * 2 * 3 : 2 * 2 * NA);
   tcase_add_loop_test(tc, test_merge, 0, 2 * (int)(sizeof merge_cases / sizeof merge_cases[0]));
+  tcase_add_loop_test(tc, test_marks, 0, 2);
   suite_add_tcase(s, tc);
 
   tc = tu_tcase("selection", 300);
