@@ -19,7 +19,8 @@
  *   - linear: y [T, N] = x [T, K] W^T by cublasGemmEx (BF16 in and out with CUBLAS_COMPUTE_32F and
  *     reductions kept in fp32, or F32 in and out). With a bias the sum must be rounded once: in F32
  *     mode the GEMM writes y and an epilogue kernel adds the bias in place; in BF16 mode the GEMM
- *     writes fp32 row chunks to scratch and the epilogue adds the bias and rounds to bf16 into y;
+ *     writes fp32 row chunks to scratch and the epilogue adds the bias and rounds to bf16 into y; the
+ *     handle has a workspace of its own of the size cuBLAS recommends (32 MiB on Hopper, 4 MiB before);
  *   - attn: apb_cuda_attn on the instance's stream with the instance's kernel choice: environment
  *     variable APB_CUDA_ATTN = simple | tc | tc_w16 | tc_w32 | hopper | hopper_v1 .. hopper_v5 at
  *     creation, or apb_backend_cuda_set_attn; default hopper for BF16 (TC where the Hopper kernel
@@ -586,6 +587,7 @@ static void cu_destroy(apb_backend *be) {
   if (c->rope_dev) cudaFree(c->rope_dev);
   if (c->chk) cudaFree(c->chk);
   if (c->blas) cublasDestroy(c->blas);
+  if (c->blas_ws) cudaFree(c->blas_ws);
   if (c->stream) cudaStreamDestroy(c->stream);
   delete c;
 }
@@ -681,6 +683,7 @@ extern "C" apb_status apb_backend_cuda(int device, apb_dtype act, apb_backend **
   c->peak.store(0);
   c->stream = NULL;
   c->blas = NULL;
+  c->blas_ws = NULL;
   c->rope_dev = NULL;
   c->rope_cap = 0;
   c->chk = NULL;
@@ -695,6 +698,14 @@ extern "C" apb_status apb_backend_cuda(int device, apb_dtype act, apb_backend **
   APB_CU(cudaMemsetAsync(c->chk, 0xFF, CU_CHK_KINDS * sizeof(cu_chk_rec), c->stream));
   APB_CUBLAS(cublasCreate(&c->blas));
   APB_CUBLAS(cublasSetStream(c->blas, c->stream));
+  {
+    /* after cublasSetStream, which would put the handle back on its default workspace */
+    int major = 0;
+    APB_CU(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    const size_t ws = (size_t)(major >= 9 ? 32 : 4) << 20;
+    APB_CU(cudaMalloc(&c->blas_ws, ws));
+    APB_CUBLAS(cublasSetWorkspace(c->blas, c->blas_ws, ws));
+  }
   APB_CUBLAS(cublasSetMathMode(c->blas, (cublasMath_t)(CUBLAS_DEFAULT_MATH |
                                                        CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)));
   *out = &c->be;

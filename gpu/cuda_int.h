@@ -94,6 +94,8 @@ struct cu_be {
   int dev;                         /* CUDA device ordinal */
   cudaStream_t stream;             /* every op of this instance is enqueued here (non-blocking stream) */
   cublasHandle_t blas;             /* bound to stream; default math (TF32 never used) */
+  void *blas_ws;                   /* its workspace: cuBLAS's recommendation, 32 MiB on Hopper, 4 MiB before
+                                      (not counted by `mem`, like the other per-instance tables) */
   apb_cuda_attn_impl attn;         /* attention kernel: APB_CUDA_ATTN env, apb_backend_cuda_set_attn */
   std::atomic<size_t> cur, peak;   /* bytes allocated now (alloc, weights, op scratch) and high water */
   std::mutex mu;                   /* guards sizes */
