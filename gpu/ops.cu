@@ -534,6 +534,18 @@ __global__ void merge_kernel(Parts parts, int n, int64_t nt, int Hq, int D, T *o
   }
 }
 
+/* The 16-byte merges' shared steps: 8 accumulated columns rounded into o's 16-byte chunk `at`, and the
+ * merged LSE (-inf when no partial saw the row). */
+__device__ __forceinline__ void merge_store8(const double (&acc)[8], apb_bf16 *o, int64_t at) {
+  float f[8];
+#pragma unroll
+  for (int q = 0; q < 8; q++) f[q] = (float)acc[q];
+  ((uint4 *)o)[at] = cu_pack8(f);
+}
+__device__ __forceinline__ float merge_lse(double m, double sum) {
+  return m == -INFINITY ? -INFINITY : (float)(m + log(sum));
+}
+
 /* The BF16 form for few partials (n <= CU_MERGE_PARTS, D % 8 == 0, 16-byte aligned o): 16 threads per
  * (row, head), each owning 8-column chunks (16-byte accesses) and computing the partials' weights
  * itself, in double as merge_kernel does; per element the same sums in the same order. The two
@@ -577,14 +589,11 @@ __global__ void merge_bf16x8_kernel(MergeParam parts, int n, int64_t nt, int Hq,
 #pragma unroll
             for (int q = 0; q < 8; q++) acc[q] += w * (double)f[q];
           }
-        float f[8];
-#pragma unroll
-        for (int q = 0; q < 8; q++) f[q] = (float)acc[q];
-        ((uint4 *)o)[oi + c] = cu_pack8(f);
+        merge_store8(acc, o, oi + c);
       }
     }
     __syncwarp(); /* both pairs of the warp have read their partials' lse */
-    if (active && sub == 0 && lse) lse[li] = m == -INFINITY ? -INFINITY : (float)(m + log(sum));
+    if (active && sub == 0 && lse) lse[li] = merge_lse(m, sum);
   }
 }
 
@@ -646,14 +655,11 @@ __global__ void merge_bf16x8_few_kernel(MergeParam parts, int64_t nt, int Hq, in
 #pragma unroll
             for (int q = 0; q < 8; q++) acc[q] += wt[i] * (double)f[q];
           }
-        float f[8];
-#pragma unroll
-        for (int q = 0; q < 8; q++) f[q] = (float)acc[q];
-        ((uint4 *)o)[oi + c] = cu_pack8(f);
+        merge_store8(acc, o, oi + c);
       }
     }
     __syncwarp(); /* both pairs of the warp have read their partials' lse */
-    if (active && sub == 0 && lse) lse[li] = m == -INFINITY ? -INFINITY : (float)(m + log(sum));
+    if (active && sub == 0 && lse) lse[li] = merge_lse(m, sum);
   }
 }
 
