@@ -387,10 +387,14 @@ static apb_status cu_mark_elapsed(apb_backend *be, void *a, void *b, double *sec
   apb_status st = cu_enter(c, err);
   if (st != APB_OK) return st;
   if (!a || !b) return apb_error_set(err, APB_EINVAL, "mark_elapsed: %s mark is NULL", !a ? "the first" : "the second");
-  APB_CU(cudaEventElapsedTime(&ms, (cudaEvent_t)a, (cudaEvent_t)b));
+  const cudaError_t e = cudaEventElapsedTime(&ms, (cudaEvent_t)a, (cudaEvent_t)b);
+  if (e != cudaSuccess) {
+    cudaGetLastError(); /* not left behind for the next launch check to find */
+    return apb_error_set(err, APB_EDEVICE, "mark_elapsed: cudaEventElapsedTime on device %d: %s (%s)", c->dev,
+                         cudaGetErrorString(e), cudaGetErrorName(e));
+  }
   *seconds = 1e-3 * (double)ms;
-done:
-  return st;
+  return APB_OK;
 }
 
 static void cu_mark_free(apb_backend *be, void *m) {

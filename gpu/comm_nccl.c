@@ -200,8 +200,9 @@ typedef struct nc_comm {
   int fault_armed;        /* apb_nccl_execute's fault hook fired: fail the next call */
   char fault_msg[256];
   int timing;             /* APB_NCCL_TIMING / apb_nccl_opts.comm_timing: time the compute stream's */
-  cudaEvent_t *tev;       /* collectives and waits: [n_tev] start/end pairs recorded on cs, owner */
-  int n_tev, cap_tev;     /* thread only, resolved into stats.visible_s by apb_nccl_sync */
+  apb_backend *be;        /* the backend instance whose stream cs is; its timing marks (be->ops->mark) */
+  void **tev;             /* time collectives and waits: [n_tev] start/end pairs on cs, owner thread */
+  int n_tev, cap_tev;     /* only, resolved into stats.visible_s by apb_nccl_sync */
 } nc_comm;
 
 struct nc_group {
@@ -341,23 +342,18 @@ static apb_status scan_locked(nc_comm *x) {
   return APB_OK;
 }
 
-/* Timing on: record an event on the compute stream (one end of a start/end pair). Owner thread only. */
+/* Timing on: a timing mark of the backend on the compute stream (one end of a start/end pair). Owner
+ * thread only. */
 static apb_status tmark(nc_comm *x, apb_error *err) {
-  apb_status st = APB_OK;
-  cudaEvent_t ev = NULL;
   if (!x->timing) return APB_OK;
   if (x->n_tev == x->cap_tev) {
     int cap = x->cap_tev ? 2 * x->cap_tev : 256;
-    cudaEvent_t *t = realloc(x->tev, sizeof *t * (size_t)cap);
-    if (!t) return apb_error_set(err, APB_ENOMEM, "rank %d: out of memory for the timing events", x->rank);
+    void **t = realloc(x->tev, sizeof *t * (size_t)cap);
+    if (!t) return apb_error_set(err, APB_ENOMEM, "rank %d: out of memory for the timing marks", x->rank);
     x->tev = t, x->cap_tev = cap;
   }
-  CUCK(x->rank, x->dev, cudaEventCreate(&ev));
-  CUCK(x->rank, x->dev, cudaEventRecord(ev, x->cs));
-  x->tev[x->n_tev++] = ev;
-  ev = NULL;
-done:
-  if (ev) cudaEventDestroy(ev);
+  apb_status st = x->be->ops->mark(x->be, &x->tev[x->n_tev], err);
+  if (st == APB_OK) x->n_tev++;
   return st;
 }
 
@@ -366,11 +362,10 @@ done:
 static void tresolve(nc_comm *x) {
   double s = 0;
   for (int i = 0; i + 1 < x->n_tev; i += 2) {
-    float ms = 0;
-    if (cudaEventElapsedTime(&ms, x->tev[i], x->tev[i + 1]) == cudaSuccess) s += ms * 1e-3;
-    else cudaGetLastError();
+    double e = 0;
+    if (x->be->ops->mark_elapsed(x->be, x->tev[i], x->tev[i + 1], &e, NULL) == APB_OK) s += e;
   }
-  for (int i = 0; i < x->n_tev; i++) cudaEventDestroy(x->tev[i]);
+  for (int i = 0; i < x->n_tev; i++) x->be->ops->mark_free(x->be, x->tev[i]);
   x->n_tev = 0;
   if (x->pub) x->pub->stats.visible_s += s;
 }
@@ -902,7 +897,7 @@ static void free_comm(nc_comm *x) {
   int prev = dev_enter(x->dev);
   for (int i = 0; i < x->n_pend; i++) cudaEventDestroy(x->pend[i].ev);
   free(x->pend);
-  for (int i = 0; i < x->n_tev; i++) cudaEventDestroy(x->tev[i]);
+  for (int i = 0; i < x->n_tev; i++) x->be->ops->mark_free(x->be, x->tev[i]);
   free(x->tev);
   if (x->xs) cudaStreamDestroy(x->xs);
   if (x->scratch) cudaFree(x->scratch);
@@ -1007,7 +1002,7 @@ static apb_status comm_alloc(int rank, int size, apb_backend *be, double timeout
                          "communicator needs a CUDA backend instance)", rank, be->name, dev);
   nc_comm *x = calloc(1, sizeof *x);
   if (!x) return apb_error_set(err, APB_ENOMEM, "NCCL rank %d: out of memory", rank);
-  x->rank = rank, x->size = size, x->dev = dev, x->cs = (cudaStream_t)stream;
+  x->rank = rank, x->size = size, x->dev = dev, x->cs = (cudaStream_t)stream, x->be = be;
   x->timeout_s = timeout_s, x->check = check, x->timing = env_flag("APB_NCCL_TIMING");
   pthread_mutex_init(&x->mu, NULL);
   pthread_condattr_t ca;

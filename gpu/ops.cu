@@ -314,37 +314,15 @@ done:
 
 apb_status cu_split_rope(apb_backend *be, const void *qkv, int64_t T, int Hq, int Hkv, int D, const int32_t *pos,
                          const apb_rope *rope, void *q, void *k, void *v, apb_error *err) {
-  const char *op = "split_rope";
   cu_be *c = cu_of(be);
   apb_status st;
-  if ((st = apb_bc_len(err, op, "T", T, 0)) || (st = apb_bc_len(err, op, "Hq", Hq, 1)) || (st = apb_bc_len(err, op, "Hkv", Hkv, 1)) ||
-      (st = apb_bc_need(err, op, "rope", rope)))
-    return st;
-  if (D < 2 || D % 2)
-    return apb_error_set(err, APB_EINVAL, "%s: head dim D=%d must be even and >= 2 (rotate-half)", op, D);
-  const int64_t QKV = ((int64_t)Hq + 2 * (int64_t)Hkv) * D;
-  if (T > INT64_MAX / 4 / QKV)
-    return apb_error_set(err, APB_EINVAL, "%s: shape too large (T=%lld, Hq=%d, Hkv=%d, D=%d)", op, (long long)T, Hq,
-                         Hkv, D);
-  if (T == 0) return APB_OK;
   const size_t es = apb_act_size(be);
-  const size_t bq = (size_t)T * Hq * D * es, bk = (size_t)T * Hkv * D * es, bx = (size_t)T * QKV * es;
-  if ((st = apb_bc_need(err, op, "qkv", qkv)) || (st = apb_bc_need(err, op, "pos", pos)) || (st = apb_bc_need(err, op, "q", q)) ||
-      (st = apb_bc_need(err, op, "k", k)) || (st = apb_bc_need(err, op, "v", v)) ||
-      (st = apb_bc_disjoint(err, op, "q", q, bq, "qkv", qkv, bx)) || (st = apb_bc_disjoint(err, op, "k", k, bk, "qkv", qkv, bx)) ||
-      (st = apb_bc_disjoint(err, op, "v", v, bk, "qkv", qkv, bx)) || (st = apb_bc_disjoint(err, op, "q", q, bq, "k", k, bk)) ||
-      (st = apb_bc_disjoint(err, op, "q", q, bq, "v", v, bk)) || (st = apb_bc_disjoint(err, op, "k", k, bk, "v", v, bk)))
+  double *f = NULL;
+  if ((st = apb_bc_split_rope(err, qkv, T, Hq, Hkv, D, pos, rope, q, k, v, es, &f)) || T == 0) {
+    free(f);
     return st;
-  double *f = (double *)malloc((size_t)(D / 2) * sizeof *f);
-  if (!f) return apb_error_set(err, APB_ENOMEM, "%s: cannot allocate %d inverse frequencies", op, D / 2);
-  apb_rope_inv_freq(rope, D, f);
-  for (int i = 0; i < D / 2; i++)
-    if (!isfinite(f[i]) || f[i] < 0) {
-      st = apb_error_set(err, APB_EINVAL, "%s: inverse frequency %d of %d is %g (rope theta=%g, type %d)", op, i,
-                         D / 2, f[i], rope->theta, (int)rope->type);
-      free(f);
-      return st;
-    }
+  }
+  const int64_t QKV = ((int64_t)Hq + 2 * (int64_t)Hkv) * D;
   const unsigned g = cu_blocks(T * (D / 2), CU_THREADS);
   APB_TRY(cu_enter(c, err));
   APB_TRY(rope_table(c, f, D / 2, err));

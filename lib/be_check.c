@@ -3,6 +3,7 @@
 
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 
 apb_status apb_bc_need(apb_error *err, const char *op, const char *arg, const void *p) {
   if (p) return APB_OK;
@@ -130,4 +131,47 @@ apb_status apb_bc_add(apb_error *err, size_t n, const void *y, const void *x) {
   if (n == 0) return APB_OK;
   if ((st = apb_bc_need(err, "add", "y", y))) return st;
   return apb_bc_need(err, "add", "x", x);
+}
+
+apb_status apb_bc_split_rope(apb_error *err, const void *qkv, int64_t T, int Hq, int Hkv, int D, const void *pos,
+                             const apb_rope *rope, const void *q, const void *k, const void *v, size_t es,
+                             double **inv_freq) {
+  const char *op = "split_rope";
+  apb_status st;
+  *inv_freq = NULL;
+  if ((st = apb_bc_len(err, op, "T", T, 0)) || (st = apb_bc_len(err, op, "Hq", Hq, 1)) ||
+      (st = apb_bc_len(err, op, "Hkv", Hkv, 1)) || (st = apb_bc_need(err, op, "rope", rope)))
+    return st;
+  if (D < 2 || D % 2)
+    return apb_error_set(err, APB_EINVAL, "%s: head dim D=%d must be even and >= 2 (rotate-half)", op, D);
+  const int64_t QKV = ((int64_t)Hq + 2 * (int64_t)Hkv) * D;
+  if (T > INT64_MAX / 4 / QKV)
+    return apb_error_set(err, APB_EINVAL, "%s: shape too large (T=%lld, Hq=%d, Hkv=%d, D=%d)", op, (long long)T,
+                         Hq, Hkv, D);
+  if (T > 0) {
+    if ((st = apb_bc_need(err, op, "qkv", qkv)) || (st = apb_bc_need(err, op, "pos", pos)) ||
+        (st = apb_bc_need(err, op, "q", q)) || (st = apb_bc_need(err, op, "k", k)) ||
+        (st = apb_bc_need(err, op, "v", v)))
+      return st;
+    const size_t bq = (size_t)T * Hq * D * es, bk = (size_t)T * Hkv * D * es, bx = (size_t)T * QKV * es;
+    if ((st = apb_bc_disjoint(err, op, "q", q, bq, "qkv", qkv, bx)) ||
+        (st = apb_bc_disjoint(err, op, "k", k, bk, "qkv", qkv, bx)) ||
+        (st = apb_bc_disjoint(err, op, "v", v, bk, "qkv", qkv, bx)) ||
+        (st = apb_bc_disjoint(err, op, "q", q, bq, "k", k, bk)) ||
+        (st = apb_bc_disjoint(err, op, "q", q, bq, "v", v, bk)) ||
+        (st = apb_bc_disjoint(err, op, "k", k, bk, "v", v, bk)))
+      return st;
+  }
+  double *f = malloc((size_t)(D / 2) * sizeof *f);
+  if (!f) return apb_error_set(err, APB_ENOMEM, "%s: cannot allocate %d inverse frequencies", op, D / 2);
+  apb_rope_inv_freq(rope, D, f);
+  for (int i = 0; i < D / 2; i++)
+    if (!isfinite(f[i]) || f[i] < 0) {
+      const double bad = f[i];
+      free(f);
+      return apb_error_set(err, APB_EINVAL, "%s: inverse frequency %d of %d is %g (rope theta=%g, type %d)", op, i,
+                           D / 2, bad, rope->theta, (int)rope->type);
+    }
+  *inv_freq = f;
+  return APB_OK;
 }

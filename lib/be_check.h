@@ -11,6 +11,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "apb/model.h"
 #include "apb/status.h"
 
 #ifdef __cplusplus
@@ -45,6 +46,13 @@ apb_status apb_bc_embed(apb_error *err, int64_t T, const void *ids, const void *
 apb_status apb_bc_rmsnorm(apb_error *err, float eps, int64_t T, const void *x, const void *y);
 apb_status apb_bc_swiglu(apb_error *err, int64_t T, int64_t F, const void *gu, const void *out, size_t es);
 apb_status apb_bc_add(apb_error *err, size_t n, const void *y, const void *x);
+/* split_rope's arguments (elements of es bytes): T >= 0, Hq, Hkv >= 1, D even >= 2, rope present, the
+ * shape within range, and when T > 0 every pointer present and q, k, v apart from qkv and each other;
+ * then *inv_freq = the rope's D/2 inverse frequencies (apb_rope_inv_freq; malloc'd, the caller frees
+ * it), each finite and >= 0. *inv_freq is NULL after a failure. */
+apb_status apb_bc_split_rope(apb_error *err, const void *qkv, int64_t T, int Hq, int Hkv, int D, const void *pos,
+                             const apb_rope *rope, const void *q, const void *k, const void *v, size_t es,
+                             double **inv_freq);
 
 #ifdef __cplusplus
 }

@@ -143,50 +143,6 @@ apb_status apb_cpu_check_ids(apb_error *err, const char *op, const int32_t *ids,
   return APB_OK;
 }
 
-apb_status apb_cpu_rope_prep(apb_error *err, const void *qkv, int64_t T, int Hq, int Hkv, int D,
-                             const int32_t *pos, const apb_rope *rope, const void *q, const void *k,
-                             const void *v, double **inv_freq) {
-  const char *op = "split_rope";
-  apb_status st;
-  *inv_freq = NULL;
-  if ((st = apb_bc_len(err, op, "T", T, 0)) || (st = apb_bc_len(err, op, "Hq", Hq, 1)) ||
-      (st = apb_bc_len(err, op, "Hkv", Hkv, 1)) || (st = apb_bc_need(err, op, "rope", rope)))
-    return st;
-  if (D < 2 || D % 2)
-    return apb_error_set(err, APB_EINVAL, "%s: head dim D=%d must be even and >= 2 (rotate-half)", op, D);
-  const int64_t QKV = ((int64_t)Hq + 2 * (int64_t)Hkv) * D;
-  if (T > INT64_MAX / 4 / QKV)
-    return apb_error_set(err, APB_EINVAL, "%s: shape too large (T=%lld, Hq=%d, Hkv=%d, D=%d)", op, (long long)T,
-                         Hq, Hkv, D);
-  if (T > 0) {
-    if ((st = apb_bc_need(err, op, "qkv", qkv)) || (st = apb_bc_need(err, op, "pos", pos)) ||
-        (st = apb_bc_need(err, op, "q", q)) || (st = apb_bc_need(err, op, "k", k)) ||
-        (st = apb_bc_need(err, op, "v", v)))
-      return st;
-    const size_t bq = (size_t)T * Hq * D * sizeof(float), bk = (size_t)T * Hkv * D * sizeof(float);
-    const size_t bx = (size_t)T * QKV * sizeof(float);
-    if ((st = apb_bc_disjoint(err, op, "q", q, bq, "qkv", qkv, bx)) ||
-        (st = apb_bc_disjoint(err, op, "k", k, bk, "qkv", qkv, bx)) ||
-        (st = apb_bc_disjoint(err, op, "v", v, bk, "qkv", qkv, bx)) ||
-        (st = apb_bc_disjoint(err, op, "q", q, bq, "k", k, bk)) ||
-        (st = apb_bc_disjoint(err, op, "q", q, bq, "v", v, bk)) ||
-        (st = apb_bc_disjoint(err, op, "k", k, bk, "v", v, bk)))
-      return st;
-  }
-  double *f = malloc((size_t)(D / 2) * sizeof *f);
-  if (!f) return apb_error_set(err, APB_ENOMEM, "%s: cannot allocate %d inverse frequencies", op, D / 2);
-  apb_rope_inv_freq(rope, D, f);
-  for (int i = 0; i < D / 2; i++)
-    if (!isfinite(f[i]) || f[i] < 0) {
-      double bad = f[i];
-      free(f);
-      return apb_error_set(err, APB_EINVAL, "%s: inverse frequency %d of %d is %g (rope theta=%g, type %d)", op, i,
-                           D / 2, bad, rope->theta, (int)rope->type);
-    }
-  *inv_freq = f;
-  return APB_OK;
-}
-
 apb_status apb_cpu_scorer_check(apb_error *err, const apb_bweight *fc1, const apb_bweight *fc2, const void *qkv,
                                 int64_t T, const float *scores) {
   const char *op = "score_retaining";

@@ -65,10 +65,6 @@ apb_status apb_cpu_weight(apb_error *err, const char *op, const char *arg, const
                           int64_t K);
 /* ids [T] each in [0, V). */
 apb_status apb_cpu_check_ids(apb_error *err, const char *op, const int32_t *ids, int64_t T, int64_t V);
-/* Everything of split_rope except the buffers' contents; fills inv_freq [D/2] (caller frees) on success. */
-apb_status apb_cpu_rope_prep(apb_error *err, const void *qkv, int64_t T, int Hq, int Hkv, int D,
-                             const int32_t *pos, const apb_rope *rope, const void *q, const void *k,
-                             const void *v, double **inv_freq);
 /* fc1 [I, C], fc2 [Hkv, I], qkv [T, C], scores [Hkv, T]. */
 apb_status apb_cpu_scorer_check(apb_error *err, const apb_bweight *fc1, const apb_bweight *fc2, const void *qkv,
                                 int64_t T, const float *scores);

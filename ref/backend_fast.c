@@ -150,7 +150,7 @@ static apb_status fast_split_rope(apb_backend *be, const void *qkv, int64_t T, i
                                   const int32_t *pos, const apb_rope *rope, void *q, void *k, void *v,
                                   apb_error *err) {
   double *f;
-  apb_status st = apb_cpu_rope_prep(err, qkv, T, Hq, Hkv, D, pos, rope, q, k, v, &f);
+  apb_status st = apb_bc_split_rope(err, qkv, T, Hq, Hkv, D, pos, rope, q, k, v, sizeof(float), &f);
   if (st != APB_OK || T == 0) {
     free(f);
     return st;

@@ -107,19 +107,26 @@ static void prof_sync(host_ctx *h) {
   if (st && !h->prof_st) h->prof_st = st, h->prof_err = e;
 }
 
+/* Profile 2: room for one more element in *arr (n used of *cap, elem bytes each); 0 after keeping an
+ * out-of-memory failure in prof_st. */
+static int prof_room(host_ctx *h, void **arr, int n, int *cap, size_t elem, const char *what) {
+  if (n < *cap) return 1;
+  const int c = *cap ? 2 * *cap : 256;
+  void *p = realloc(*arr, elem * (size_t)c);
+  if (!p) {
+    apb_error e = {0};
+    h->prof_st = apb_error_set(&e, APB_ENOMEM, "profiling: out of memory for %d %s", c, what), h->prof_err = e;
+    return 0;
+  }
+  *arr = p, *cap = c;
+  return 1;
+}
+
 /* Profile 2: a timing mark in the backend's queue, its number (-1 after a failure, kept in prof_st). */
 static int prof_mark(host_ctx *h) {
   apb_error e = {0};
-  if (h->prof_st) return -1;
-  if (h->n_marks == h->cap_marks) {
-    int cap = h->cap_marks ? 2 * h->cap_marks : 256;
-    void **m = realloc(h->marks, sizeof *m * (size_t)cap);
-    if (!m) {
-      h->prof_st = apb_error_set(&e, APB_ENOMEM, "profiling: out of memory for %d timing marks", cap), h->prof_err = e;
-      return -1;
-    }
-    h->marks = m, h->cap_marks = cap;
-  }
+  if (h->prof_st || !prof_room(h, (void **)&h->marks, h->n_marks, &h->cap_marks, sizeof *h->marks, "timing marks"))
+    return -1;
   apb_status st = h->be->ops->mark(h->be, &h->marks[h->n_marks], &e);
   if (st) {
     h->prof_st = st, h->prof_err = e;
@@ -146,17 +153,8 @@ void sched_prof_end(host_ctx *h, apb_stage s, double t0) {
     return;
   }
   const int a = (int)t0, b = prof_mark(h);
-  if (a < 0 || b < 0) return;
-  if (h->n_spans == h->cap_spans) {
-    int cap = h->cap_spans ? 2 * h->cap_spans : 128;
-    void *sp = realloc(h->spans, sizeof *h->spans * (size_t)cap);
-    if (!sp) {
-      apb_error e = {0};
-      h->prof_st = apb_error_set(&e, APB_ENOMEM, "profiling: out of memory for %d stage spans", cap), h->prof_err = e;
-      return;
-    }
-    h->spans = sp, h->cap_spans = cap;
-  }
+  if (a < 0 || b < 0 || !prof_room(h, (void **)&h->spans, h->n_spans, &h->cap_spans, sizeof *h->spans, "stage spans"))
+    return;
   h->spans[h->n_spans].stage = (int)s, h->spans[h->n_spans].a = a, h->spans[h->n_spans].b = b;
   h->n_spans++;
 }

@@ -8,9 +8,10 @@
  * from a second, profiled run, the per-layer breakdown (q/k/v projection, scorer, communication,
  * attention, o projection, FFN, other) of the slowest rank. The profiled run synchronises around every
  * stage (which removes any overlap of communication with compute), so its total is not the reported
- * time; --profile 2 times the stages with CUDA events on each rank's stream instead (no wait). JSON with --json FILE, and beside it FILE.tsv (method, "-balanced" appended under --balance,
- * gpus, tokens, prefill seconds, dense seconds at that length or 0) from which bench/plot_prefill.gp
- * draws the docs/ plots.
+ * time; --profile 2 times the stages with CUDA events on each rank's stream instead (no wait). JSON
+ * with --json FILE, and beside it FILE.tsv (method, "-balanced" appended under --balance, gpus,
+ * tokens, prefill seconds, dense seconds at that length or 0) from which bench/plot_prefill.gp draws
+ * the docs/ plots.
  * Dense always runs on one GPU. Not a test: numbers only; without NCCL or GPUs it says so and fails.
  */
 #include <stdio.h>
@@ -30,30 +31,29 @@ static const char help_text[] =
     "                         [--balance] [--overlap 0|1] [--attn-tflops X] [--gemm-tflops X]\n"
     "                         [--mem-gbs X] [--link-gbs X] [--latency-us X] [--json FILE]\n\n"
     "Prefill time per method on 1..N GPUs (one rank per GPU, NCCL), random bf16 weights made on the\n"
-    "GPUs. Defaults: --tokens 131072, --gpus 4, --method dense,ring,zigzag,ulysses,star,apb,\n"
-    "--preset llama3-8b-shape, --query-len 64,\n"
-    "--profile 1 (a second run per case for the per-stage breakdown, each stage between two syncs;\n"
-    "2: between two CUDA events on the rank's stream, no host wait and the overlap kept, so the\n"
-    "stages add up to what the timed run does), --warmup 1 (untimed whole runs\n"
-    "before each measured one, on the same weights and NCCL communicators, so that connection setup\n"
-    "and first-call costs are not timed), --reps 1 (timed runs; the fastest is reported, by its slowest\n"
-    "rank; the PyTorch peer reports the best of 2 after 1 untimed). --balance runs apb and star\n"
-    "with two virtual hosts per GPU (h and 2H-1-h). --overlap 0 runs apb's attention as one call after\n"
-    "the all-gather (default 1: [A|B] attended while it is in flight, then merged). The profiled run\n"
-    "prints every rank's breakdown under the case's line. apb and star use the lengths of\n"
-    "shared/APB.md 2 (apb: l_a = min(l_b/4, 8192), l_p = l_a/2; star: l_a = l_b) unless --anchor A\n"
-    "(apb's l_a; star keeps l_a = l_b) or --passing P (apb's l_p) say otherwise; the paper's 128K\n"
-    "setting and the PyTorch peer (shared/bench/torch_prefill.py) use 4096 and 2048. Dense uses one GPU.\n"
-    "'model s' is the cost model (apb/cost.h, as `apb predict`) at the rates given by the last five\n"
-    "options (defaults: apb predict's); with --profile 1, 'floor s' is the same model at the attention and\n"
-    "GEMM rates the slowest rank reached in its profiled run (its attention FLOPs over its attention\n"
-    "time, its linear FLOPs over its projection, scorer and FFN time), printed beside it. 'comm %' is the\n"
-    "share of the prefill that the critical rank's compute stream spent in collectives or waiting for\n"
-    "them (CUDA events around each, in the timed run: apb_comm_stats.visible_s), the critical rank being\n"
-    "the one with the most time outside them (the others' waits are mostly waiting for it: load\n"
-    "imbalance, which 'slow/fast' shows); dense 0. After each length and GPU count that ran apb, one line\n"
-    "gives apb's speedup over every other method of that length and GPU count (dense: its one-GPU run),\n"
-    "all measured in this run.\n";
+    "GPUs. Defaults: --tokens 131072, --gpus 4, --method dense,ring,zigzag,ulysses,star,apb, --preset\n"
+    "llama3-8b-shape, --query-len 64, --profile 1 (a second run per case for the per-stage breakdown,\n"
+    "each stage between two syncs; 2: between two CUDA events on the rank's stream, no host wait and the\n"
+    "overlap kept, so the stages add up to what the timed run does), --warmup 1 (untimed whole runs\n"
+    "before each measured one, on the same weights and NCCL communicators, so that connection setup and\n"
+    "first-call costs are not timed), --reps 1 (timed runs; the fastest is reported, by its slowest\n"
+    "rank; the PyTorch peer reports the best of 2 after 1 untimed). --balance runs apb and star with two\n"
+    "virtual hosts per GPU (h and 2H-1-h). --overlap 0 runs apb's attention as one call after the\n"
+    "all-gather (default 1: [A|B] attended while it is in flight, then merged). The profiled run prints\n"
+    "every rank's breakdown under the case's line. apb and star use the lengths of shared/APB.md 2 (apb:\n"
+    "l_a = min(l_b/4, 8192), l_p = l_a/2; star: l_a = l_b) unless --anchor A (apb's l_a; star keeps l_a\n"
+    "= l_b) or --passing P (apb's l_p) say otherwise; the paper's 128K setting and the PyTorch peer\n"
+    "(shared/bench/torch_prefill.py) use 4096 and 2048. Dense uses one GPU. 'model s' is the cost model\n"
+    "(apb/cost.h, as `apb predict`) at the rates given by the last five options (defaults: apb\n"
+    "predict's); with --profile 1 or 2, 'floor s' is the same model at the attention and GEMM rates the\n"
+    "slowest rank reached in its profiled run (its attention FLOPs over its attention time, its linear\n"
+    "FLOPs over its projection, scorer and FFN time), printed beside it. 'comm %' is the share of the\n"
+    "prefill that the critical rank's compute stream spent in collectives or waiting for them (CUDA\n"
+    "events around each, in the timed run: apb_comm_stats.visible_s), the critical rank being the one\n"
+    "with the most time outside them (the others' waits are mostly waiting for it: load imbalance, which\n"
+    "'slow/fast' shows); dense 0. After each length and GPU count that ran apb, one line gives apb's\n"
+    "speedup over every other method of that length and GPU count (dense: its one-GPU run), all measured\n"
+    "in this run.\n";
 
 typedef struct row {
   const char *method;
@@ -102,8 +102,8 @@ static int run_case(const apb_model_config *cfg, int I, apb_preset preset, apb_m
     goto done;
   }
   for (int pass = 0; pass < 1 + (profile != 0); pass++) {
-    apb_nccl_opts no = {.backend = "cuda-bf16", .use_preset = 1, .preset = preset, .seed = 1, .profile = pass == 1 ? profile : 0,
-                        .warmup = warmup, .reps = pass == 1 ? 1 : reps, .comm_timing = pass == 0};
+    apb_nccl_opts no = {.backend = "cuda-bf16", .use_preset = 1, .preset = preset, .seed = 1,
+                        .profile = pass == 1 ? profile : 0, .warmup = warmup, .reps = pass == 1 ? 1 : reps, .comm_timing = pass == 0};
     st = apb_nccl_execute(plan, NULL, &no, doc, query, res, cst, &err);
     if (st) {
       rc = cli_report(CMD, st, &err);

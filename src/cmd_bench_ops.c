@@ -6,7 +6,8 @@
  * --reps after --warmup, at the shapes one layer of a host with --tokens rows uses (llama3-8b-shape
  * sizes by default), and reported as milliseconds and GB/s of the bytes the op must read and write,
  * beside the backend's own device-to-device copy measured in the same run (the achievable rate).
- * The sum, times the number of calls per layer, is what one layer spends in them.
+ * Each op's time times its calls per layer, summed, is what one layer spends in them (swiglu counts T/C
+ * calls: the last chunk of a layer may be partial, so its rows are counted, not its launches).
  *
  * bf16 storage, random inputs (never zeros). It calls only apb_* functions, so it compiles without
  * CUDA; such a build says so and returns 1. Run on the GPU machines by bench/gpu_session.sh (stage
@@ -29,7 +30,8 @@ static const char help_text[] =
     "rows on GPU 0: rmsnorm [T, E], split_rope [T, (Hq+2Hkv) D], add [T, E], swiglu [C, 2F], the LSE\n"
     "merge of two partials [T, Hq, D] and the copy of k and v into the KV cache. Prints the median ms\n"
     "of each call, the bytes it must move, GB/s, the ratio to a device-to-device copy of the same size\n"
-    "measured in the same run, and the ms per layer (calls per layer x ms).\n"
+    "measured in the same run, and the ms per layer (calls per layer x ms; swiglu's calls are T/C, the\n"
+    "chunks' worth of rows).\n"
     "\n"
     "Options:\n"
     "  --tokens T      rows (default 36864: the anchor and block of a host at 128K on 4 GPUs)\n"

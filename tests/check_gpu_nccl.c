@@ -1036,20 +1036,7 @@ START_TEST(test_warmup_reps) {
   g_profile = 0;
   snprintf(what, sizeof what, "%s H=%d profile 2 vs unprofiled", apb_method_name(ro.method), H);
   tu_assert_bitwise(what, prof.hidden, one.hidden, (size_t)plan->n * (size_t)tiny->cfg.hidden);
-  for (int r = 0; r < H; r++) {
-    const apb_host_stats *hs = &prof.res[r].stats;
-    double sum = 0;
-    for (int k = 0; k < APB_STAGE_COUNT; k++) {
-      ck_assert_msg(hs->stage_s[k] >= 0, "%s: rank %d stage %s %g s", what, r, apb_stage_name((apb_stage)k),
-                    hs->stage_s[k]);
-      sum += hs->stage_s[k];
-    }
-    ck_assert_msg(fabs(sum - hs->prefill_s) <= 1e-6 * hs->prefill_s, "%s: rank %d stages %g s, prefill %g s", what,
-                  r, sum, hs->prefill_s);
-    ck_assert_msg(hs->stage_s[APB_STAGE_QKV] > 0 && hs->stage_s[APB_STAGE_ATTN] > 0 && hs->stage_s[APB_STAGE_FFN] > 0,
-                  "%s: rank %d: qkv %g, attn %g, ffn %g s", what, r, hs->stage_s[APB_STAGE_QKV],
-                  hs->stage_s[APB_STAGE_ATTN], hs->stage_s[APB_STAGE_FFN]);
-  }
+  for (int r = 0; r < H; r++) tu_assert_stages(what, r, &prof.res[r].stats);
   run_free(&prof);
   run_free(&one), run_free(&more);
   free(doc), free(query), free(plan);

@@ -248,22 +248,10 @@ START_TEST(test_profile_stages) {
     snprintf(what, sizeof what, "%s H=2 --profile %d against unprofiled", apb_method_name(m), prof);
     tu_assert_bitwise(what, a.hidden, ref.hidden, 1025 * tiny->cfg.hidden);
     tu_assert_bitwise(what, a.logits, ref.logits, tiny->cfg.vocab);
-    for (int r = 0; r < a.H; r++) {
-      const apb_host_stats *hs = &a.res[r].stats;
-      double sum = 0;
-      for (int k = 0; k < APB_STAGE_COUNT; k++) {
-        ck_assert_msg(hs->stage_s[k] >= 0, "%s: host %d stage %s %g s < 0", what, r, apb_stage_name((apb_stage)k),
-                      hs->stage_s[k]);
-        sum += hs->stage_s[k];
-      }
-      ck_assert_msg(fabs(sum - hs->prefill_s) <= 1e-9 * hs->prefill_s + 1e-12,
-                    "%s: host %d stages sum to %.9g s, prefill %.9g s", what, r, sum, hs->prefill_s);
-      const apb_stage busy[] = {APB_STAGE_QKV, APB_STAGE_ATTN, APB_STAGE_OPROJ, APB_STAGE_FFN};
-      for (size_t k = 0; k < sizeof busy / sizeof busy[0]; k++)
-        ck_assert_msg(hs->stage_s[busy[k]] > 0, "%s: host %d stage %s not timed", what, r, apb_stage_name(busy[k]));
-      if (m == APB_METHOD_APB && r == 0)
-        ck_assert_msg(hs->stage_s[APB_STAGE_SCORE] > 0, "%s: host 0 compresses but its scorer is not timed", what);
-    }
+    for (int r = 0; r < a.H; r++) tu_assert_stages(what, r, &a.res[r].stats);
+    if (m == APB_METHOD_APB)
+      ck_assert_msg(a.res[0].stats.stage_s[APB_STAGE_SCORE] > 0, "%s: host 0 compresses but its scorer is not timed",
+                    what);
     run_free(&a);
   }
   run_free(&ref);

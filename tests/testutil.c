@@ -87,6 +87,21 @@ void tu_assert_bitwise_at(const char *file, int line, const char *what, const fl
                 bad >= 0 ? (double)a[bad] : 0.0, bad >= 0 ? (double)b[bad] : 0.0);
 }
 
+void tu_assert_stages_at(const char *file, int line, const char *what, int host, const apb_host_stats *hs) {
+  double sum = 0;
+  for (int k = 0; k < APB_STAGE_COUNT; k++) {
+    ck_assert_msg(hs->stage_s[k] >= 0, "%s:%d: %s: host %d stage %s %g s < 0", file, line, what, host,
+                  apb_stage_name((apb_stage)k), hs->stage_s[k]);
+    sum += hs->stage_s[k];
+  }
+  ck_assert_msg(fabs(sum - hs->prefill_s) <= 1e-9 * hs->prefill_s + 1e-12,
+                "%s:%d: %s: host %d stages sum to %.9g s, prefill %.9g s", file, line, what, host, sum, hs->prefill_s);
+  const apb_stage busy[] = {APB_STAGE_QKV, APB_STAGE_ATTN, APB_STAGE_OPROJ, APB_STAGE_FFN};
+  for (size_t k = 0; k < sizeof busy / sizeof busy[0]; k++)
+    ck_assert_msg(hs->stage_s[busy[k]] > 0, "%s:%d: %s: host %d stage %s not timed", file, line, what, host,
+                  apb_stage_name(busy[k]));
+}
+
 char *tu_tmpname(const char *suffix) {
   /* mkstemps makes a name no file had (a pid and counter would repeat in Check's forked children,
    * whose counters all start from the parent's), then the file is removed so the caller starts clean */

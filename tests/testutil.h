@@ -50,6 +50,11 @@ void tu_assert_close_at(const char *file, int line, const char *what, const floa
 void tu_assert_bitwise_at(const char *file, int line, const char *what, const float *a, const float *b,
                           int64_t n);
 
+/* Assert that a profiled host's stage_s is a breakdown of its prefill (apb_host_args.profile 1 or 2):
+ * every stage >= 0, the stages summing to prefill_s, and the projections, attention and FFN timed. */
+#define tu_assert_stages(what, host, hs) tu_assert_stages_at(__FILE__, __LINE__, (what), (host), (hs))
+void tu_assert_stages_at(const char *file, int line, const char *what, int host, const apb_host_stats *hs);
+
 /* Path of a fresh temporary file name (under $TMPDIR or /tmp) with the given suffix, unique among
  * processes (mkstemps; the file itself is removed again); caller frees. */
 char *tu_tmpname(const char *suffix);
