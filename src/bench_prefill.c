@@ -27,7 +27,7 @@
 static const char help_text[] =
     "Usage: apb bench prefill [--tokens LIST] [--gpus LIST] [--method LIST] [--preset NAME]\n"
     "                         [--query-len Q] [--anchor A] [--passing P] [--profile 0|1|2] [--warmup N]\n"
-    "                         [--reps N]\n"
+    "                         [--reps N] [--ffn-chunk R]\n"
     "                         [--balance] [--overlap 0|1] [--attn-tflops X] [--gemm-tflops X]\n"
     "                         [--mem-gbs X] [--link-gbs X] [--latency-us X] [--json FILE]\n\n"
     "Prefill time per method on 1..N GPUs (one rank per GPU, NCCL), random bf16 weights made on the\n"
@@ -39,7 +39,8 @@ static const char help_text[] =
     "first-call costs are not timed), --reps 1 (timed runs; the fastest is reported, by its slowest\n"
     "rank; the PyTorch peer reports the best of 2 after 1 untimed). --balance runs apb and star with two\n"
     "virtual hosts per GPU (h and 2H-1-h). --overlap 0 runs apb's attention as one call after the\n"
-    "all-gather (default 1: [A|B] attended while it is in flight, then merged). The profiled run prints\n"
+    "all-gather (default 1: [A|B] attended while it is in flight, then merged). --ffn-chunk R: rows per\n"
+    "FFN chunk (default 8192; bounds the [R, 2F] gate/up intermediate). The profiled run prints\n"
     "every rank's breakdown under the case's line. apb and star use the lengths of shared/APB.md 2 (apb:\n"
     "l_a = min(l_b/4, 8192), l_p = l_a/2; star: l_a = l_b) unless --anchor A (apb's l_a; star keeps l_a\n"
     "= l_b) or --passing P (apb's l_p) say otherwise; the paper's 128K setting and the PyTorch peer\n"
@@ -68,20 +69,21 @@ typedef struct row {
   double imbalance;         /* slowest / fastest rank's compute (prefill minus time blocked in collectives) */
   int64_t bytes;
   int64_t la, lp;           /* the plan's anchor and passing lengths */
+  int64_t ffn_chunk;        /* the plan's rows per FFN chunk */
   int ok;
   char error[640];          /* why the case failed (ok == 0): the error message and status */
 } row;
 
+/* One case: method m on `gpus` GPUs at n tokens, with the command line's options in `base` (anchor,
+ * passing, balance, overlap, FFN chunk; those that do not apply to m are reset to their defaults). */
 static int run_case(const apb_model_config *cfg, int I, apb_preset preset, apb_method m, int gpus, int64_t n,
-                    int64_t q, int64_t la, int64_t lp, int profile, int warmup, int reps, int balance,
-                    int overlap, const apb_hw *hw, row *out) {
+                    int64_t q, const apb_run_opts *base, int profile, int warmup, int reps, const apb_hw *hw,
+                    row *out) {
   apb_error err = {0};
-  apb_run_opts o;
-  apb_run_opts_default(&o);
+  apb_run_opts o = *base;
   o.method = m, o.hosts = m == APB_METHOD_DENSE ? 1 : gpus;
-  o.balance = balance && (m == APB_METHOD_APB || m == APB_METHOD_STAR);
-  o.overlap = overlap;
-  if (m == APB_METHOD_APB) o.anchor = la, o.passing = lp; /* -1: APB.md 2's defaults */
+  o.balance = base->balance > 0 && (m == APB_METHOD_APB || m == APB_METHOD_STAR);
+  if (m != APB_METHOD_APB) o.anchor = o.passing = -1; /* -1: APB.md 2's defaults (star: l_a = l_b) */
   apb_plan *plan = malloc(sizeof *plan);
   int32_t *doc = malloc(sizeof(int32_t) * (size_t)n), *query = malloc(sizeof(int32_t) * (size_t)q);
   apb_host_result *res = calloc((size_t)gpus, sizeof *res);
@@ -166,7 +168,7 @@ static int run_case(const apb_model_config *cfg, int I, apb_preset preset, apb_m
         if (c[k].t_total > out->floor_s) out->floor_s = c[k].t_total;
   }
   free(c);
-  out->la = plan->la, out->lp = plan->lp;
+  out->la = plan->la, out->lp = plan->lp, out->ffn_chunk = plan->ffn_chunk;
   out->method = apb_method_name(m);
   out->gpus = plan->H;
   out->tokens = n;
@@ -178,8 +180,11 @@ done:
 
 int bench_prefill(int argc, char **argv) {
   int64_t tokens[MAXN] = {131072}, gpus_l[MAXN] = {4};
-  int nt = 1, ng = 1, nm = 0, profile = 1, balance = 0, overlap = 1, warmup = 1, reps = 1;
-  int64_t q = 64, la = -1, lp = -1;
+  int nt = 1, ng = 1, nm = 0, profile = 1, warmup = 1, reps = 1;
+  int64_t q = 64;
+  apb_run_opts base; /* what the options set for every case; method and hosts per case */
+  apb_run_opts_default(&base);
+  base.balance = 0, base.overlap = 1;
   apb_hw hw;
   apb_hw_default(&hw);
   apb_method ms[APB_METHOD_COUNT];
@@ -187,7 +192,7 @@ int bench_prefill(int argc, char **argv) {
   apb_preset preset = APB_PRESET_LLAMA3_8B;
   const char *json = NULL;
   enum { O_TOK = 256, O_GPUS, O_METHOD, O_PRESET, O_Q, O_PROF, O_JSON, O_BAL, O_OVL, O_LA, O_LP, O_WARM, O_REPS,
-         O_RATE };
+         O_FFNC, O_RATE };
   static const struct option opts[] = {
       {"tokens", required_argument, 0, O_TOK},     {"gpus", required_argument, 0, O_GPUS},
       {"method", required_argument, 0, O_METHOD},  {"preset", required_argument, 0, O_PRESET},
@@ -196,6 +201,7 @@ int bench_prefill(int argc, char **argv) {
       {"balance", no_argument, 0, O_BAL},          {"overlap", required_argument, 0, O_OVL},
       {"anchor", required_argument, 0, O_LA},      {"passing", required_argument, 0, O_LP},
       {"warmup", required_argument, 0, O_WARM},    {"reps", required_argument, 0, O_REPS},
+      {"ffn-chunk", required_argument, 0, O_FFNC},
       {"attn-tflops", required_argument, 0, O_RATE + CLI_RATE_ATTN},
       {"gemm-tflops", required_argument, 0, O_RATE + CLI_RATE_GEMM},
       {"mem-gbs", required_argument, 0, O_RATE + CLI_RATE_MEM},
@@ -214,7 +220,8 @@ int bench_prefill(int argc, char **argv) {
       break;
     case O_Q: rc = cli_parse_i64(CMD, "--query-len", optarg, 1, 4096, &q); break;
     case O_PROF: rc = cli_parse_int(CMD, "--profile", optarg, 0, 2, &profile); break;
-    case O_OVL: rc = cli_parse_int(CMD, "--overlap", optarg, 0, 1, &overlap); break;
+    case O_OVL: rc = cli_parse_int(CMD, "--overlap", optarg, 0, 1, &base.overlap); break;
+    case O_FFNC: rc = cli_parse_i64(CMD, "--ffn-chunk", optarg, 1, (int64_t)1 << 24, &base.ffn_chunk); break;
     case O_WARM: rc = cli_parse_int(CMD, "--warmup", optarg, 0, 100, &warmup); break;
     case O_REPS: rc = cli_parse_int(CMD, "--reps", optarg, 1, 100, &reps); break;
     case O_RATE + CLI_RATE_ATTN:
@@ -222,10 +229,10 @@ int bench_prefill(int argc, char **argv) {
     case O_RATE + CLI_RATE_MEM:
     case O_RATE + CLI_RATE_LINK:
     case O_RATE + CLI_RATE_LAT: rc = cli_parse_rate(CMD, ch - O_RATE, optarg, &hw); break;
-    case O_LA: rc = cli_parse_i64(CMD, "--anchor", optarg, 0, (int64_t)1 << 24, &la); break;
-    case O_LP: rc = cli_parse_i64(CMD, "--passing", optarg, 0, (int64_t)1 << 24, &lp); break;
+    case O_LA: rc = cli_parse_i64(CMD, "--anchor", optarg, 0, (int64_t)1 << 24, &base.anchor); break;
+    case O_LP: rc = cli_parse_i64(CMD, "--passing", optarg, 0, (int64_t)1 << 24, &base.passing); break;
     case O_JSON: json = optarg; break;
-    case O_BAL: balance = 1; break;
+    case O_BAL: base.balance = 1; break;
     case 'h': fputs(help_text, stdout); return CLI_OK;
     default: return CLI_USAGE;
     }
@@ -269,8 +276,7 @@ int bench_prefill(int argc, char **argv) {
         }
         row rw;
         memset(&rw, 0, sizeof rw);
-        int crc = run_case(&cfg, I, preset, ms[mi], g, tokens[ti], q, la, lp, profile, warmup, reps, balance,
-                           overlap, &hw, &rw);
+        int crc = run_case(&cfg, I, preset, ms[mi], g, tokens[ti], q, &base, profile, warmup, reps, &hw, &rw);
         if (crc != CLI_OK) {
           /* one case failing (out of memory at this length, say) does not stop the others */
           failed++;
@@ -306,7 +312,7 @@ int bench_prefill(int argc, char **argv) {
         took[ms[mi]] = rw.prefill_s;
         if (tf)
           fprintf(tf, "%s%s\t%d\t%lld\t%.6f\t%.6f\n", rw.method,
-                  balance && (ms[mi] == APB_METHOD_APB || ms[mi] == APB_METHOD_STAR) ? "-balanced" : "", rw.gpus,
+                  base.balance && (ms[mi] == APB_METHOD_APB || ms[mi] == APB_METHOD_STAR) ? "-balanced" : "", rw.gpus,
                   (long long)rw.tokens, rw.prefill_s, ms[0] == APB_METHOD_DENSE ? dense_s : 0.0);
         if (jf) {
           fprintf(jf,
@@ -314,10 +320,12 @@ int bench_prefill(int argc, char **argv) {
                   "\"tokens_per_s\": %.1f, \"model_s\": %.6f, \"floor_s\": %.6f, \"attn_tflops\": %.1f, "
                   "\"gemm_tflops\": %.1f, \"peak_gib\": %.3f, \"slowest_over_fastest\": %.4f, \"balance\": %d, "
                   "\"overlap\": %d, \"warmup\": %d, \"reps\": %d, \"anchor\": %lld, \"passing\": %lld, "
+                  "\"ffn_chunk\": %lld, "
                   "\"bytes_sent\": %lld, \"visible_comm_s\": %.6f, \"per_layer_ms\": {",
                   first ? "" : ", ", rw.method, rw.gpus, (long long)rw.tokens, rw.prefill_s, rw.tok_s, rw.pred_s,
-                  rw.floor_s, rw.meas_attn / 1e12, rw.meas_gemm / 1e12, rw.peak_gib, rw.imbalance, balance, overlap,
-                  warmup, reps, (long long)rw.la, (long long)rw.lp, (long long)rw.bytes, rw.vis_s);
+                  rw.floor_s, rw.meas_attn / 1e12, rw.meas_gemm / 1e12, rw.peak_gib, rw.imbalance, base.balance,
+                  base.overlap, warmup, reps, (long long)rw.la, (long long)rw.lp, (long long)rw.ffn_chunk,
+                  (long long)rw.bytes, rw.vis_s);
           for (int s = 0; s < APB_STAGE_COUNT; s++)
             fprintf(jf, "%s\"%s\": %.4f", s ? ", " : "", apb_stage_name((apb_stage)s), rw.stage_s[s] * 1e3);
           fprintf(jf, "}, \"rank_per_layer_ms\": [");
@@ -339,7 +347,7 @@ int bench_prefill(int argc, char **argv) {
           const double t = m == APB_METHOD_DENSE ? dense_s : took[m];
           if (m == APB_METHOD_APB || t <= 0) continue;
           if (!any) printf("apb on %d GPU(s), %lld tokens%s: ", (int)gpus_l[gi], (long long)tokens[ti],
-                           balance ? " (--balance)" : "");
+                           base.balance ? " (--balance)" : "");
           printf("%s%.2fx %s%s", any ? ", " : "", t / took[APB_METHOD_APB], apb_method_name((apb_method)m),
                  m == APB_METHOD_DENSE ? " (1 GPU)" : "");
           any = 1;

@@ -508,6 +508,7 @@ START_TEST(bench_and_demo) {
       {"bench prefill --warmup -1", "--warmup wants an integer in [0, 100]"},
       {"bench prefill --reps 0", "--reps wants an integer in [1, 100]"},
       {"bench prefill --profile 3", "--profile wants an integer in [0, 2]"},
+      {"bench prefill --ffn-chunk 0", "--ffn-chunk wants an integer in [1, 16777216]"},
       {"bench gpu-attn --shape 1:2", "expected P:A:B or P:A:B:n"},
       {"bench gpu-attn --shape 0:0:5:n", "the rows see no key at all"},
       {"bench gpu-attn --shape 0:0:0", "A + B must be at least 1"},
