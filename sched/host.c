@@ -96,7 +96,7 @@ double sched_attn_flops(const apb_battn_args *a) {
 }
 
 const char *apb_stage_name(apb_stage s) {
-  static const char *const names[APB_STAGE_COUNT] = {"qkv", "score", "comm", "attn", "oproj", "ffn", "other"};
+  static const char *const names[APB_STAGE_COUNT] = {"qkv", "score", "comm", "attn", "oproj", "ffn", "setup", "other"};
   return (unsigned)s < APB_STAGE_COUNT ? names[s] : "?";
 }
 
@@ -406,6 +406,7 @@ apb_status apb_host_run(const apb_host_args *a, apb_host_result *res, apb_error 
   apb_backend *be = h->be;
   double t0 = now_s(), wait0 = a->comm->stats.wait_s;
   const int64_t sent0 = apb_comm_bytes_sent(a->comm); /* the communicator may have served earlier runs */
+  const double ts = sched_prof_begin(h);
   apb_status st = make_rows(h, a->doc, a->query, err);
   int last = h->r == p->last_rank;
   if (!st) st = alloc_cache(h, last ? p->q_len + p->o.max_new_tokens : 0, err);
@@ -414,6 +415,7 @@ apb_status apb_host_run(const apb_host_args *a, apb_host_result *res, apb_error 
   if (!st) st = be->ops->upload(be, h->pos, h->pos_h, (size_t)h->T * sizeof(int32_t), err);
   if (!st) st = be->ops->embed(be, h->bm->embed, h->ids, h->T, h->x, err);
   if (!st && h->m->setup) st = h->m->setup(h, err);
+  sched_prof_end(h, APB_STAGE_SETUP, ts);
   for (int l = 0; !st && l < cfg->n_layers; l++) st = layer_prefill(h, l, err);
   h->cache_len = h->B;
   /* final hidden states of this host's document rows (the anchor is discarded, APB.md 3) */
