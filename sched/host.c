@@ -96,7 +96,8 @@ double sched_attn_flops(const apb_battn_args *a) {
 }
 
 const char *apb_stage_name(apb_stage s) {
-  static const char *const names[APB_STAGE_COUNT] = {"qkv", "score", "comm", "attn", "oproj", "ffn", "setup", "other"};
+  static const char *const names[APB_STAGE_COUNT] = {"qkv", "score", "comm", "attn", "oproj", "ffn", "elem", "setup",
+                                                           "other"};
   return (unsigned)s < APB_STAGE_COUNT ? names[s] : "?";
 }
 
@@ -322,6 +323,14 @@ static void free_cache(host_ctx *h) {
   h->kc = h->vc = NULL;
 }
 
+/* A memory-bound op of the layer, booked to the ELEM stage when profiled:
+ * `st = SCHED_ELEM(h, be->ops->add(...))`. The comma operator orders the span's start before the call. */
+static apb_status elem_end(host_ctx *h, apb_status st) {
+  sched_prof_end(h, APB_STAGE_ELEM, h->elem_t0);
+  return st;
+}
+#define SCHED_ELEM(h, call) ((h)->elem_t0 = sched_prof_begin(h), elem_end((h), (call)))
+
 /* MLP in row chunks: x += down(swiglu(gate_up(norm(x)))) (APB.md 3.7). */
 static apb_status ffn(host_ctx *h, const struct apb_blayer *lw, void *x, void *hb, int64_t T, apb_error *err) {
   apb_backend *be = h->be;
@@ -330,11 +339,11 @@ static apb_status ffn(host_ctx *h, const struct apb_blayer *lw, void *x, void *h
     int64_t n = T - r0 < h->chunk ? T - r0 : h->chunk;
     void *xc = sched_row(h, x, r0, h->E), *hc = sched_row(h, hb, r0, h->E);
     h->cur_stage = APB_STAGE_FFN;
-    if ((st = be->ops->rmsnorm(be, lw->ffn_norm, (float)h->cfg->rms_eps, xc, n, hc, err)) ||
+    if ((st = SCHED_ELEM(h, be->ops->rmsnorm(be, lw->ffn_norm, (float)h->cfg->rms_eps, xc, n, hc, err))) ||
         (st = sched_linear(h, lw->w_gate_up, 2 * (int64_t)h->F, h->E, hc, n, h->gu, err)) ||
-        (st = be->ops->swiglu(be, h->gu, n, h->F, h->ff, err)) ||
+        (st = SCHED_ELEM(h, be->ops->swiglu(be, h->gu, n, h->F, h->ff, err))) ||
         (st = sched_linear(h, lw->w_down, h->E, h->F, h->ff, n, hc, err)) ||
-        (st = be->ops->add(be, xc, hc, (size_t)n * (size_t)h->E, err)))
+        (st = SCHED_ELEM(h, be->ops->add(be, xc, hc, (size_t)n * (size_t)h->E, err))))
       break;
   }
   return st;
@@ -351,10 +360,11 @@ static apb_status layer_prefill(host_ctx *h, int l, apb_error *err) {
           sh_lse[2] = {h->Hq, T};
   if ((st = sched_hook_act(h, "input", l, h->x, 2, sh_x, err))) return st;
   h->cur_stage = APB_STAGE_QKV;
-  if ((st = be->ops->rmsnorm(be, lw->attn_norm, (float)h->cfg->rms_eps, h->x, T, h->hb, err)) ||
+  if ((st = SCHED_ELEM(h, be->ops->rmsnorm(be, lw->attn_norm, (float)h->cfg->rms_eps, h->x, T, h->hb, err))) ||
       (st = sched_linear(h, lw->wqkv, h->QKV, h->E, h->hb, T, h->qkv, err)) ||
       (st = sched_hook_act(h, "qkv", l, h->qkv, 2, sh_qkv, err)) ||
-      (st = be->ops->split_rope(be, h->qkv, T, h->Hq, h->Hkv, h->D, h->pos, &h->cfg->rope, h->q, h->k, h->v, err)) ||
+      (st = SCHED_ELEM(h, be->ops->split_rope(be, h->qkv, T, h->Hq, h->Hkv, h->D, h->pos, &h->cfg->rope, h->q, h->k,
+                                              h->v, err))) ||
       (st = sched_hook_act(h, "q", l, h->q, 3, sh_q, err)) || (st = sched_hook_act(h, "k", l, h->k, 3, sh_k, err)) ||
       (st = sched_hook_act(h, "v", l, h->v, 3, sh_k, err)))
     return st;
@@ -364,12 +374,15 @@ static apb_status layer_prefill(host_ctx *h, int l, apb_error *err) {
     return st;
   /* cache this host's document rows (APB.md 3.8: the anchor and the passing block never enter it) */
   size_t kvrow = (size_t)h->Hkv * h->D * h->es;
-  if ((st = be->ops->copy(be, h->kc[l], sched_row(h, h->k, h->A, (int64_t)h->Hkv * h->D), (size_t)h->B * kvrow, err)) ||
-      (st = be->ops->copy(be, h->vc[l], sched_row(h, h->v, h->A, (int64_t)h->Hkv * h->D), (size_t)h->B * kvrow, err)))
+  if ((st = SCHED_ELEM(h, be->ops->copy(be, h->kc[l], sched_row(h, h->k, h->A, (int64_t)h->Hkv * h->D),
+                                        (size_t)h->B * kvrow, err))) ||
+      (st = SCHED_ELEM(h, be->ops->copy(be, h->vc[l], sched_row(h, h->v, h->A, (int64_t)h->Hkv * h->D),
+                                        (size_t)h->B * kvrow, err))))
     return st;
   h->cur_stage = APB_STAGE_OPROJ;
   if ((st = sched_linear(h, lw->wo, h->E, (int64_t)h->Hq * h->D, h->o, T, h->hb, err)) ||
-      (st = be->ops->add(be, h->x, h->hb, (size_t)T * (size_t)h->E, err)) || (st = ffn(h, lw, h->x, h->hb, T, err)))
+      (st = SCHED_ELEM(h, be->ops->add(be, h->x, h->hb, (size_t)T * (size_t)h->E, err))) ||
+      (st = ffn(h, lw, h->x, h->hb, T, err)))
     return st;
   return sched_hook_act(h, "layer_out", l, h->x, 2, sh_x, err);
 }

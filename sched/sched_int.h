@@ -63,6 +63,7 @@ struct host_ctx {
   struct { int stage, a, b; } *spans; /* profile 2: a stage from mark a to mark b [n_spans] */
   int n_spans, cap_spans;
   apb_stage cur_stage;      /* where sched_linear books its time */
+  double elem_t0;           /* SCHED_ELEM's open span */
   double stage_s[APB_STAGE_COUNT];
   apb_status prof_st;       /* the first failure a profiling sync returned (a backend that checks */
   apb_error prof_err;       /* inputs on the device reports them at a sync); returned by the run */

@@ -121,8 +121,9 @@ typedef struct apb_hook_info {
 typedef void (*apb_hook_fn)(void *user, const apb_hook_info *info);
 
 /* Parts of a prefill layer, for the per-stage time breakdown (apb_host_args.profile). The linear
- * stages count only their matrix products; norms, RoPE, SwiGLU, residual adds and copies are OTHER;
- * the work before the first layer is SETUP. */
+ * stages count only their matrix products; the layer's norms, RoPE, SwiGLU, residual adds and KV
+ * cache copies are ELEM (a method's own copies and merges are in COMM and ATTN); the work before the
+ * first layer is SETUP; OTHER is what is left (launch gaps, the final norm, the last wait). */
 typedef enum apb_stage {
   APB_STAGE_QKV = 0,        /* the fused q/k/v projection */
   APB_STAGE_SCORE,          /* compressor: scorer, pool, top-k, gather (apb) */
@@ -130,6 +131,7 @@ typedef enum apb_stage {
   APB_STAGE_ATTN,           /* attention and LSE merges */
   APB_STAGE_OPROJ,          /* o projection */
   APB_STAGE_FFN,            /* gate/up and down projections */
+  APB_STAGE_ELEM,           /* the layer's memory-bound ops: norms, RoPE, SwiGLU, adds, cache copies */
   APB_STAGE_SETUP,          /* before the first layer: token layout, the KV cache's and the layers'
                                buffers (allocation), upload, embedding, the method's own setup */
   APB_STAGE_OTHER,          /* the rest of the prefill */
