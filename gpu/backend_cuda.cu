@@ -7,7 +7,10 @@
  *     Each op first makes the instance's device current on the calling thread (simulated hosts call
  *     from their own threads). act is BF16 (storage bf16, fp32 accumulation) or F32 (fp32 everywhere,
  *     TF32 never used: CUBLAS_COMPUTE_32F with CUBLAS_DEFAULT_MATH);
- *   - memory: alloc is cudaMalloc (256-byte aligned), free waits for the stream and cudaFree's; memset,
+ *   - memory: alloc is cudaMalloc (256-byte aligned); free gives the block to the instance's cache, from
+ *     which an alloc of exactly that size takes it again (a warm run of one shape allocates nothing;
+ *     a cudaMalloc that fails first releases the cache and tries again), or, with the cache off
+ *     (apb_backend_cuda_set_cache, APB_CUDA_CACHE=0), waits for the stream and cudaFree's; memset,
  *     copy, copy2d are stream-ordered (copy/copy2d reject overlapping ranges with APB_EINVAL, as the
  *     CPU does); upload/download move raw bytes and return when the host buffer may be reused or
  *     read; upload_f32/download_f32 convert on the device (fp32 staging chunks in op scratch and a
@@ -74,11 +77,18 @@ static void count_add(cu_be *c, size_t bytes) {
 
 static void count_sub(cu_be *c, size_t bytes) { c->cur.fetch_sub(bytes); }
 
+static void cache_release(cu_be *c);
+
 apb_status cu_scratch(cu_be *c, size_t bytes, const char *op, void **p, apb_error *err) {
   apb_status st = APB_OK;
   *p = NULL;
   if (bytes == 0) return APB_OK;
   cudaError_t e = cudaMallocAsync(p, bytes, c->stream);
+  if (e == cudaErrorMemoryAllocation) { /* alloc's cache of freed blocks goes first */
+    cudaGetLastError();
+    cache_release(c);
+    e = cudaMallocAsync(p, bytes, c->stream);
+  }
   if (e != cudaSuccess) {
     *p = NULL;
     cudaGetLastError();
@@ -183,6 +193,38 @@ apb_status cu_weight_check(const cu_be *c, apb_error *err, const char *op, const
 
 /* ---------------------------------------------------------------- memory ops */
 
+/* Free every block of the cache, after the instance's queued work (which may still use them). */
+static void cache_release(cu_be *c) {
+  std::multimap<size_t, void *> blocks;
+  {
+    std::lock_guard<std::mutex> g(c->mu);
+    blocks.swap(c->idle);
+    c->idle_bytes = 0;
+  }
+  if (blocks.empty()) return;
+  cudaSetDevice(c->dev);
+  cudaStreamSynchronize(c->stream);
+  for (auto &b : blocks) cudaFree(b.second);
+}
+
+/* A cached block of exactly `bytes` into *p (and the allocation table); 0 when there is none. Work
+ * queued on the stream before the block was freed still runs first: the stream keeps order. */
+static int cache_take(cu_be *c, size_t bytes, void **p) {
+  std::lock_guard<std::mutex> g(c->mu);
+  if (!c->cache) return 0;
+  auto it = c->idle.find(bytes);
+  if (it == c->idle.end()) return 0;
+  try {
+    c->sizes[it->second] = bytes;
+  } catch (...) {
+    return 0; /* no room in the table: cudaMalloc's path reports it */
+  }
+  *p = it->second;
+  c->idle.erase(it);
+  c->idle_bytes -= bytes;
+  return 1;
+}
+
 static apb_status cu_alloc(apb_backend *be, size_t bytes, void **p, apb_error *err) {
   if (!p) return apb_error_set(err, APB_EINVAL, "alloc: p is NULL");
   *p = NULL;
@@ -190,7 +232,16 @@ static apb_status cu_alloc(apb_backend *be, size_t bytes, void **p, apb_error *e
   cu_be *c = cu_of(be);
   apb_status st = cu_enter(c, err);
   if (st != APB_OK) return st;
+  if (cache_take(c, bytes, p)) {
+    count_add(c, bytes);
+    return APB_OK;
+  }
   cudaError_t e = cudaMalloc(p, bytes);
+  if (e == cudaErrorMemoryAllocation) { /* the cache's blocks go first */
+    cudaGetLastError();
+    cache_release(c);
+    e = cudaMalloc(p, bytes);
+  }
   if (e != cudaSuccess) {
     *p = NULL;
     cudaGetLastError();
@@ -220,6 +271,15 @@ static void cu_free(apb_backend *be, void *p) {
     if (it != c->sizes.end()) {
       bytes = it->second;
       c->sizes.erase(it);
+      if (c->cache) {
+        try {
+          c->idle.emplace(bytes, p);
+          c->idle_bytes += bytes;
+          count_sub(c, bytes);
+          return;
+        } catch (...) { /* no room to remember it: released below */
+        }
+      }
     }
   }
   /* The stream's queued kernels may still use p: wait for them before the memory goes. Errors cannot
@@ -587,7 +647,10 @@ static void cu_destroy(apb_backend *be) {
   if (!be) return;
   cu_be *c = cu_of(be);
   cudaSetDevice(c->dev);
-  if (c->stream) cudaStreamSynchronize(c->stream);
+  if (c->stream) {
+    cache_release(c);
+    cudaStreamSynchronize(c->stream);
+  }
   if (c->rope_dev) cudaFree(c->rope_dev);
   if (c->chk) cudaFree(c->chk);
   if (c->blas) cublasDestroy(c->blas);
@@ -695,6 +758,9 @@ extern "C" apb_status apb_backend_cuda(int device, apb_dtype act, apb_backend **
   {
     const char *sc = getenv("APB_CUDA_SYNC_CHECKS");
     c->sync_checks = sc && *sc && strcmp(sc, "0") != 0;
+    const char *ca = getenv("APB_CUDA_CACHE");
+    c->cache = !(ca && strcmp(ca, "0") == 0);
+    c->idle_bytes = 0;
   }
   APB_CU(cudaSetDevice(device));
   APB_CU(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
@@ -737,6 +803,26 @@ extern "C" apb_status apb_backend_cuda_set_sync_checks(apb_backend *be, int on, 
   if (!cu_is_instance(be))
     return apb_error_set(err, APB_EINVAL, "backend_cuda_set_sync_checks: not a CUDA backend instance");
   cu_of(be)->sync_checks = on != 0;
+  return APB_OK;
+}
+
+extern "C" apb_status apb_backend_cuda_set_cache(apb_backend *be, int on, apb_error *err) {
+  if (!cu_is_instance(be)) return apb_error_set(err, APB_EINVAL, "backend_cuda_set_cache: not a CUDA backend instance");
+  cu_be *c = cu_of(be);
+  {
+    std::lock_guard<std::mutex> g(c->mu);
+    c->cache = on != 0;
+  }
+  if (!on) cache_release(c);
+  return APB_OK;
+}
+
+extern "C" apb_status apb_backend_cuda_cached(const apb_backend *be, size_t *bytes, apb_error *err) {
+  if (!cu_is_instance(be)) return apb_error_set(err, APB_EINVAL, "backend_cuda_cached: not a CUDA backend instance");
+  if (!bytes) return apb_error_set(err, APB_EINVAL, "backend_cuda_cached: bytes is NULL");
+  cu_be *c = cu_of(be);
+  std::lock_guard<std::mutex> g(c->mu);
+  *bytes = c->idle_bytes;
   return APB_OK;
 }
 

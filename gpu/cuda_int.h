@@ -24,6 +24,7 @@
 #include <stdint.h>
 
 #include <atomic>
+#include <map>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -100,6 +101,11 @@ struct cu_be {
   std::atomic<size_t> cur, peak;   /* bytes allocated now (alloc, weights, op scratch) and high water */
   std::mutex mu;                   /* guards sizes */
   std::unordered_map<const void *, size_t> sizes; /* alloc'd pointer -> requested bytes */
+  /* alloc's cache (apb_backend_cuda_set_cache): blocks that free gave back, by size, handed out again to
+   * an alloc of exactly that size; guarded by mu. Not counted by `mem` (which counts what is held). */
+  std::multimap<size_t, void *> idle;
+  size_t idle_bytes;
+  int cache;                       /* 1: free keeps blocks in idle (default), 0: free releases them */
   /* split_rope's inverse-frequency table, cached: rope_host [rope_n] is what rope_dev [rope_n] holds
    * (uploaded again only when a call's table differs). D/2 doubles; not counted by `mem`, which counts
    * what a schedule allocates and frees. */

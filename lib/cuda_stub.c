@@ -92,6 +92,17 @@ apb_status apb_backend_cuda_set_sync_checks(apb_backend *be, int on, apb_error *
   return apb_error_set(err, APB_ENODEVICE, "backend_cuda_set_sync_checks: this libapb was built without CUDA");
 }
 
+apb_status apb_backend_cuda_set_cache(apb_backend *be, int on, apb_error *err) {
+  (void)be, (void)on;
+  return apb_error_set(err, APB_ENODEVICE, "backend_cuda_set_cache: this libapb was built without CUDA");
+}
+
+apb_status apb_backend_cuda_cached(const apb_backend *be, size_t *bytes, apb_error *err) {
+  (void)be;
+  if (bytes) *bytes = 0;
+  return apb_error_set(err, APB_ENODEVICE, "backend_cuda_cached: this libapb was built without CUDA");
+}
+
 apb_status apb_cuda_bmodel_generate(apb_backend *be, apb_preset p, uint64_t seed, apb_bmodel **out, apb_error *err) {
   (void)be, (void)p, (void)seed;
   if (out) *out = NULL;

@@ -1087,6 +1087,69 @@ START_TEST(test_memory) {
 }
 END_TEST
 
+/* The cache of freed blocks (apb_backend_cuda_set_cache, on by default): free keeps a block, an alloc of
+ * exactly its size takes it back (another size does not), mem counts only what is held, later ops on
+ * a block taken back see their own writes, and turning the cache off releases it and makes free
+ * release. (Its fallback, releasing the cache when cudaMalloc fails, would need the device filled,
+ * which the other suites that may share the GPU during `make check` cannot afford: not tested.) */
+START_TEST(test_cache) {
+  const apb_dtype dt = modes[_i];
+  apb_backend *be = NULL;
+  apb_error e = {0};
+  OK(apb_backend_cuda(0, dt, &be, &e), &e, "apb_backend_cuda");
+  const apb_backend_ops *op = be->ops;
+  const size_t n = (size_t)1 << 20;
+  size_t cached = 1, cur = 1, peak = 0;
+  OK(apb_backend_cuda_cached(be, &cached, &e), &e, "cached");
+  ck_assert_uint_eq(cached, 0);
+  void *a = NULL, *b = NULL, *c = NULL, *d = NULL;
+  OK(op->alloc(be, n, &a, &e), &e, "alloc");
+  OK(op->memset(be, a, 0x5a, n, &e), &e, "memset");
+  op->free(be, a);
+  apb_backend_mem(be, &cur, &peak);
+  ck_assert_uint_eq(cur, 0);
+  ck_assert_uint_eq(peak, n);
+  OK(apb_backend_cuda_cached(be, &cached, &e), &e, "cached");
+  ck_assert_uint_eq(cached, n);
+  OK(op->alloc(be, n + 256, &b, &e), &e, "alloc n + 256");
+  ck_assert_ptr_ne(b, a);
+  OK(op->alloc(be, n, &c, &e), &e, "alloc n again");
+  ck_assert_ptr_eq(c, a);
+  OK(apb_backend_cuda_cached(be, &cached, &e), &e, "cached");
+  ck_assert_uint_eq(cached, 0);
+  apb_backend_mem(be, &cur, &peak);
+  ck_assert_uint_eq(cur, 2 * n + 256);
+  unsigned char back[64];
+  OK(op->memset(be, c, 0x11, n, &e), &e, "memset");
+  OK(op->download(be, back, (char *)c + n - 64, 64, &e), &e, "download");
+  for (int i = 0; i < 64; i++) ck_assert_uint_eq(back[i], 0x11);
+  op->free(be, b);
+  op->free(be, c);
+  OK(apb_backend_cuda_cached(be, &cached, &e), &e, "cached");
+  ck_assert_uint_eq(cached, 2 * n + 256);
+  OK(apb_backend_cuda_set_cache(be, 0, &e), &e, "set_cache 0");
+  OK(apb_backend_cuda_cached(be, &cached, &e), &e, "cached");
+  ck_assert_uint_eq(cached, 0);
+  OK(op->alloc(be, n, &d, &e), &e, "alloc, cache off");
+  op->free(be, d);
+  OK(apb_backend_cuda_cached(be, &cached, &e), &e, "cached");
+  ck_assert_uint_eq(cached, 0);
+  apb_backend_mem(be, &cur, &peak);
+  ck_assert_uint_eq(cur, 0);
+  OK(apb_backend_cuda_set_cache(be, 1, &e), &e, "set_cache 1");
+  OK(op->alloc(be, n, &d, &e), &e, "alloc, cache on");
+  op->free(be, d);
+  OK(apb_backend_cuda_cached(be, &cached, &e), &e, "cached");
+  ck_assert_uint_eq(cached, n);
+  apb_backend_destroy(be); /* releases the cached block */
+  apb_backend *cpu = ref_be();
+  FAILS(apb_backend_cuda_set_cache(cpu, 1, &e), APB_EINVAL, &e, "not a CUDA backend instance", NULL);
+  apb_error_clear(&e);
+  FAILS(apb_backend_cuda_cached(cpu, &cached, &e), APB_EINVAL, &e, "not a CUDA backend instance", NULL);
+  apb_error_clear(&e);
+}
+END_TEST
+
 START_TEST(test_validation) {
   const apb_dtype dt = modes[_i];
   apb_backend *be = gpu_be(dt);
@@ -1904,6 +1967,7 @@ int main(void) {
   TCase *tc = tu_tcase("memory and validation", 120);
   tcase_add_loop_test(tc, test_memory, 0, 2);
   tcase_add_loop_test(tc, test_validation, 0, 2);
+  tcase_add_loop_test(tc, test_cache, 0, 2);
   suite_add_tcase(s, tc);
 
   /* Test cases by what they run, so that compute-sanitizer's racecheck and initcheck can take our own
