@@ -577,37 +577,33 @@ __global__ void merge_bf16x8_kernel(MergeParam parts, int n, int64_t nt, int Hq,
 
 /* merge_bf16x8_kernel for a compile-time count of partials N (2 to CU_MERGE_FEW: the overlapped apb and
  * ring merge two): every partial's LSE and first 16-byte chunk are loaded before any arithmetic, so a
- * thread has all its loads in flight at once; the weights (the max, the sum and N exponentials and
- * divisions in double) are computed once per (row, head) by the half-warp's first lane and shuffled to
- * the other 15, instead of by all 16. The same expressions in the same order as merge_bf16x8_kernel,
- * so the same bits. Reads of a thread's part-0 chunk come before its write of the same chunk, and the
- * LSE is written after the __syncwarp, as there (o and lse may alias part 0). */
+ * thread has all its loads in flight at once instead of one exp() apart; the same expressions in the same
+ * order as merge_bf16x8_kernel, so the same bits. Reads of a thread's part-0 chunk come before its
+ * write of the same chunk, and the LSE is written after the __syncwarp, as there (o and lse may alias
+ * part 0). */
 #define CU_MERGE_FEW 4
 template <int N>
 __global__ void merge_bf16x8_few_kernel(MergeParam parts, int64_t nt, int Hq, int D8, apb_bf16 *o, float *lse) {
-  const int lane = threadIdx.x & 31, sub = lane & 15, lead = lane & 16;
+  const int lane = threadIdx.x & 31, sub = lane & 15;
   const int64_t total = nt * Hq, warps = (int64_t)gridDim.x * (blockDim.x >> 5);
   const int64_t first = 2 * ((int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5));
-  for (int64_t base = first; base < total; base += 2 * warps) { /* warp-uniform: the shuffles see all lanes */
+  for (int64_t base = first; base < total; base += 2 * warps) {
     const int64_t wi = base + (lane >> 4);
     const bool active = wi < total;
-    int64_t li = 0, oi = 0;
-    double lv[N];
-    uint4 ov[N];
+    double m = -INFINITY, sum = 0.0;
+    int64_t li = 0;
     if (active) {
       const int64_t r = wi / Hq;
       const int h = (int)(wi % Hq);
-      li = (int64_t)h * nt + r, oi = (r * Hq + h) * (int64_t)D8;
+      li = (int64_t)h * nt + r;
+      const int64_t oi = (r * Hq + h) * (int64_t)D8;
+      double lv[N];
+      uint4 ov[N];
 #pragma unroll
       for (int i = 0; i < N; i++) {
-        if (sub == 0) lv[i] = parts.l[i][li];
+        lv[i] = parts.l[i][li];
         if (sub < D8) ov[i] = ((const uint4 *)parts.o[i])[oi + sub];
       }
-    }
-    double m = -INFINITY, sum = 0.0, wt[N];
-#pragma unroll
-    for (int i = 0; i < N; i++) wt[i] = 0.0;
-    if (active && sub == 0) {
       int any_nan = 0;
 #pragma unroll
       for (int i = 0; i < N; i++) {
@@ -617,15 +613,10 @@ __global__ void merge_bf16x8_few_kernel(MergeParam parts, int64_t nt, int Hq, in
       if (any_nan) m = NAN;
 #pragma unroll
       for (int i = 0; i < N; i++) sum += lv[i] == -INFINITY ? 0.0 : exp(lv[i] - m);
+      const int seen = !(m == -INFINITY);
+      double wt[N];
 #pragma unroll
       for (int i = 0; i < N; i++) wt[i] = lv[i] == -INFINITY ? 0.0 : exp(lv[i] - m) / sum;
-    }
-    m = __shfl_sync(0xffffffffu, m, lead);
-    sum = __shfl_sync(0xffffffffu, sum, lead);
-#pragma unroll
-    for (int i = 0; i < N; i++) wt[i] = __shfl_sync(0xffffffffu, wt[i], lead);
-    if (active) {
-      const int seen = !(m == -INFINITY);
       for (int c = sub; c < D8; c += 16) {
         if (c != sub)
 #pragma unroll
