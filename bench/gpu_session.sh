@@ -7,7 +7,8 @@
 # lack). Packages are unpacked under /tmp, never into /.
 #
 #   bash bench/gpu_session.sh [STAGE ...]      stages: build check gpucheck bench-attn attn-rounds
-#                                              bench-ops sanitize prefill prefill-ab torch-prefill
+#                                              bench-ops sanitize prefill prefill-ab cache-ab
+#                                              torch-prefill
 #   bash bench/gpu_session.sh pack             (here) source tarball into .gpudist when make dist fails
 #
 # Default stages: build gpucheck. Logs and results go to $OUT (or ./.out when OUT is unset).
@@ -77,7 +78,8 @@ for st in "${stages[@]}"; do
   gpucheck)
     # Only the GPU suites are built and run (check-TESTS, not check, which first needs every target), so
     # that another module's program or test that does not build yet cannot stop them.
-    gt=$(cd $src && ls tests/check_gpu*.c | sed 's/\.c$//' | tr '\n' ' ')
+    # $GPU_TESTS (e.g. "tests/check_gpu_nccl") runs only those suites.
+    gt=${GPU_TESTS:-$(cd $src && ls tests/check_gpu*.c | sed 's/\.c$//' | tr '\n' ' ')}
     (cd $bld && make -j16 $gt >"$OUT/gpucheck.log" 2>&1 && make check-TESTS TESTS="$gt" >>"$OUT/gpucheck.log" 2>&1); r=$?
     grep -E '^(PASS|FAIL|SKIP|ERROR|# )' "$OUT/gpucheck.log" | tee -a "$OUT/session.log"
     for f in $bld/tests/check_gpu*.log; do cp "$f" "$OUT/" 2>/dev/null; done
@@ -116,6 +118,20 @@ for st in "${stages[@]}"; do
     ng=$(nvidia-smi -L | wc -l)
     (cd $bld && ./apb bench prefill ${PREFILL_ARGS:---tokens 131072 --gpus $ng} --json "$OUT/prefill.json" 2>&1 \
        | tee "$OUT/prefill.txt") ;;
+  cache-ab)
+    # The CUDA backend's cache of freed blocks against APB_CUDA_CACHE=0, alternating ($CACHE_AB_ROUNDS
+    # rounds, default 2): the setup
+    # column (work before the first layer) and the total. $CACHE_AB_ARGS (default: apb at 128K on every
+    # GPU with the peer's lengths, warm, --profile 2).
+    ng=$(nvidia-smi -L | wc -l)
+    a=${CACHE_AB_ARGS:---tokens 131072 --gpus $ng --method apb --anchor 4096 --passing 2048 --warmup 1 --reps 2 --profile 2}
+    for round in $(seq 1 ${CACHE_AB_ROUNDS:-2}); do
+      for v in cache nocache; do
+        e=""; [ $v = nocache ] && e="APB_CUDA_CACHE=0"
+        (cd $bld && env $e ./apb bench prefill $a 2>&1 | grep -E '^[a-z]+ +[0-9]' | sed "s/^/cache-ab $round $v: /" \
+           | tee -a "$OUT/session.log")
+      done
+    done ;;
   prefill-ab)
     # apb at 128K with the peer's lengths, its variants side by side on this machine, twice over in
     # alternation (noise shows as the spread between the two rounds): default, synchronous input
