@@ -120,9 +120,8 @@ for st in "${stages[@]}"; do
        | tee "$OUT/prefill.txt") ;;
   cache-ab)
     # The CUDA backend's cache of freed blocks against APB_CUDA_CACHE=0, alternating ($CACHE_AB_ROUNDS
-    # rounds, default 2): the setup
-    # column (work before the first layer) and the total. $CACHE_AB_ARGS (default: apb at 128K on every
-    # GPU with the peer's lengths, warm, --profile 2).
+    # rounds, default 2): the setup column (work before the first layer) and the total. $CACHE_AB_ARGS
+    # (default: apb at 128K on every GPU with the peer's lengths, warm, --profile 2).
     ng=$(nvidia-smi -L | wc -l)
     a=${CACHE_AB_ARGS:---tokens 131072 --gpus $ng --method apb --anchor 4096 --passing 2048 --warmup 1 --reps 2 --profile 2}
     for round in $(seq 1 ${CACHE_AB_ROUNDS:-2}); do
