@@ -9,7 +9,8 @@
  *     TF32 never used: CUBLAS_COMPUTE_32F with CUBLAS_DEFAULT_MATH);
  *   - memory: alloc is cudaMalloc (256-byte aligned); free gives the block to the instance's cache, from
  *     which an alloc of exactly that size takes it again (a warm run of one shape allocates nothing;
- *     a cudaMalloc that fails first releases the cache and tries again), or, with the cache off
+ *     a cudaMalloc that fails first releases the caches of all instances on the device and tries
+ *     again), or, with the cache off
  *     (apb_backend_cuda_set_cache, APB_CUDA_CACHE=0), waits for the stream and cudaFree's; memset,
  *     copy, copy2d are stream-ordered (copy/copy2d reject overlapping ranges with APB_EINVAL, as the
  *     CPU does); upload/download move raw bytes and return when the host buffer may be reused or
@@ -77,16 +78,16 @@ static void count_add(cu_be *c, size_t bytes) {
 
 static void count_sub(cu_be *c, size_t bytes) { c->cur.fetch_sub(bytes); }
 
-static void cache_release(cu_be *c);
+static void cache_release_device(int dev);
 
 apb_status cu_scratch(cu_be *c, size_t bytes, const char *op, void **p, apb_error *err) {
   apb_status st = APB_OK;
   *p = NULL;
   if (bytes == 0) return APB_OK;
   cudaError_t e = cudaMallocAsync(p, bytes, c->stream);
-  if (e == cudaErrorMemoryAllocation) { /* alloc's cache of freed blocks goes first */
+  if (e == cudaErrorMemoryAllocation) { /* the caches of freed blocks on this device go first */
     cudaGetLastError();
-    cache_release(c);
+    cache_release_device(c->dev);
     e = cudaMallocAsync(p, bytes, c->stream);
   }
   if (e != cudaSuccess) {
@@ -207,6 +208,19 @@ static void cache_release(cu_be *c) {
   for (auto &b : blocks) cudaFree(b.second);
 }
 
+/* The live instances, so that an allocation that fails can release the caches of every instance on its
+ * device (simulated hosts share one GPU, each with its own instance), not only its own. Lock order:
+ * g_live_mu, then an instance's mu. */
+static std::mutex g_live_mu;
+static std::vector<cu_be *> g_live;
+
+static void cache_release_device(int dev) {
+  std::lock_guard<std::mutex> g(g_live_mu);
+  for (cu_be *x : g_live)
+    if (x->dev == dev) cache_release(x);
+  cudaSetDevice(dev);
+}
+
 /* A cached block of exactly `bytes` into *p (and the allocation table); 0 when there is none. Work
  * queued on the stream before the block was freed still runs first: the stream keeps order. */
 static int cache_take(cu_be *c, size_t bytes, void **p) {
@@ -237,9 +251,9 @@ static apb_status cu_alloc(apb_backend *be, size_t bytes, void **p, apb_error *e
     return APB_OK;
   }
   cudaError_t e = cudaMalloc(p, bytes);
-  if (e == cudaErrorMemoryAllocation) { /* the cache's blocks go first */
+  if (e == cudaErrorMemoryAllocation) { /* the caches of freed blocks on this device go first */
     cudaGetLastError();
-    cache_release(c);
+    cache_release_device(c->dev);
     e = cudaMalloc(p, bytes);
   }
   if (e != cudaSuccess) {
@@ -646,6 +660,14 @@ static void cu_mem(const apb_backend *be, size_t *current, size_t *peak) {
 static void cu_destroy(apb_backend *be) {
   if (!be) return;
   cu_be *c = cu_of(be);
+  {
+    std::lock_guard<std::mutex> g(g_live_mu);
+    for (size_t i = 0; i < g_live.size(); i++)
+      if (g_live[i] == c) {
+        g_live.erase(g_live.begin() + (ptrdiff_t)i);
+        break;
+      }
+  }
   cudaSetDevice(c->dev);
   if (c->stream) {
     cache_release(c);
@@ -778,6 +800,13 @@ extern "C" apb_status apb_backend_cuda(int device, apb_dtype act, apb_backend **
   }
   APB_CUBLAS(cublasSetMathMode(c->blas, (cublasMath_t)(CUBLAS_DEFAULT_MATH |
                                                        CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)));
+  try {
+    std::lock_guard<std::mutex> g(g_live_mu);
+    g_live.push_back(c);
+  } catch (...) {
+    st = apb_error_set(err, APB_ENOMEM, "backend cuda: out of host memory for the instance list");
+    goto done;
+  }
   *out = &c->be;
   c = NULL;
 done:
