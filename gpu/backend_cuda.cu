@@ -210,13 +210,19 @@ static void cache_release(cu_be *c) {
 
 /* The live instances, so that an allocation that fails can release the caches of every instance on its
  * device (simulated hosts share one GPU, each with its own instance), not only its own. Lock order:
- * g_live_mu, then an instance's mu. */
-static std::mutex g_live_mu;
-static std::vector<cu_be *> g_live;
+ * live().mu, then an instance's mu. */
+struct cu_live {
+  std::mutex mu;
+  std::vector<cu_be *> all;
+};
+static cu_live &live(void) { /* never destroyed: an instance may outlive the library's static objects */
+  static cu_live *l = new cu_live();
+  return *l;
+}
 
 static void cache_release_device(int dev) {
-  std::lock_guard<std::mutex> g(g_live_mu);
-  for (cu_be *x : g_live)
+  std::lock_guard<std::mutex> g(live().mu);
+  for (cu_be *x : live().all)
     if (x->dev == dev) cache_release(x);
   cudaSetDevice(dev);
 }
@@ -661,10 +667,11 @@ static void cu_destroy(apb_backend *be) {
   if (!be) return;
   cu_be *c = cu_of(be);
   {
-    std::lock_guard<std::mutex> g(g_live_mu);
-    for (size_t i = 0; i < g_live.size(); i++)
-      if (g_live[i] == c) {
-        g_live.erase(g_live.begin() + (ptrdiff_t)i);
+    std::lock_guard<std::mutex> g(live().mu);
+    std::vector<cu_be *> &all = live().all;
+    for (size_t i = 0; i < all.size(); i++)
+      if (all[i] == c) {
+        all.erase(all.begin() + (ptrdiff_t)i);
         break;
       }
   }
@@ -801,8 +808,8 @@ extern "C" apb_status apb_backend_cuda(int device, apb_dtype act, apb_backend **
   APB_CUBLAS(cublasSetMathMode(c->blas, (cublasMath_t)(CUBLAS_DEFAULT_MATH |
                                                        CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)));
   try {
-    std::lock_guard<std::mutex> g(g_live_mu);
-    g_live.push_back(c);
+    std::lock_guard<std::mutex> g(live().mu);
+    live().all.push_back(c);
   } catch (...) {
     st = apb_error_set(err, APB_ENOMEM, "backend cuda: out of host memory for the instance list");
     goto done;
