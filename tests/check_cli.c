@@ -21,10 +21,7 @@
 
 #include "testutil.h"
 
-static const char *bin(void) {
-  const char *b = getenv("APB_BIN");
-  return b && *b ? b : APB_TEST_BUILDDIR "/apb";
-}
+static const char *bin(void) { return tu_apb_bin(); }
 
 /* Run "$APB_BIN <args>" (args printf-formatted); *out receives stdout+stderr (free it). */
 #if defined(__GNUC__)

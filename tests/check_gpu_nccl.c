@@ -635,11 +635,7 @@ END_TEST
 
 /* ---------------------------------------------------------------- the program */
 
-static const char *bin(void) {
-  const char *b = getenv("APB_BIN");
-  ck_assert_msg(b && *b, "APB_BIN is not set (run through make check)");
-  return b;
-}
+static const char *bin(void) { return tu_apb_bin(); }
 
 /* `apb run --gpus H` with a rank made to fail must end quickly, non-zero, naming that rank. */
 START_TEST(test_run_fault) {

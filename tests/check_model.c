@@ -1274,8 +1274,7 @@ END_TEST
 /* ---------------------------------------------------------------- gen-model (the command) */
 
 START_TEST(cmd_gen_model) {
-  const char *bin = getenv("APB_BIN");
-  ck_assert_msg(bin && access(bin, X_OK) == 0, "APB_BIN (%s) is not an executable apb program", bin ? bin : "unset");
+  const char *bin = tu_apb_bin();
   char *out = NULL, cmd[1024];
   snprintf(cmd, sizeof cmd, "'%s' gen-model --help", bin);
   int rc = tu_sh(cmd, &out);

@@ -293,11 +293,7 @@ END_TEST
 
 /* ---------------------------------------------------------------- the program */
 
-static char *bin(void) {
-  const char *b = getenv("APB_BIN");
-  ck_assert_msg(b && *b, "APB_BIN is not set (run through make check)");
-  return (char *)b;
-}
+static const char *bin(void) { return tu_apb_bin(); }
 
 START_TEST(test_cli_bad_input) {
   struct {

@@ -121,6 +121,14 @@ char *tu_tmpname(const char *suffix) {
   return p;
 }
 
+const char *tu_apb_bin(void) {
+  const char *b = getenv("APB_BIN");
+  if (!b || !*b) b = APB_TEST_BUILDDIR "/apb";
+  ck_assert_msg(access(b, X_OK) == 0, "the apb program %s is not executable (APB_BIN %s; build it with make)", b,
+                getenv("APB_BIN") ? "set" : "unset");
+  return b;
+}
+
 int tu_sh(const char *cmdline, char **out) {
   size_t len = strlen(cmdline) + 16;
   char *full = malloc(len);

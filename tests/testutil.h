@@ -63,4 +63,8 @@ char *tu_tmpname(const char *suffix);
  * returning the exit status (or -1). Used to test the apb program. */
 int tu_sh(const char *cmdline, char **out);
 
+/* The apb program under test: $APB_BIN (set by `make check`), else the build directory's apb, so a
+ * suite run by hand from anywhere finds it; fails the test, naming both, when it is not executable. */
+const char *tu_apb_bin(void);
+
 #endif /* APB_TESTUTIL_H */
