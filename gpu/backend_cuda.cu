@@ -10,8 +10,8 @@
  *   - memory: alloc is cudaMalloc (256-byte aligned); free gives the block to the instance's cache, from
  *     which an alloc of exactly that size takes it again (a warm run of one shape allocates nothing;
  *     a cudaMalloc that fails first releases the caches of all instances on the device and tries
- *     again), or, with the cache off
- *     (apb_backend_cuda_set_cache, APB_CUDA_CACHE=0), waits for the stream and cudaFree's; memset,
+ *     again), or, with the cache off (apb_backend_cuda_set_cache, APB_CUDA_CACHE=0), waits for the
+ *     stream and cudaFree's; memset,
  *     copy, copy2d are stream-ordered (copy/copy2d reject overlapping ranges with APB_EINVAL, as the
  *     CPU does); upload/download move raw bytes and return when the host buffer may be reused or
  *     read; upload_f32/download_f32 convert on the device (fp32 staging chunks in op scratch and a
@@ -200,7 +200,6 @@ static void cache_release(cu_be *c) {
   {
     std::lock_guard<std::mutex> g(c->mu);
     blocks.swap(c->idle);
-    c->idle_bytes = 0;
   }
   if (blocks.empty()) return;
   cudaSetDevice(c->dev);
@@ -241,7 +240,6 @@ static int cache_take(cu_be *c, size_t bytes, void **p) {
   }
   *p = it->second;
   c->idle.erase(it);
-  c->idle_bytes -= bytes;
   return 1;
 }
 
@@ -294,7 +292,6 @@ static void cu_free(apb_backend *be, void *p) {
       if (c->cache) {
         try {
           c->idle.emplace(bytes, p);
-          c->idle_bytes += bytes;
           count_sub(c, bytes);
           return;
         } catch (...) { /* no room to remember it: released below */
@@ -789,7 +786,6 @@ extern "C" apb_status apb_backend_cuda(int device, apb_dtype act, apb_backend **
     c->sync_checks = sc && *sc && strcmp(sc, "0") != 0;
     const char *ca = getenv("APB_CUDA_CACHE");
     c->cache = !(ca && strcmp(ca, "0") == 0);
-    c->idle_bytes = 0;
   }
   APB_CU(cudaSetDevice(device));
   APB_CU(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
@@ -858,7 +854,9 @@ extern "C" apb_status apb_backend_cuda_cached(const apb_backend *be, size_t *byt
   if (!bytes) return apb_error_set(err, APB_EINVAL, "backend_cuda_cached: bytes is NULL");
   cu_be *c = cu_of(be);
   std::lock_guard<std::mutex> g(c->mu);
-  *bytes = c->idle_bytes;
+  size_t sum = 0;
+  for (const auto &b : c->idle) sum += b.first;
+  *bytes = sum;
   return APB_OK;
 }
 

@@ -104,7 +104,6 @@ struct cu_be {
   /* alloc's cache (apb_backend_cuda_set_cache): blocks that free gave back, by size, handed out again to
    * an alloc of exactly that size; guarded by mu. Not counted by `mem` (which counts what is held). */
   std::multimap<size_t, void *> idle;
-  size_t idle_bytes;
   int cache;                       /* 1: free keeps blocks in idle (default), 0: free releases them */
   /* split_rope's inverse-frequency table, cached: rope_host [rope_n] is what rope_dev [rope_n] holds
    * (uploaded again only when a call's table differs). D/2 doubles; not counted by `mem`, which counts

@@ -512,18 +512,6 @@ __global__ void merge_kernel(Parts parts, int n, int64_t nt, int Hq, int D, T *o
   }
 }
 
-/* The 16-byte merges' shared steps: 8 accumulated columns rounded into o's 16-byte chunk `at`, and the
- * merged LSE (-inf when no partial saw the row). */
-__device__ __forceinline__ void merge_store8(const double (&acc)[8], apb_bf16 *o, int64_t at) {
-  float f[8];
-#pragma unroll
-  for (int q = 0; q < 8; q++) f[q] = (float)acc[q];
-  ((uint4 *)o)[at] = cu_pack8(f);
-}
-__device__ __forceinline__ float merge_lse(double m, double sum) {
-  return m == -INFINITY ? -INFINITY : (float)(m + log(sum));
-}
-
 /* The BF16 form for few partials (n <= CU_MERGE_PARTS, D % 8 == 0, 16-byte aligned o): 16 threads per
  * (row, head), each owning 8-column chunks (16-byte accesses) and computing the partials' weights
  * itself, in double as merge_kernel does; per element the same sums in the same order. The two
@@ -567,77 +555,14 @@ __global__ void merge_bf16x8_kernel(MergeParam parts, int n, int64_t nt, int Hq,
 #pragma unroll
             for (int q = 0; q < 8; q++) acc[q] += w * (double)f[q];
           }
-        merge_store8(acc, o, oi + c);
+        float f[8];
+#pragma unroll
+        for (int q = 0; q < 8; q++) f[q] = (float)acc[q];
+        ((uint4 *)o)[oi + c] = cu_pack8(f);
       }
     }
     __syncwarp(); /* both pairs of the warp have read their partials' lse */
-    if (active && sub == 0 && lse) lse[li] = merge_lse(m, sum);
-  }
-}
-
-/* merge_bf16x8_kernel for a compile-time count of partials N (2 to CU_MERGE_FEW: the overlapped apb and
- * ring merge two): every partial's LSE and first 16-byte chunk are loaded before any arithmetic, so a
- * thread has all its loads in flight at once instead of one exp() apart; the same expressions in the same
- * order as merge_bf16x8_kernel, so the same bits. Reads of a thread's part-0 chunk come before its
- * write of the same chunk, and the LSE is written after the __syncwarp, as there (o and lse may alias
- * part 0). */
-#define CU_MERGE_FEW 4
-template <int N>
-__global__ void merge_bf16x8_few_kernel(MergeParam parts, int64_t nt, int Hq, int D8, apb_bf16 *o, float *lse) {
-  const int lane = threadIdx.x & 31, sub = lane & 15;
-  const int64_t total = nt * Hq, warps = (int64_t)gridDim.x * (blockDim.x >> 5);
-  const int64_t first = 2 * ((int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5));
-  for (int64_t base = first; base < total; base += 2 * warps) {
-    const int64_t wi = base + (lane >> 4);
-    const bool active = wi < total;
-    double m = -INFINITY, sum = 0.0;
-    int64_t li = 0;
-    if (active) {
-      const int64_t r = wi / Hq;
-      const int h = (int)(wi % Hq);
-      li = (int64_t)h * nt + r;
-      const int64_t oi = (r * Hq + h) * (int64_t)D8;
-      double lv[N];
-      uint4 ov[N];
-#pragma unroll
-      for (int i = 0; i < N; i++) {
-        lv[i] = parts.l[i][li];
-        if (sub < D8) ov[i] = ((const uint4 *)parts.o[i])[oi + sub];
-      }
-      int any_nan = 0;
-#pragma unroll
-      for (int i = 0; i < N; i++) {
-        if (isnan(lv[i])) any_nan = 1;
-        else if (lv[i] > m) m = lv[i];
-      }
-      if (any_nan) m = NAN;
-#pragma unroll
-      for (int i = 0; i < N; i++) sum += lv[i] == -INFINITY ? 0.0 : exp(lv[i] - m);
-      const int seen = !(m == -INFINITY);
-      double wt[N];
-#pragma unroll
-      for (int i = 0; i < N; i++) wt[i] = lv[i] == -INFINITY ? 0.0 : exp(lv[i] - m) / sum;
-      for (int c = sub; c < D8; c += 16) {
-        if (c != sub)
-#pragma unroll
-          for (int i = 0; i < N; i++) ov[i] = ((const uint4 *)parts.o[i])[oi + c];
-        double acc[8];
-#pragma unroll
-        for (int q = 0; q < 8; q++) acc[q] = 0.0;
-        if (seen)
-#pragma unroll
-          for (int i = 0; i < N; i++) {
-            if (wt[i] == 0.0) continue;
-            float f[8];
-            cu_unpack8(ov[i], f);
-#pragma unroll
-            for (int q = 0; q < 8; q++) acc[q] += wt[i] * (double)f[q];
-          }
-        merge_store8(acc, o, oi + c);
-      }
-    }
-    __syncwarp(); /* both pairs of the warp have read their partials' lse */
-    if (active && sub == 0 && lse) lse[li] = merge_lse(m, sum);
+    if (active && sub == 0 && lse) lse[li] = m == -INFINITY ? -INFINITY : (float)(m + log(sum));
   }
 }
 
@@ -656,13 +581,7 @@ static apb_status launch_merge_bf16x8(cu_be *c, const MergeParam &parts, int n, 
                                       float *lse, apb_error *err) {
   apb_status st = APB_OK;
   const unsigned g = cu_blocks((T_ * Hq + 1) / 2, CU_THREADS / 32);
-  switch (n) {
-  case 2: merge_bf16x8_few_kernel<2><<<g, CU_THREADS, 0, c->stream>>>(parts, T_, Hq, D / 8, (apb_bf16 *)o, lse); break;
-  case 3: merge_bf16x8_few_kernel<3><<<g, CU_THREADS, 0, c->stream>>>(parts, T_, Hq, D / 8, (apb_bf16 *)o, lse); break;
-  case 4: merge_bf16x8_few_kernel<4><<<g, CU_THREADS, 0, c->stream>>>(parts, T_, Hq, D / 8, (apb_bf16 *)o, lse); break;
-  default: merge_bf16x8_kernel<<<g, CU_THREADS, 0, c->stream>>>(parts, n, T_, Hq, D / 8, (apb_bf16 *)o, lse);
-  }
-  static_assert(CU_MERGE_FEW == 4, "the cases above");
+  merge_bf16x8_kernel<<<g, CU_THREADS, 0, c->stream>>>(parts, n, T_, Hq, D / 8, (apb_bf16 *)o, lse);
   APB_CU_LAUNCH();
 done:
   return st;

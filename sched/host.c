@@ -96,8 +96,8 @@ double sched_attn_flops(const apb_battn_args *a) {
 }
 
 const char *apb_stage_name(apb_stage s) {
-  static const char *const names[APB_STAGE_COUNT] = {"qkv", "score", "comm", "attn", "oproj", "ffn", "elem", "setup",
-                                                           "other"};
+  static const char *const names[APB_STAGE_COUNT] = {"qkv",  "score", "comm",  "attn", "oproj",
+                                                     "ffn",  "elem",  "setup", "other"};
   return (unsigned)s < APB_STAGE_COUNT ? names[s] : "?";
 }
 

@@ -6,12 +6,12 @@
  * document and a short query; reported per run: the prefill time (the slowest rank's), tokens/s, peak
  * device memory per GPU, the cost model's prediction from the rates measured in the same run, and,
  * from a second, profiled run, the per-layer breakdown (q/k/v projection, scorer, communication,
- * attention, o projection, FFN, setup before the first layer, other) of the slowest rank. The profiled
- * run synchronises around every stage (which removes any overlap of communication with compute), so
- * its total is not the reported time; --profile 2 times the stages with CUDA events on each rank's
- * stream instead (no wait). JSON with --json FILE, and beside it FILE.tsv (method, "-balanced"
- * appended under --balance, gpus, tokens, prefill seconds, dense seconds at that length or 0) from
- * which bench/plot_prefill.gp draws the docs/ plots.
+ * attention, o projection, FFN, elementwise ops, setup before the first layer, other) of the slowest
+ * rank. The profiled run synchronises around every stage (which removes any overlap of communication
+ * with compute), so its total is not the reported time; --profile 2 times the stages with CUDA events
+ * on each rank's stream instead (no wait). JSON with --json FILE, and beside it FILE.tsv (method,
+ * "-balanced" appended under --balance, gpus, tokens, prefill seconds, dense seconds at that length or
+ * 0) from which bench/plot_prefill.gp draws the docs/ plots.
  * Dense always runs on one GPU. Not a test: numbers only; without NCCL or GPUs it says so and fails.
  */
 #include <stdio.h>
@@ -105,7 +105,8 @@ static int run_case(const apb_model_config *cfg, int I, apb_preset preset, apb_m
   }
   for (int pass = 0; pass < 1 + (profile != 0); pass++) {
     apb_nccl_opts no = {.backend = "cuda-bf16", .use_preset = 1, .preset = preset, .seed = 1,
-                        .profile = pass == 1 ? profile : 0, .warmup = warmup, .reps = pass == 1 ? 1 : reps, .comm_timing = pass == 0};
+                        .profile = pass == 1 ? profile : 0, .warmup = warmup, .reps = pass == 1 ? 1 : reps,
+                        .comm_timing = pass == 0};
     st = apb_nccl_execute(plan, NULL, &no, doc, query, res, cst, &err);
     if (st) {
       rc = cli_report(CMD, st, &err);

@@ -699,9 +699,8 @@ START_TEST(test_marks) {
 }
 END_TEST
 
-/* n partials with -inf rows, out of place and aliasing part 0: 2-4 take the bf16 few-partials kernel, 5 the
- * general one, 40 goes beyond the by-value limit; D 256 makes each thread of the bf16 forms take two
- * 16-byte chunks */
+/* n partials with -inf rows, out of place and aliasing part 0: 2-5 pass the partials by value, 40 goes
+ * beyond the by-value limit; D 256 makes each thread of the bf16 16-byte form take two chunks */
 static const struct { int n, D; } merge_cases[] = {{3, 64}, {40, 64}, {2, 128}, {2, 256}, {4, 128}, {5, 128}};
 START_TEST(test_merge) {
   const apb_dtype dt = modes[_i % 2];
