@@ -8,10 +8,11 @@
  *     from their own threads). act is BF16 (storage bf16, fp32 accumulation) or F32 (fp32 everywhere,
  *     TF32 never used: CUBLAS_COMPUTE_32F with CUBLAS_DEFAULT_MATH);
  *   - memory: alloc is cudaMalloc (256-byte aligned); free gives the block to the instance's cache, from
- *     which an alloc of exactly that size takes it again (a warm run of one shape allocates nothing;
- *     a cudaMalloc that fails first releases the caches of all instances on the device and tries
- *     again), or, with the cache off (apb_backend_cuda_set_cache, APB_CUDA_CACHE=0), waits for the
- *     stream and cudaFree's; memset,
+ *     which an alloc of exactly that size takes it again (a warm run of one shape allocates nothing),
+ *     or, with the cache off (apb_backend_cuda_set_cache, APB_CUDA_CACHE=0), waits for the stream and
+ *     cudaFree's. Every allocation for data (alloc, weights, op scratch) goes through dev_malloc, which
+ *     keeps the device's count and budget (apb_cuda_set_mem_limit, APB_CUDA_MEM_LIMIT) and, when the
+ *     budget or CUDA says no, releases the caches of all instances on the device and tries again; memset,
  *     copy, copy2d are stream-ordered (copy/copy2d reject overlapping ranges with APB_EINVAL, as the
  *     CPU does); upload/download move raw bytes and return when the host buffer may be reused or
  *     read; upload_f32/download_f32 convert on the device (fp32 staging chunks in op scratch and a
@@ -37,17 +38,19 @@
  * download and download_f32 return the first failure since the last one was returned, unless
  * synchronous checks were asked for (each op then waits for its check).
  *
- * What it deliberately is not: a caching allocator (scratch comes from CUDA's stream-ordered pool),
- * a graph-captured or fused layer (each op is one or a few kernels), or a place that prints or exits.
+ * What it deliberately is not: a general allocator (blocks are reused at exactly their size only;
+ * scratch comes from CUDA's stream-ordered pool), a graph-captured or fused layer (each op is one or a few kernels), or a place that prints or exits.
  * Every CUDA and cuBLAS call is checked (APB_CU, APB_CUBLAS) and every launch is followed by
  * APB_CU_LAUNCH.
  *
  * Tested in tests/check_gpu_agree.c: every op against the naive oracle (and, in BF16 mode, against the
  * CPU's bf16 emulation), memory ops and accounting, validation messages, and whole runs.
  */
+#include <errno.h>
 #include <limits.h>
 #include <math.h>
 #include <new>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -78,32 +81,104 @@ static void count_add(cu_be *c, size_t bytes) {
 
 static void count_sub(cu_be *c, size_t bytes) { c->cur.fetch_sub(bytes); }
 
+/* ---------------------------------------------------------------- device memory and its budget */
+
+/* The live instances, so that an allocation that fails can release the caches of every instance on its
+ * device (simulated hosts share one GPU, each with its own instance), not only its own; and the budget
+ * record of each device that ever had an instance. Lock order: live().mu, then an instance's mu. */
+struct cu_live {
+  std::mutex mu;
+  std::vector<cu_be *> all;
+  std::vector<cu_dev *> devs;
+};
+static cu_live &live(void) { /* never destroyed: an instance may outlive the library's static objects */
+  static cu_live *l = new cu_live();
+  return *l;
+}
+
+/* The budget record of device dev, made on first use (never freed); NULL when out of host memory. */
+static cu_dev *cu_dev_of(int dev) {
+  std::lock_guard<std::mutex> g(live().mu);
+  for (cu_dev *d : live().devs)
+    if (d->dev == dev) return d;
+  cu_dev *d = new (std::nothrow) cu_dev();
+  if (!d) return NULL;
+  d->dev = dev;
+  d->held.store(0);
+  d->limit.store(0);
+  try {
+    live().devs.push_back(d);
+  } catch (...) {
+    delete d;
+    return NULL;
+  }
+  return d;
+}
+
 static void cache_release_device(int dev);
 
+/* Device memory for data: cudaMalloc, or cudaMallocAsync on the instance's stream (async), inside the
+ * device's budget. When the budget or the device has no room, the caches of every instance on the device
+ * are released and it tries once more. *over = 1 when the budget said no. *p = NULL on failure. */
+static cudaError_t dev_malloc(cu_be *c, void **p, size_t bytes, int async, int *over) {
+  cu_dev *d = c->dv;
+  *p = NULL;
+  for (int round = 0;; round++) {
+    cudaError_t e = cudaErrorMemoryAllocation;
+    const size_t lim = d->limit.load();
+    const size_t was = d->held.fetch_add(bytes);
+    *over = lim && (was + bytes > lim || was + bytes < was);
+    if (*over) {
+      d->held.fetch_sub(bytes);
+    } else {
+      e = async ? cudaMallocAsync(p, bytes, c->stream) : cudaMalloc(p, bytes);
+      if (e != cudaSuccess) {
+        d->held.fetch_sub(bytes);
+        cudaGetLastError();
+        *p = NULL;
+      }
+    }
+    if (e != cudaErrorMemoryAllocation || round == 1) return e;
+    cache_release_device(c->dev);
+  }
+}
+
+/* Give back what dev_malloc took (async: cudaFreeAsync on the instance's stream). */
+static void dev_free(cu_be *c, void *p, size_t bytes, int async) {
+  if (!p) return;
+  if (async)
+    cudaFreeAsync(p, c->stream);
+  else
+    cudaFree(p);
+  c->dv->held.fetch_sub(bytes);
+}
+
+/* The error of a dev_malloc that failed: "<op>: cannot allocate <bytes><what> on device d: <why>". */
+static apb_status dev_malloc_error(const cu_be *c, cudaError_t e, int over, const char *op, size_t bytes,
+                                   const char *what, apb_error *err) {
+  if (over)
+    return apb_error_set(err, APB_ENOMEM,
+                         "%s: cannot allocate %zu bytes%s on device %d: that would pass the device's memory limit of "
+                         "%zu bytes (APB_CUDA_MEM_LIMIT or apb_cuda_set_mem_limit), of which apb holds %zu",
+                         op, bytes, what, c->dev, c->dv->limit.load(), c->dv->held.load());
+  return apb_error_set(err, e == cudaErrorMemoryAllocation ? APB_ENOMEM : APB_EDEVICE,
+                       "%s: cannot allocate %zu bytes%s on device %d: %s (%s)", op, bytes, what, c->dev,
+                       cudaGetErrorString(e), cudaGetErrorName(e));
+}
+
 apb_status cu_scratch(cu_be *c, size_t bytes, const char *op, void **p, apb_error *err) {
-  apb_status st = APB_OK;
   *p = NULL;
   if (bytes == 0) return APB_OK;
-  cudaError_t e = cudaMallocAsync(p, bytes, c->stream);
-  if (e == cudaErrorMemoryAllocation) { /* the caches of freed blocks on this device go first */
-    cudaGetLastError();
-    cache_release_device(c->dev);
-    e = cudaMallocAsync(p, bytes, c->stream);
-  }
-  if (e != cudaSuccess) {
-    *p = NULL;
-    cudaGetLastError();
-    return apb_error_set(err, e == cudaErrorMemoryAllocation ? APB_ENOMEM : APB_EDEVICE,
-                         "%s: cannot allocate %zu bytes of device scratch on device %d: %s (%s)", op, bytes, c->dev,
-                         cudaGetErrorString(e), cudaGetErrorName(e));
-  }
+  int over = 0;
+  cudaError_t e = dev_malloc(c, p, bytes, 1, &over);
+  if (e != cudaSuccess || over) return dev_malloc_error(c, e, over, op, bytes, " of device scratch", err);
   count_add(c, bytes);
-  return st;
+  return APB_OK;
 }
 
 void cu_scratch_free(cu_be *c, void *p, size_t bytes) {
   if (!p) return;
-  cudaFreeAsync(p, c->stream);
+  dev_free(c, p, bytes, 1);
   count_sub(c, bytes);
 }
 
@@ -204,19 +279,7 @@ static void cache_release(cu_be *c) {
   if (blocks.empty()) return;
   cudaSetDevice(c->dev);
   cudaStreamSynchronize(c->stream);
-  for (auto &b : blocks) cudaFree(b.second);
-}
-
-/* The live instances, so that an allocation that fails can release the caches of every instance on its
- * device (simulated hosts share one GPU, each with its own instance), not only its own. Lock order:
- * live().mu, then an instance's mu. */
-struct cu_live {
-  std::mutex mu;
-  std::vector<cu_be *> all;
-};
-static cu_live &live(void) { /* never destroyed: an instance may outlive the library's static objects */
-  static cu_live *l = new cu_live();
-  return *l;
+  for (auto &b : blocks) dev_free(c, b.second, b.first, 0);
 }
 
 static void cache_release_device(int dev) {
@@ -254,24 +317,14 @@ static apb_status cu_alloc(apb_backend *be, size_t bytes, void **p, apb_error *e
     count_add(c, bytes);
     return APB_OK;
   }
-  cudaError_t e = cudaMalloc(p, bytes);
-  if (e == cudaErrorMemoryAllocation) { /* the caches of freed blocks on this device go first */
-    cudaGetLastError();
-    cache_release_device(c->dev);
-    e = cudaMalloc(p, bytes);
-  }
-  if (e != cudaSuccess) {
-    *p = NULL;
-    cudaGetLastError();
-    return apb_error_set(err, e == cudaErrorMemoryAllocation ? APB_ENOMEM : APB_EDEVICE,
-                         "alloc: cannot allocate %zu bytes on device %d: %s (%s)", bytes, c->dev, cudaGetErrorString(e),
-                         cudaGetErrorName(e));
-  }
+  int over = 0;
+  cudaError_t e = dev_malloc(c, p, bytes, 0, &over);
+  if (e != cudaSuccess || over) return dev_malloc_error(c, e, over, "alloc", bytes, "", err);
   try {
     std::lock_guard<std::mutex> g(c->mu);
     c->sizes[*p] = bytes;
   } catch (...) {
-    cudaFree(*p);
+    dev_free(c, *p, bytes, 0);
     *p = NULL;
     return apb_error_set(err, APB_ENOMEM, "alloc: out of host memory for the allocation table");
   }
@@ -303,7 +356,10 @@ static void cu_free(apb_backend *be, void *p) {
    * be reported from free (it returns nothing); a sticky fault shows at the next checked call. */
   cudaSetDevice(c->dev);
   cudaStreamSynchronize(c->stream);
-  cudaFree(p);
+  if (bytes)
+    dev_free(c, p, bytes, 0);
+  else
+    cudaFree(p); /* not alloc's: counted nowhere */
   count_sub(c, bytes);
 }
 
@@ -492,15 +548,17 @@ apb_status cu_weight_new(cu_be *c, int64_t N, int64_t K, int has_bias, apb_bweig
   if (!bw) return apb_error_set(err, APB_ENOMEM, "%s: cannot allocate the weight descriptor", op);
   bw->N = N, bw->K = K, bw->dt = c->be.act;
   const size_t wb = (size_t)N * (size_t)K * apb_dtype_size(c->be.act), bb = has_bias ? (size_t)N * sizeof(float) : 0;
-  cudaError_t e = cudaMalloc(&bw->w, wb);
-  if (e == cudaSuccess && bb) e = cudaMalloc((void **)&bw->b, bb);
-  if (e != cudaSuccess) {
-    cudaGetLastError();
-    if (bw->w) cudaFree(bw->w);
+  int over = 0;
+  cudaError_t e = dev_malloc(c, &bw->w, wb, 0, &over);
+  if (e == cudaSuccess && !over && bb) e = dev_malloc(c, (void **)&bw->b, bb, 0, &over);
+  if (e != cudaSuccess || over) {
+    const size_t failed = bw->w ? bb : wb; /* the bias's when the matrix's succeeded */
+    dev_free(c, bw->w, wb, 0);
     free(bw);
-    return apb_error_set(err, e == cudaErrorMemoryAllocation ? APB_ENOMEM : APB_EDEVICE,
-                         "%s: cannot allocate %zu bytes on device %d for [%lld, %lld]: %s (%s)", op, wb + bb, c->dev,
-                         (long long)N, (long long)K, cudaGetErrorString(e), cudaGetErrorName(e));
+    char what[96];
+    snprintf(what, sizeof what, " for a [%lld, %lld] weight%s", (long long)N, (long long)K,
+             failed == bb && bb != wb ? "'s bias" : "");
+    return dev_malloc_error(c, e, over, op, failed, what, err);
   }
   bw->bytes = wb + bb;
   count_add(c, bw->bytes);
@@ -513,8 +571,9 @@ static void cu_weight_destroy(apb_backend *be, apb_bweight *w) {
   cu_be *c = cu_of(be);
   cudaSetDevice(c->dev);
   cudaStreamSynchronize(c->stream);
-  cudaFree(w->w);
-  if (w->b) cudaFree(w->b);
+  const size_t bb = w->b ? (size_t)w->N * sizeof(float) : 0;
+  dev_free(c, w->w, w->bytes - bb, 0);
+  dev_free(c, w->b, bb, 0);
   count_sub(c, w->bytes);
   free(w);
 }
@@ -749,6 +808,26 @@ static apb_status attn_from_env(apb_dtype act, apb_cuda_attn_impl *impl, apb_err
   return APB_OK;
 }
 
+/* s in full as a byte count: digits with an optional K, M, G or T suffix (powers of 1024); 0 on success. */
+static int parse_bytes(const char *s, size_t *out) {
+  if (!s || *s < '0' || *s > '9') return -1;
+  errno = 0;
+  char *end;
+  const unsigned long long v = strtoull(s, &end, 10);
+  if (errno || end == s) return -1;
+  int shift = 0;
+  switch (*end) {
+  case 'k': case 'K': shift = 10; end++; break;
+  case 'm': case 'M': shift = 20; end++; break;
+  case 'g': case 'G': shift = 30; end++; break;
+  case 't': case 'T': shift = 40; end++; break;
+  default: break;
+  }
+  if (*end || v > (unsigned long long)SIZE_MAX >> shift) return -1;
+  *out = (size_t)v << shift;
+  return 0;
+}
+
 extern "C" apb_status apb_backend_cuda(int device, apb_dtype act, apb_backend **out, apb_error *err) {
   if (!out) return apb_error_set(err, APB_EINVAL, "backend cuda: out is NULL");
   *out = NULL;
@@ -781,6 +860,23 @@ extern "C" apb_status apb_backend_cuda(int device, apb_dtype act, apb_backend **
   c->rope_cap = 0;
   c->chk = NULL;
   c->chk_seq = 0;
+  if (!(c->dv = cu_dev_of(device))) {
+    delete c;
+    return apb_error_set(err, APB_ENOMEM, "backend cuda: out of host memory for the device record");
+  }
+  {
+    const char *ml = getenv("APB_CUDA_MEM_LIMIT");
+    if (ml && *ml) {
+      size_t lim = 0;
+      if (parse_bytes(ml, &lim) != 0) {
+        delete c;
+        return apb_error_set(err, APB_EINVAL,
+                             "backend cuda: APB_CUDA_MEM_LIMIT=%s is not a byte count (digits with an optional K, M, "
+                             "G or T suffix, powers of 1024; 0 for no limit), e.g. 80G", ml);
+      }
+      c->dv->limit.store(lim);
+    }
+  }
   {
     const char *sc = getenv("APB_CUDA_SYNC_CHECKS");
     c->sync_checks = sc && *sc && strcmp(sc, "0") != 0;
@@ -857,6 +953,33 @@ extern "C" apb_status apb_backend_cuda_cached(const apb_backend *be, size_t *byt
   size_t sum = 0;
   for (const auto &b : c->idle) sum += b.first;
   *bytes = sum;
+  return APB_OK;
+}
+
+extern "C" apb_status apb_cuda_set_mem_limit(int device, size_t bytes, apb_error *err) {
+  int n = 0;
+  apb_status st = apb_cuda_device_count(&n, err);
+  if (st) return st;
+  if (device < 0 || device >= n)
+    return apb_error_set(err, APB_EINVAL, "cuda_set_mem_limit: device %d does not exist (%d device%s)", device, n,
+                         n == 1 ? "" : "s");
+  cu_dev *d = cu_dev_of(device);
+  if (!d) return apb_error_set(err, APB_ENOMEM, "cuda_set_mem_limit: out of host memory for the device record");
+  d->limit.store(bytes);
+  return APB_OK;
+}
+
+extern "C" apb_status apb_cuda_mem_held(int device, size_t *held, size_t *limit, apb_error *err) {
+  int n = 0;
+  apb_status st = apb_cuda_device_count(&n, err);
+  if (st) return st;
+  if (device < 0 || device >= n)
+    return apb_error_set(err, APB_EINVAL, "cuda_mem_held: device %d does not exist (%d device%s)", device, n,
+                         n == 1 ? "" : "s");
+  cu_dev *d = cu_dev_of(device);
+  if (!d) return apb_error_set(err, APB_ENOMEM, "cuda_mem_held: out of host memory for the device record");
+  if (held) *held = d->held.load();
+  if (limit) *limit = d->limit.load();
   return APB_OK;
 }
 

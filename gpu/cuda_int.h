@@ -90,9 +90,18 @@ struct cu_chk_call {
 };
 
 /* One CUDA backend instance; be.impl points back to it. */
+/* What the backend's instances on one device hold for data (alloc's blocks in use or cached, weights,
+ * op scratch), and that device's budget for it (apb_cuda_set_mem_limit, APB_CUDA_MEM_LIMIT; 0: none).
+ * One per device, made with its first instance and never freed (gpu/backend_cuda.cu, cu_dev_of). */
+struct cu_dev {
+  int dev;
+  std::atomic<size_t> held, limit;
+};
+
 struct cu_be {
   apb_backend be;
   int dev;                         /* CUDA device ordinal */
+  cu_dev *dv;                      /* its device's budget */
   cudaStream_t stream;             /* every op of this instance is enqueued here (non-blocking stream) */
   cublasHandle_t blas;             /* bound to stream; default math (TF32 never used) */
   void *blas_ws;                   /* its workspace: cuBLAS's recommendation, 32 MiB on Hopper, 4 MiB before

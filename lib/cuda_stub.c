@@ -103,6 +103,18 @@ apb_status apb_backend_cuda_cached(const apb_backend *be, size_t *bytes, apb_err
   return apb_error_set(err, APB_ENODEVICE, "backend_cuda_cached: this libapb was built without CUDA");
 }
 
+apb_status apb_cuda_set_mem_limit(int device, size_t bytes, apb_error *err) {
+  (void)device, (void)bytes;
+  return apb_error_set(err, APB_ENODEVICE, "cuda_set_mem_limit: this libapb was built without CUDA");
+}
+
+apb_status apb_cuda_mem_held(int device, size_t *held, size_t *limit, apb_error *err) {
+  (void)device;
+  if (held) *held = 0;
+  if (limit) *limit = 0;
+  return apb_error_set(err, APB_ENODEVICE, "cuda_mem_held: this libapb was built without CUDA");
+}
+
 apb_status apb_cuda_bmodel_generate(apb_backend *be, apb_preset p, uint64_t seed, apb_bmodel **out, apb_error *err) {
   (void)be, (void)p, (void)seed;
   if (out) *out = NULL;

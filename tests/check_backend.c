@@ -34,6 +34,7 @@
 #include "../ref/backend_cpu.h" /* white-box: the CPU weight descriptor, for apb_bmodel shapes */
 #include "apb/attn.h"
 #include "apb/backend.h"
+#include "apb/cuda.h"
 #include "apb/model.h"
 
 /* ---------------------------------------------------------------- helpers */
@@ -142,6 +143,12 @@ START_TEST(test_create) {
   if (!apb_cuda_built()) { /* never touch a GPU from this suite */
     FAILS(apb_backend_create("cuda-f32", 0, NULL, &be, &e), APB_ENODEVICE, &e, "CUDA", NULL);
     ck_assert(be == NULL);
+    apb_error_clear(&e);
+    FAILS(apb_cuda_set_mem_limit(0, 1 << 20, &e), APB_ENODEVICE, &e, "without CUDA", NULL);
+    apb_error_clear(&e);
+    size_t held = 1, limit = 1;
+    FAILS(apb_cuda_mem_held(0, &held, &limit, &e), APB_ENODEVICE, &e, "without CUDA", NULL);
+    ck_assert(held == 0 && limit == 0);
   }
   apb_backend_destroy(NULL);
 }

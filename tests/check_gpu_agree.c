@@ -1089,8 +1089,9 @@ END_TEST
 /* The cache of freed blocks (apb_backend_cuda_set_cache, on by default): free keeps a block, an alloc of
  * exactly its size takes it back (another size does not), mem counts only what is held, later ops on
  * a block taken back see their own writes, and turning the cache off releases it and makes free
- * release. (Its fallback, releasing the cache when cudaMalloc fails, would need the device filled,
- * which the other suites that may share the GPU during `make check` cannot afford: not tested.) */
+ * release. Its fallback (the caches of every instance on the device released when an allocation
+ * fails) is test_mem_limit's: a device budget fails allocations as a full device does, without
+ * filling a GPU that the other suites of `make check` may share. */
 START_TEST(test_cache) {
   const apb_dtype dt = modes[_i];
   apb_backend *be = NULL;
@@ -1146,6 +1147,133 @@ START_TEST(test_cache) {
   apb_error_clear(&e);
   FAILS(apb_backend_cuda_cached(cpu, &cached, &e), APB_EINVAL, &e, "not a CUDA backend instance", NULL);
   apb_error_clear(&e);
+}
+END_TEST
+
+static size_t held_now(void) {
+  apb_error e = {0};
+  size_t held = 0;
+  OK(apb_cuda_mem_held(0, &held, NULL, &e), &e, "cuda_mem_held");
+  return held;
+}
+
+static size_t cached_in(const apb_backend *be) {
+  apb_error e = {0};
+  size_t cached = 0;
+  OK(apb_backend_cuda_cached(be, &cached, &e), &e, "cached");
+  return cached;
+}
+
+/* The device budget (apb_cuda_set_mem_limit, APB_CUDA_MEM_LIMIT): what the instances on a device hold
+ * (in use and cached) is counted across instances; an alloc, an op's scratch or a weight that would
+ * pass the limit first releases the caches of every instance on the device (another instance's too)
+ * and succeeds when that makes room, else fails with APB_ENOMEM naming the limit, holding nothing
+ * more; data that went through a released block stays right; bad devices and bad environment values
+ * are refused. */
+START_TEST(test_mem_limit) {
+  const apb_dtype dt = modes[_i];
+  apb_error e = {0};
+  apb_backend *a = NULL, *b = NULL;
+  OK(apb_backend_cuda(0, dt, &a, &e), &e, "apb_backend_cuda a");
+  OK(apb_backend_cuda(0, dt, &b, &e), &e, "apb_backend_cuda b");
+  const apb_backend_ops *op = a->ops;
+  const size_t n = (size_t)1 << 20;
+  void *pa = NULL, *pb = NULL, *pc = NULL;
+  /* A limit of one byte refuses everything, after releasing every cache on the device (the other
+   * tests' instances of this process too, when Check does not fork), so h0 is what is in use. */
+  OK(apb_cuda_set_mem_limit(0, 1, &e), &e, "set_mem_limit 1");
+  FAILS(op->alloc(a, 256, &pa, &e), APB_ENOMEM, &e, "memory limit of 1 bytes", "alloc");
+  ck_assert_ptr_null(pa);
+  apb_error_clear(&e);
+  const size_t h0 = held_now();
+  size_t lim = 0;
+  OK(apb_cuda_mem_held(0, NULL, &lim, &e), &e, "cuda_mem_held");
+  ck_assert_uint_eq(lim, 1);
+
+  /* a's freed block stays cached and counted; b's larger alloc fits once a's cache is released. */
+  OK(apb_cuda_set_mem_limit(0, h0 + 3 * n, &e), &e, "set_mem_limit");
+  OK(op->alloc(a, 2 * n, &pa, &e), &e, "alloc 2n in a");
+  ck_assert_uint_eq(held_now(), h0 + 2 * n);
+  op->free(a, pa);
+  ck_assert_uint_eq(cached_in(a), 2 * n);
+  ck_assert_uint_eq(held_now(), h0 + 2 * n);
+  OK(op->alloc(b, 2 * n + 256, &pb, &e), &e, "alloc 2n + 256 in b, after releasing a's cache");
+  ck_assert_uint_eq(cached_in(a), 0);
+  ck_assert_uint_eq(held_now(), h0 + 2 * n + 256);
+  /* No cache left to release: refused, nothing more held. */
+  FAILS(op->alloc(b, 2 * n, &pc, &e), APB_ENOMEM, &e, "would pass the device's memory limit", "alloc");
+  ck_assert_ptr_null(pc);
+  apb_error_clear(&e);
+  ck_assert_uint_eq(held_now(), h0 + 2 * n + 256);
+  op->free(b, pb);
+  ck_assert_uint_eq(cached_in(b), 2 * n + 256);
+
+  /* An op's scratch (upload_f32 and download_f32 stage fp32 chunks on the device in BF16 mode) and a
+   * weight go through the same budget. */
+  const size_t m = n / 4; /* elements */
+  float *x = xmalloc(m * sizeof *x), *y = xmalloc(m * sizeof *y);
+  for (size_t i = 0; i < m; i++) x[i] = (float)((int)(i % 251) - 125) * 0.25f; /* exact in bf16 */
+  OK(apb_cuda_set_mem_limit(0, h0 + 3 * n + 256, &e), &e, "set_mem_limit");
+  void *px = NULL;
+  OK(op->alloc(a, m * apb_act_size(a), &px, &e), &e, "alloc x in a");
+  const size_t hx = h0 + m * apb_act_size(a);
+  if (dt == APB_DT_BF16) {
+    /* held: x (n/2) + b's cache (2n + 256); the fp32 staging (n) fits only once b's cache is gone */
+    OK(op->upload_f32(a, px, x, m, &e), &e, "upload_f32 with scratch, after releasing b's cache");
+    ck_assert_uint_eq(cached_in(b), 0);
+    OK(op->download_f32(a, y, px, m, &e), &e, "download_f32");
+    for (size_t i = 0; i < m; i++) ck_assert_msg(y[i] == x[i], "element %zu: %g, want %g", i, y[i], x[i]);
+    ck_assert_uint_eq(held_now(), hx);
+    OK(apb_cuda_set_mem_limit(0, hx + m * sizeof(float) - 1, &e), &e, "set_mem_limit");
+    FAILS(op->download_f32(a, y, px, m, &e), APB_ENOMEM, &e, "of device scratch", "memory limit");
+    apb_error_clear(&e);
+    ck_assert_uint_eq(held_now(), hx);
+  } else {
+    OK(op->upload_f32(a, px, x, m, &e), &e, "upload_f32");
+    OK(op->download_f32(a, y, px, m, &e), &e, "download_f32");
+    for (size_t i = 0; i < m; i++) ck_assert_msg(y[i] == x[i], "element %zu: %g, want %g", i, y[i], x[i]);
+  }
+  OK(apb_backend_cuda_set_cache(b, 0, &e), &e, "set_cache 0"); /* nothing left to release */
+  OK(apb_backend_cuda_set_cache(b, 1, &e), &e, "set_cache 1");
+  OK(apb_cuda_set_mem_limit(0, held_now() + 1024, &e), &e, "set_mem_limit");
+  apb_bweight *w = NULL;
+  FAILS(op->weight_create(a, x, 512, 512, NULL, &w, &e), APB_ENOMEM, &e, "[512, 512] weight", "memory limit");
+  ck_assert_ptr_null(w);
+  apb_error_clear(&e);
+  /* No limit again: the same weight fits. */
+  OK(apb_cuda_set_mem_limit(0, 0, &e), &e, "set_mem_limit 0");
+  OK(op->weight_create(a, x, 512, 512, NULL, &w, &e), &e, "weight_create, no limit");
+  op->weight_destroy(a, w);
+  op->free(a, px);
+  free(x), free(y);
+
+  /* Bad devices and environment values. */
+  int ndev = 0;
+  OK(apb_cuda_device_count(&ndev, &e), &e, "device count");
+  FAILS(apb_cuda_set_mem_limit(-1, 0, &e), APB_EINVAL, &e, "device -1 does not exist", NULL);
+  apb_error_clear(&e);
+  FAILS(apb_cuda_set_mem_limit(ndev, 0, &e), APB_EINVAL, &e, "does not exist", NULL);
+  apb_error_clear(&e);
+  FAILS(apb_cuda_mem_held(ndev, NULL, NULL, &e), APB_EINVAL, &e, "does not exist", NULL);
+  apb_error_clear(&e);
+  apb_backend *c = NULL;
+  const char *bad[] = {"12X", "-5G", "G", " 1G", "1G5", "99999999999999999999"};
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    setenv("APB_CUDA_MEM_LIMIT", bad[i], 1);
+    FAILS(apb_backend_cuda(0, dt, &c, &e), APB_EINVAL, &e, "APB_CUDA_MEM_LIMIT=", "not a byte count");
+    ck_assert_ptr_null(c);
+    apb_error_clear(&e);
+  }
+  setenv("APB_CUDA_MEM_LIMIT", "5M", 1);
+  OK(apb_backend_cuda(0, dt, &c, &e), &e, "APB_CUDA_MEM_LIMIT=5M");
+  OK(apb_cuda_mem_held(0, NULL, &lim, &e), &e, "cuda_mem_held");
+  ck_assert_uint_eq(lim, (size_t)5 << 20);
+  apb_backend_destroy(c);
+  unsetenv("APB_CUDA_MEM_LIMIT");
+  OK(apb_cuda_set_mem_limit(0, 0, &e), &e, "set_mem_limit 0");
+  apb_backend_destroy(a);
+  apb_backend_destroy(b);
+  ck_assert_uint_eq(held_now(), h0);
 }
 END_TEST
 
@@ -1967,6 +2095,7 @@ int main(void) {
   tcase_add_loop_test(tc, test_memory, 0, 2);
   tcase_add_loop_test(tc, test_validation, 0, 2);
   tcase_add_loop_test(tc, test_cache, 0, 2);
+  tcase_add_loop_test(tc, test_mem_limit, 0, 2);
   suite_add_tcase(s, tc);
 
   /* Test cases by what they run, so that compute-sanitizer's racecheck and initcheck can take our own

@@ -136,8 +136,9 @@ apb_status apb_backend_cuda_set_sync_checks(apb_backend *be, int on, apb_error *
  * that size takes the block again instead of calling cudaMalloc, so a repeated run of one shape
  * allocates nothing (without it a warm prefill of the llama3-8b shape spent 1.2-3.5 ms per layer
  * before its first layer on 4 H200s, nearly all of it in cudaMalloc; apb at 128K: 1.728 s with
- * APB_CUDA_CACHE=0, 1.648 s with the cache). A cudaMalloc that fails releases the cached blocks of
- * every instance on the device (simulated hosts share one) and tries again; destroy releases the
+ * APB_CUDA_CACHE=0, 1.648 s with the cache). An allocation that CUDA or the device's budget
+ * (apb_cuda_set_mem_limit) refuses releases the cached blocks of every instance on the device
+ * (simulated hosts share one) and tries again; destroy releases the
  * instance's. Work queued on the instance's stream before a free still runs before any use of the block by a
  * later op of the instance (one stream keeps order); another stream that uses a block (a
  * communicator's) must have been waited for before the free, as with the cache off. apb_backend_mem
@@ -149,6 +150,26 @@ apb_status apb_backend_cuda_set_cache(apb_backend *be, int on, apb_error *err);
 /* Bytes in be's cache of freed blocks (apb_backend_cuda_set_cache). APB_EINVAL when be is not a CUDA
  * instance or bytes is NULL. */
 apb_status apb_backend_cuda_cached(const apb_backend *be, size_t *bytes, apb_error *err);
+
+/* A budget for the device memory that the CUDA backend holds for data on device `device`: alloc's
+ * blocks in use or cached, weights and op scratch, summed over every instance on the device (simulated
+ * hosts share one). bytes = 0 means no budget, the default. An allocation that would pass it is
+ * refused as one that CUDA refuses: the caches of freed blocks of every instance on the device are
+ * released, it is tried once more, and then it fails with APB_ENOMEM and a message naming the limit.
+ * For seeing whether a run fits a smaller GPU (an 80 GB H100 on an H200: 80G less the context and
+ * workspaces below) and for leaving room to other processes. Not counted: the CUDA context, cuBLAS's
+ * workspace (32 MiB per instance on Hopper), the per-instance tables, NCCL's buffers, memory taken
+ * outside the backend. A limit below what is held frees nothing; the next allocation that would pass
+ * it fails. The environment variable APB_CUDA_MEM_LIMIT (bytes, with an optional K, M, G or T suffix,
+ * powers of 1024; e.g. 80G) sets the limit of the device each time an instance is made on it; an
+ * unparsable value makes that creation fail with APB_EINVAL. APB_EINVAL for a device that does not
+ * exist, APB_ENODEVICE without CUDA. */
+apb_status apb_cuda_set_mem_limit(int device, size_t bytes, apb_error *err);
+
+/* What the CUDA backend holds for data on `device` now (as counted by apb_cuda_set_mem_limit: in use
+ * and cached, every instance) into *held, and the device's limit into *limit (0: none); either may be
+ * NULL. Errors as apb_cuda_set_mem_limit. */
+apb_status apb_cuda_mem_held(int device, size_t *held, size_t *limit, apb_error *err);
 
 /* apb_bmodel_generate for a CUDA instance (apb/backend.h says what it makes). APB_EINVAL when be is
  * not a CUDA instance or p is not a preset; APB_ENOMEM when the device memory does not suffice. */
