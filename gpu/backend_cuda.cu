@@ -39,7 +39,8 @@
  * synchronous checks were asked for (each op then waits for its check).
  *
  * What it deliberately is not: a general allocator (blocks are reused at exactly their size only;
- * scratch comes from CUDA's stream-ordered pool), a graph-captured or fused layer (each op is one or a few kernels), or a place that prints or exits.
+ * scratch comes from CUDA's stream-ordered pool), a graph-captured or fused layer (each op is one or a
+ * few kernels), or a place that prints or exits.
  * Every CUDA and cuBLAS call is checked (APB_CU, APB_CUBLAS) and every launch is followed by
  * APB_CU_LAUNCH.
  *

@@ -89,7 +89,6 @@ struct cu_chk_call {
   long long bound, aux;   /* embed: vocabulary, -; topk: T (row length), -; gather: T, k */
 };
 
-/* One CUDA backend instance; be.impl points back to it. */
 /* What the backend's instances on one device hold for data (alloc's blocks in use or cached, weights,
  * op scratch), and that device's budget for it (apb_cuda_set_mem_limit, APB_CUDA_MEM_LIMIT; 0: none).
  * One per device, made with its first instance and never freed (gpu/backend_cuda.cu, cu_dev_of). */
@@ -98,6 +97,7 @@ struct cu_dev {
   std::atomic<size_t> held, limit;
 };
 
+/* One CUDA backend instance; be.impl points back to it. */
 struct cu_be {
   apb_backend be;
   int dev;                         /* CUDA device ordinal */
