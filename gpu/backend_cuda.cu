@@ -957,28 +957,30 @@ extern "C" apb_status apb_backend_cuda_cached(const apb_backend *be, size_t *byt
   return APB_OK;
 }
 
-extern "C" apb_status apb_cuda_set_mem_limit(int device, size_t bytes, apb_error *err) {
+/* The budget record of an existing device, for the public calls named op. */
+static apb_status dev_record(const char *op, int device, cu_dev **d, apb_error *err) {
   int n = 0;
   apb_status st = apb_cuda_device_count(&n, err);
   if (st) return st;
   if (device < 0 || device >= n)
-    return apb_error_set(err, APB_EINVAL, "cuda_set_mem_limit: device %d does not exist (%d device%s)", device, n,
+    return apb_error_set(err, APB_EINVAL, "%s: device %d does not exist (%d device%s)", op, device, n,
                          n == 1 ? "" : "s");
-  cu_dev *d = cu_dev_of(device);
-  if (!d) return apb_error_set(err, APB_ENOMEM, "cuda_set_mem_limit: out of host memory for the device record");
+  if (!(*d = cu_dev_of(device))) return apb_error_set(err, APB_ENOMEM, "%s: out of host memory for the device record", op);
+  return APB_OK;
+}
+
+extern "C" apb_status apb_cuda_set_mem_limit(int device, size_t bytes, apb_error *err) {
+  cu_dev *d = NULL;
+  apb_status st = dev_record("cuda_set_mem_limit", device, &d, err);
+  if (st) return st;
   d->limit.store(bytes);
   return APB_OK;
 }
 
 extern "C" apb_status apb_cuda_mem_held(int device, size_t *held, size_t *limit, apb_error *err) {
-  int n = 0;
-  apb_status st = apb_cuda_device_count(&n, err);
+  cu_dev *d = NULL;
+  apb_status st = dev_record("cuda_mem_held", device, &d, err);
   if (st) return st;
-  if (device < 0 || device >= n)
-    return apb_error_set(err, APB_EINVAL, "cuda_mem_held: device %d does not exist (%d device%s)", device, n,
-                         n == 1 ? "" : "s");
-  cu_dev *d = cu_dev_of(device);
-  if (!d) return apb_error_set(err, APB_ENOMEM, "cuda_mem_held: out of host memory for the device record");
   if (held) *held = d->held.load();
   if (limit) *limit = d->limit.load();
   return APB_OK;
