@@ -965,7 +965,8 @@ static apb_status dev_record(const char *op, int device, cu_dev **d, apb_error *
   if (device < 0 || device >= n)
     return apb_error_set(err, APB_EINVAL, "%s: device %d does not exist (%d device%s)", op, device, n,
                          n == 1 ? "" : "s");
-  if (!(*d = cu_dev_of(device))) return apb_error_set(err, APB_ENOMEM, "%s: out of host memory for the device record", op);
+  if (!(*d = cu_dev_of(device)))
+    return apb_error_set(err, APB_ENOMEM, "%s: out of host memory for the device record", op);
   return APB_OK;
 }
 
