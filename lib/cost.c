@@ -2,6 +2,8 @@
  * attention pairs as sched_attn_flops, linear FLOPs as sched_linear, bytes as the communicator's
  * logical counts. Changing a schedule means changing its mirror here; tests/check_sched.c fails
  * otherwise. */
+#include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "apb/cost.h"
@@ -145,4 +147,82 @@ apb_status apb_cost_plan(const apb_plan *p, const apb_model_config *cfg, int sco
     c->t_total = c->t_attn + c->t_linear + c->t_elem + c->t_comm;
   }
   return APB_OK;
+}
+
+/* ---------------------------------------------------------------- fitting the rates */
+
+/* The largest relative error of the model at 1/rates (ia, ig: seconds per attention FLOP and per
+ * GEMM FLOP) over the observations; fixed[i][r] is host r's elementwise and communication time. */
+static double fit_err(const apb_cost_obs *obs, int n, const double *const *fixed, double ia, double ig) {
+  double worst = 0;
+  for (int i = 0; i < n; i++) {
+    double t = 0;
+    for (int r = 0; r < obs[i].H; r++) {
+      const apb_cost *c = &obs[i].hosts[r];
+      const double tr = c->attn_flops * ia + c->linear_flops * ig + fixed[i][r];
+      t = tr > t ? tr : t;
+    }
+    const double e = fabs(t / obs[i].seconds - 1.0);
+    worst = e > worst ? e : worst;
+  }
+  return worst;
+}
+
+apb_status apb_cost_fit(const apb_cost_obs *obs, int n, apb_hw *hw, double *max_err, int *at_edge, apb_error *err) {
+  if (!obs || !hw || n < 1) return apb_error_set(err, APB_EINVAL, "cost fit: no measurements");
+  if (!(hw->mem_bytes_s > 0) || !(hw->link_bytes_s > 0) || !(hw->link_latency_s >= 0))
+    return apb_error_set(err, APB_EINVAL,
+                         "cost fit: memory and link bandwidth must be positive and latency non-negative");
+  for (int i = 0; i < n; i++) {
+    if (!(obs[i].seconds > 0) || !isfinite(obs[i].seconds))
+      return apb_error_set(err, APB_EINVAL, "cost fit: measurement %d is %g s; it must be a positive number", i,
+                           obs[i].seconds);
+    if (!obs[i].hosts || obs[i].H < 1)
+      return apb_error_set(err, APB_EINVAL, "cost fit: measurement %d has no hosts", i);
+  }
+  double **fixed = calloc((size_t)n, sizeof *fixed);
+  if (!fixed) return apb_error_set(err, APB_ENOMEM, "cost fit: out of memory");
+  apb_status st = APB_OK;
+  for (int i = 0; i < n && !st; i++) {
+    if (!(fixed[i] = malloc(sizeof(double) * (size_t)obs[i].H))) {
+      st = apb_error_set(err, APB_ENOMEM, "cost fit: out of memory");
+      break;
+    }
+    for (int r = 0; r < obs[i].H; r++) {
+      const apb_cost *c = &obs[i].hosts[r];
+      fixed[i][r] = c->elem_bytes / hw->mem_bytes_s + (double)c->bytes_sent / hw->link_bytes_s +
+                    (double)c->collectives * hw->link_latency_s;
+    }
+  }
+  if (!st) {
+    /* log(FLOP/s): 10 to 5000 TFLOP/s for both */
+    const double lo = log(10e12), hi = log(5000e12);
+    const double steps[3] = {log(1.02), log(1.002), log(1.0002)};
+    double best[2] = {lo, lo}, best_e = HUGE_VAL, c0[2] = {lo, lo}, c1[2] = {hi, hi};
+    for (int pass = 0; pass < 3; pass++) {
+      const double h = steps[pass];
+      const double a0 = c0[0] > lo ? c0[0] : lo, a1 = c1[0] < hi ? c1[0] : hi;
+      const double g0 = c0[1] > lo ? c0[1] : lo, g1 = c1[1] < hi ? c1[1] : hi;
+      for (double a = a0; a <= a1 + 1e-12; a += h) {
+        const double ia = exp(-a);
+        for (double g = g0; g <= g1 + 1e-12; g += h) {
+          const double e = fit_err(obs, n, (const double *const *)fixed, ia, exp(-g));
+          if (e < best_e) best_e = e, best[0] = a, best[1] = g;
+        }
+      }
+      /* the next pass searches one step of this pass either side of the best point */
+      for (int k = 0; k < 2; k++) c0[k] = best[k] - h, c1[k] = best[k] + h;
+    }
+    hw->attn_flops_s = exp(best[0]);
+    hw->gemm_flops_s = exp(best[1]);
+    if (max_err) *max_err = best_e;
+    if (at_edge) {
+      *at_edge = 0;
+      for (int k = 0; k < 2; k++)
+        if (best[k] - lo < steps[0] || hi - best[k] < steps[0]) *at_edge = 1;
+    }
+  }
+  for (int i = 0; i < n; i++) free(fixed[i]);
+  free(fixed);
+  return st;
 }

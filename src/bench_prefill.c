@@ -321,12 +321,12 @@ int bench_prefill(int argc, char **argv) {
                   "\"tokens_per_s\": %.1f, \"model_s\": %.6f, \"floor_s\": %.6f, \"attn_tflops\": %.1f, "
                   "\"gemm_tflops\": %.1f, \"peak_gib\": %.3f, \"slowest_over_fastest\": %.4f, \"balance\": %d, "
                   "\"overlap\": %d, \"warmup\": %d, \"reps\": %d, \"anchor\": %lld, \"passing\": %lld, "
-                  "\"ffn_chunk\": %lld, "
+                  "\"ffn_chunk\": %lld, \"query_len\": %lld, "
                   "\"bytes_sent\": %lld, \"visible_comm_s\": %.6f, \"per_layer_ms\": {",
                   first ? "" : ", ", rw.method, rw.gpus, (long long)rw.tokens, rw.prefill_s, rw.tok_s, rw.pred_s,
                   rw.floor_s, rw.meas_attn / 1e12, rw.meas_gemm / 1e12, rw.peak_gib, rw.imbalance, base.balance,
                   base.overlap, warmup, reps, (long long)rw.la, (long long)rw.lp, (long long)rw.ffn_chunk,
-                  (long long)rw.bytes, rw.vis_s);
+                  (long long)q, (long long)rw.bytes, rw.vis_s);
           for (int s = 0; s < APB_STAGE_COUNT; s++)
             fprintf(jf, "%s\"%s\": %.4f", s ? ", " : "", apb_stage_name((apb_stage)s), rw.stage_s[s] * 1e3);
           fprintf(jf, "}, \"rank_per_layer_ms\": [");

@@ -291,6 +291,50 @@ START_TEST(test_cost_model_counts) {
 }
 END_TEST
 
+/* apb_cost_fit on hand-made counts: exact rates come back; a rate no run depends on ends on a bound
+ * and is flagged; bad measurements and rates are refused */
+START_TEST(test_cost_fit) {
+  apb_cost h[3];
+  memset(h, 0, sizeof h);
+  h[0].attn_flops = 4e15, h[0].linear_flops = 1e15, h[0].elem_bytes = 3e11;
+  h[1].attn_flops = 1e15, h[1].linear_flops = 2e15, h[1].elem_bytes = 6e11, h[1].bytes_sent = 274000000;
+  h[2].attn_flops = 0.5e15, h[2].linear_flops = 0.5e15, h[2].collectives = 100;
+  apb_hw hw;
+  apb_hw_default(&hw);
+  double t[3];
+  for (int i = 0; i < 3; i++)
+    t[i] = h[i].attn_flops / 400e12 + h[i].linear_flops / 800e12 + h[i].elem_bytes / hw.mem_bytes_s +
+           (double)h[i].bytes_sent / hw.link_bytes_s + (double)h[i].collectives * hw.link_latency_s;
+  /* observation 1 has two hosts: host 0 (h[1]) is the slower one and sets its time */
+  apb_cost two[2] = {h[1], h[2]};
+  apb_cost_obs obs[2] = {{&h[0], 1, t[0]}, {two, 2, t[1]}};
+  double e = 1;
+  int edge = 1;
+  apb_error err = {0};
+  ck_assert_int_eq(apb_cost_fit(obs, 2, &hw, &e, &edge, &err), APB_OK);
+  ck_assert_msg(fabs(hw.attn_flops_s / 400e12 - 1) < 5e-4 && fabs(hw.gemm_flops_s / 800e12 - 1) < 5e-4,
+                "fit gave %g and %g FLOP/s, want 4e14 and 8e14", hw.attn_flops_s, hw.gemm_flops_s);
+  ck_assert_msg(e < 5e-4 && edge == 0, "largest error %g, at_edge %d", e, edge);
+  /* no attention anywhere: its rate is not pinned down */
+  apb_cost flat = h[0];
+  flat.attn_flops = 0;
+  apb_cost_obs one = {&flat, 1, 1.0};
+  ck_assert_int_eq(apb_cost_fit(&one, 1, &hw, &e, &edge, &err), APB_OK);
+  ck_assert_int_eq(edge, 1);
+  apb_cost_obs bad = {&flat, 1, NAN};
+  ck_assert_int_eq(apb_cost_fit(&bad, 1, &hw, NULL, NULL, &err), APB_EINVAL);
+  ck_assert_msg(strstr(err.msg, "positive number") != NULL, "%s", err.msg);
+  bad.seconds = -1;
+  ck_assert_int_eq(apb_cost_fit(&bad, 1, &hw, NULL, NULL, &err), APB_EINVAL);
+  ck_assert_int_eq(apb_cost_fit(&one, 0, &hw, NULL, NULL, &err), APB_EINVAL);
+  bad.seconds = 1, bad.H = 0;
+  ck_assert_int_eq(apb_cost_fit(&bad, 1, &hw, NULL, NULL, &err), APB_EINVAL);
+  hw.mem_bytes_s = 0;
+  ck_assert_int_eq(apb_cost_fit(&one, 1, &hw, NULL, NULL, &err), APB_EINVAL);
+  ck_assert_msg(strstr(err.msg, "bandwidth") != NULL, "%s", err.msg);
+}
+END_TEST
+
 /* ---------------------------------------------------------------- the program */
 
 static const char *bin(void) { return tu_apb_bin(); }
@@ -407,6 +451,7 @@ int main(void) {
   tcase_add_loop_test(ti, test_threads_bitwise, 0, 3);
   tcase_add_loop_test(ti, test_profile_stages, 0, 2);
   tcase_add_loop_test(ti, test_cost_model_counts, 0, 3 * APB_METHOD_COUNT);
+  tcase_add_test(ti, test_cost_fit);
   suite_add_tcase(s, ti);
   TCase *tc = tu_tcase("program", 300);
   tcase_add_test(tc, test_cli_bad_input);

@@ -47,6 +47,27 @@ typedef struct apb_cost {
 apb_status apb_cost_plan(const apb_plan *p, const apb_model_config *cfg, int scorer_width, int act_bytes,
                          const apb_hw *hw, apb_cost *out, apb_error *err);
 
+/* One measured prefill for apb_cost_fit: the per-host counts of its plan (apb_cost_plan's out[0..H-1],
+ * at any rates: only the FLOPs, bytes and collectives are read) and the seconds it took. */
+typedef struct apb_cost_obs {
+  const apb_cost *hosts;
+  int H;
+  double seconds;
+} apb_cost_obs;
+
+/* Fit the attention and GEMM rates of *hw to measurements: the two rates that minimise the largest
+ * relative error |predicted / measured - 1| over obs[0..n-1], the prediction being the slowest host's
+ * time as in apb_cost_plan. hw's memory bandwidth, link bandwidth and latency are kept (they must be
+ * positive, latency >= 0): the elementwise bytes and the linear FLOPs of a host are both proportional
+ * to the rows it holds, so whole-prefill times cannot tell the memory rate from the GEMM rate (take it
+ * from `apb bench gpu-ops` or keep the default). The search is over log-spaced rates from 10 to 5000
+ * TFLOP/s, 2% steps first, then refined around the best point twice (0.2%, then 0.02% steps); ties
+ * keep the lowest rates. *max_err (may be NULL) gets the largest error at the fit; *at_edge (may be
+ * NULL) is set to 1 when a rate ended on a bound of the search: the measurements do not pin it down.
+ * APB_EINVAL when n < 1, a measurement is not a positive finite number, or an observation has no
+ * hosts. */
+apb_status apb_cost_fit(const apb_cost_obs *obs, int n, apb_hw *hw, double *max_err, int *at_edge, apb_error *err);
+
 #ifdef __cplusplus
 }
 #endif
