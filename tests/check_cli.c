@@ -552,7 +552,8 @@ START_TEST(predict_fit) {
   /* refusals */
   char *path = tu_tmpname(".json");
   expect(1, "predict --fit /nonexistent/prefill.json", "expected the JSON of apb bench prefill --json");
-  write_text(path, "{\"preset\": \"llama3-8b-shape\", \"runs\": [{\"method\": \"apb\", \"gpus\": 4, \"tokens\": 1000}]}");
+  write_text(path,
+             "{\"preset\": \"llama3-8b-shape\", \"runs\": [{\"method\": \"apb\", \"gpus\": 4, \"tokens\": 1000}]}");
   char a2[4200];
   snprintf(a2, sizeof a2, "predict --fit '%s'", path);
   expect(1, a2, "\"prefill_s\" is not a positive number");
