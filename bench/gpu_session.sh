@@ -12,6 +12,9 @@
 #   bash bench/gpu_session.sh pack             (here) source tarball into .gpudist when make dist fails
 #
 # Default stages: build gpucheck. Logs and results go to $OUT (or ./.out when OUT is unset).
+# REQUIRE_GPU=H100 (any text of `nvidia-smi -L`) stops at once, exit 3, when a GPU lacks it: a lent
+# machine can be another kind than the one asked for, and a benchmark held against one GPU type should
+# not spend device time on another.
 # bench-attn passes $BENCH_ATTN_ARGS (default: --impl all --apb-shape) to `apb bench gpu-attn` and
 # $TORCH_ATTN_ARGS (default: --apb-shape) to bench/gpu_attn_torch.py. prefill passes $PREFILL_ARGS
 # (default: --tokens 131072 --gpus <all visible>) to `apb bench prefill`. torch-prefill runs the PyTorch
@@ -25,6 +28,11 @@ stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=(build gpucheck)
 export NCCL_NVLS_ENABLE=0
 log() { echo "[gpu_session $(date +%H:%M:%S)] $*" | tee -a "$OUT/session.log"; }
+
+if [ -n "${REQUIRE_GPU:-}" ]; then
+  other=$(nvidia-smi -L 2>&1 | grep -v -- "$REQUIRE_GPU")
+  [ -z "$other" ] || { log "REQUIRE_GPU=$REQUIRE_GPU, but this machine has:"; echo "$other" | tee -a "$OUT/session.log"; exit 3; }
+fi
 
 deps=/tmp/apbdeps
 mkdir -p $deps
