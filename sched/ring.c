@@ -7,8 +7,8 @@
  * zigzag: the document is cut into 2H chunks and host h holds chunks h and 2H-1-h, so every host does
  * the same causal work. Chunk c of queries sees chunk c' fully when c' < c and causally when c' == c.
  * The K/V of both chunks travel together around the ring.
- * The K/V buffer of a host is [k | v] of all its rows (host_ctx.kv), sent as is; the next block's
- * transfer (isendrecv) runs while the current one is attended.
+ * The K/V buffer of a host is [k | v] of all its rows (host_ctx.kv), sent as is; each transfer
+ * (isendrecv) runs while a block is attended, the first one while the host attends its own.
  */
 #include <stdlib.h>
 
@@ -74,21 +74,11 @@ static apb_status ring_attend(host_ctx *h, int layer, apb_error *err) {
   size_t row = (size_t)kvw * h->es;
   int64_t c0 = zig ? p->chunk_start[r + 1] - p->chunk_start[r] : h->B, c1 = h->B - c0;
   float *lse_lo = zig ? s->lse_lo : h->lse;
-  apb_status st;
-  /* own rows: lo part causal; zigzag's hi chunk sees the lo chunk fully and itself causally */
-  apb_battn_args a = {.P = 0, .A = 0, .B = c0, .Hq = h->Hq, .Hkv = h->Hkv, .D = h->D, .local_keys = 1,
-                      .q = h->q, .kb = h->k, .vb = h->v, .o = h->o, .lse = lse_lo};
-  if ((st = sched_attn(h, &a, err))) return st;
-  if (zig) {
-    apb_battn_args b = {.P = c0, .A = 0, .B = c1, .Hq = h->Hq, .Hkv = h->Hkv, .D = h->D, .local_keys = 1,
-                        .q = sched_row(h, h->q, c0, (int64_t)h->Hq * h->D), .kp = h->k, .vp = h->v,
-                        .kb = sched_row(h, h->k, c0, kvw), .vb = sched_row(h, h->v, c0, kvw),
-                        .o = sched_row(h, h->o, c0, (int64_t)h->Hq * h->D), .lse = s->lse_hi};
-    if ((st = sched_attn(h, &b, err))) return st;
-  }
+  apb_status st = APB_OK;
   /* Step s receives the block of host j = r - s while the block received at step s-1 (from host
-   * r - s + 1) is sent on and, at the same time, attended: the transfer hides behind the compute.
-   * Blocks are merged in arrival order, as without the prefetch. */
+   * r - s + 1) is sent on and, at the same time, attended: the transfer hides behind the compute. At
+   * step 1 the host's own block goes out while its own rows are attended (the transfer is started
+   * first, so that on GPUs it does not wait for that attention). Blocks are merged in arrival order. */
   const void *cur = h->kv;
   int cur_host = r;
   for (int step = 1; step <= H; step++) {
@@ -102,7 +92,19 @@ static apb_status ring_attend(host_ctx *h, int layer, apb_error *err) {
       sched_prof_end(h, APB_STAGE_COMM, t0);
       if (st) return st;
     }
-    if (cur_host != r) { /* attend the block that arrived at the previous step */
+    if (step == 1) {
+      /* own rows: lo part causal; zigzag's hi chunk sees the lo chunk fully and itself causally */
+      apb_battn_args a = {.P = 0, .A = 0, .B = c0, .Hq = h->Hq, .Hkv = h->Hkv, .D = h->D, .local_keys = 1,
+                          .q = h->q, .kb = h->k, .vb = h->v, .o = h->o, .lse = lse_lo};
+      st = sched_attn(h, &a, err);
+      if (!st && zig) {
+        apb_battn_args b = {.P = c0, .A = 0, .B = c1, .Hq = h->Hq, .Hkv = h->Hkv, .D = h->D, .local_keys = 1,
+                            .q = sched_row(h, h->q, c0, (int64_t)h->Hq * h->D), .kp = h->k, .vp = h->v,
+                            .kb = sched_row(h, h->k, c0, kvw), .vb = sched_row(h, h->v, c0, kvw),
+                            .o = sched_row(h, h->o, c0, (int64_t)h->Hq * h->D), .lse = s->lse_hi};
+        st = sched_attn(h, &b, err);
+      }
+    } else { /* attend the block that arrived at the previous step */
       int64_t jrows = rows_of(h, cur_host);
       const char *rk = cur, *rv = (const char *)cur + (size_t)jrows * row;
       if (!zig) {
