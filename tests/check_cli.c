@@ -552,25 +552,27 @@ START_TEST(predict_fit) {
   /* refusals */
   char *path = tu_tmpname(".json");
   expect(1, "predict --fit /nonexistent/prefill.json", "expected the JSON of apb bench prefill --json");
-  write_text(path,
-             "{\"preset\": \"llama3-8b-shape\", \"runs\": [{\"method\": \"apb\", \"gpus\": 4, \"tokens\": 1000}]}");
+#define RUN1(fields) "{\"preset\": \"llama3-8b-shape\", \"runs\": [{\"method\": \"apb\"" fields "}]}"
+  const struct {
+    const char *json, *msg;
+  } bad[] = {
+      {RUN1(", \"gpus\": 4, \"tokens\": 1000"), "\"prefill_s\" is not a positive number"},
+      {RUN1(", \"gpus\": 4, \"tokens\": 1.5, \"prefill_s\": 1"), "\"tokens\" is not an integer"},
+      {"{\"preset\": \"llama3-8b-shape\", \"runs\": [{\"method\": \"warp\", \"prefill_s\": 1}]}",
+       "no known \"method\""},
+      {"{\"preset\": \"huge\", \"runs\": []}", "unknown preset 'huge'"},
+      {RUN1(", \"error\": \"x\""), "hold no successful run"},
+      {RUN1(", \"gpus\": 4, \"tokens\": 1000, \"prefill_s\": 1, \"anchor\": 5000"),
+       "run 0 (apb on 4 GPUs, 1000 tokens)"},
+      {"not json", "expected the JSON"},
+  };
+#undef RUN1
   char a2[4200];
   snprintf(a2, sizeof a2, "predict --fit '%s'", path);
-  expect(1, a2, "\"prefill_s\" is not a positive number");
-  write_text(path, "{\"preset\": \"llama3-8b-shape\", \"runs\": [{\"method\": \"apb\", \"gpus\": 4, \"tokens\": 1.5, "
-                   "\"prefill_s\": 1}]}");
-  expect(1, a2, "\"tokens\" is not an integer");
-  write_text(path, "{\"preset\": \"llama3-8b-shape\", \"runs\": [{\"method\": \"warp\", \"prefill_s\": 1}]}");
-  expect(1, a2, "no known \"method\"");
-  write_text(path, "{\"preset\": \"huge\", \"runs\": []}");
-  expect(1, a2, "unknown preset 'huge'");
-  write_text(path, "{\"preset\": \"llama3-8b-shape\", \"runs\": [{\"method\": \"apb\", \"error\": \"x\"}]}");
-  expect(1, a2, "hold no successful run");
-  write_text(path, "{\"preset\": \"llama3-8b-shape\", \"runs\": [{\"method\": \"apb\", \"gpus\": 4, \"tokens\": 1000, "
-                   "\"prefill_s\": 1, \"anchor\": 5000}]}");
-  expect(1, a2, "run 0 (apb on 4 GPUs, 1000 tokens)");
-  write_text(path, "not json");
-  expect(1, a2, "expected the JSON");
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    write_text(path, bad[i].json);
+    expect(1, a2, bad[i].msg);
+  }
   snprintf(a2, sizeof a2, "predict --fit '%s' --tokens 1000", path);
   expect(2, a2, "drop --tokens");
   remove(path);
