@@ -248,6 +248,7 @@ typedef struct method_result {
   apb_method m;
   int H;
   double wall_s, prefill_s, max_host_s;
+  double compute_s; /* the slowest host's prefill minus its time blocked in collectives */
   double attn_max, attn_sum;
   int64_t bytes;
   float *logits;      /* [V] */
@@ -272,6 +273,8 @@ static int collect(const run_cfg *c, const apb_model *m, const apb_plan *plan, a
     double t = res[r].stats.prefill_s + res[r].stats.query_s + res[r].stats.decode_s;
     if (t > mr->max_host_s) mr->max_host_s = t;
     if (res[r].stats.prefill_s > mr->prefill_s) mr->prefill_s = res[r].stats.prefill_s;
+    if (res[r].stats.prefill_s - res[r].stats.prefill_wait_s > mr->compute_s)
+      mr->compute_s = res[r].stats.prefill_s - res[r].stats.prefill_wait_s;
     mr->attn_sum += res[r].stats.attn_flops;
     if (res[r].stats.attn_flops > mr->attn_max) mr->attn_max = res[r].stats.attn_flops;
     mr->bytes += res[r].stats.bytes_sent;
@@ -444,14 +447,15 @@ static int run_mpi(const run_cfg *c, const apb_model *m, apb_method meth, const 
   /* gather per-host figures and hidden rows to every rank (small next to the run) */
   int H = comm->size, E = m->cfg.hidden;
   size_t *b = calloc((size_t)H, sizeof *b);
-  double *figs = calloc((size_t)H * 4, sizeof *figs);
+  double *figs = calloc((size_t)H * 5, sizeof *figs);
   float *hid = c->dump ? malloc(sizeof(float) * (size_t)n * (size_t)E) : NULL;
   int64_t *pos = c->dump ? malloc(sizeof(int64_t) * (size_t)n) : NULL;
   if (!b || !figs || (c->dump && (!hid || !pos))) {
     rc = cli_fail(CMD, "out of memory");
   } else {
-    double mine[4] = {res.stats.prefill_s, res.stats.prefill_s + res.stats.query_s + res.stats.decode_s,
-                      res.stats.attn_flops, (double)res.stats.bytes_sent};
+    double mine[5] = {res.stats.prefill_s, res.stats.prefill_s + res.stats.query_s + res.stats.decode_s,
+                      res.stats.attn_flops, (double)res.stats.bytes_sent,
+                      res.stats.prefill_s - res.stats.prefill_wait_s};
     for (int r = 0; r < H; r++) b[r] = sizeof mine;
     st = hc->ops->allgatherv(hc, mine, figs, b, &err);
     if (!st && c->dump) {
@@ -467,11 +471,13 @@ static int run_mpi(const run_cfg *c, const apb_model *m, apb_method meth, const 
     mr->H = H;
     mr->wall_s = cli_now() - t0;
     for (int r = 0; r < H; r++) {
-      if (figs[4 * r] > mr->prefill_s) mr->prefill_s = figs[4 * r];
-      if (figs[4 * r + 1] > mr->max_host_s) mr->max_host_s = figs[4 * r + 1];
-      mr->attn_sum += figs[4 * r + 2];
-      if (figs[4 * r + 2] > mr->attn_max) mr->attn_max = figs[4 * r + 2];
-      mr->bytes += (int64_t)figs[4 * r + 3];
+      const double *f = &figs[5 * r];
+      if (f[0] > mr->prefill_s) mr->prefill_s = f[0];
+      if (f[1] > mr->max_host_s) mr->max_host_s = f[1];
+      mr->attn_sum += f[2];
+      if (f[2] > mr->attn_max) mr->attn_max = f[2];
+      mr->bytes += (int64_t)f[3];
+      if (f[4] > mr->compute_s) mr->compute_s = f[4];
     }
     mr->logits = malloc(sizeof(float) * (size_t)m->cfg.vocab);
     mr->n_gen = res.n_generated;
@@ -519,7 +525,9 @@ static double top1_agree(const method_result *a, const method_result *ref) {
   return (double)same / (double)n;
 }
 
-static void print_table(const run_cfg *c, const apb_model *m, int64_t n, const method_result *mr, int nm) {
+/* serialized: simulated hosts taking turns (run_sim without --concurrent or --gpus) */
+static void print_table(const run_cfg *c, const apb_model *m, int64_t n, const method_result *mr, int nm,
+                        int serialized) {
   const method_result *ref = NULL;
   for (int i = 0; i < nm; i++)
     if (mr[i].m == APB_METHOD_DENSE) ref = &mr[i];
@@ -528,10 +536,11 @@ static void print_table(const run_cfg *c, const apb_model *m, int64_t n, const m
     printf("{\"document_tokens\": %lld, \"query_tokens\": %lld, \"layers\": %d, \"hidden\": %d, \"methods\": [",
            (long long)n, (long long)c->q_len, m->cfg.n_layers, m->cfg.hidden);
     for (int i = 0; i < nm; i++) {
-      printf("%s{\"method\": \"%s\", \"hosts\": %d, \"wall_s\": %.6f, \"prefill_s\": %.6f, \"slowest_host_s\": %.6f, "
-             "\"attn_flops_max\": %.6g, \"attn_flops_sum\": %.6g, \"bytes\": %lld",
-             i ? ", " : "", apb_method_name(mr[i].m), mr[i].H, mr[i].wall_s, mr[i].prefill_s, mr[i].max_host_s,
-             mr[i].attn_max, mr[i].attn_sum, (long long)mr[i].bytes);
+      printf("%s{\"method\": \"%s\", \"hosts\": %d, \"wall_s\": %.6f, \"prefill_s\": %.6f, "
+             "\"prefill_compute_s\": %.6f, \"slowest_host_s\": %.6f, \"attn_flops_max\": %.6g, "
+             "\"attn_flops_sum\": %.6g, \"bytes\": %lld",
+             i ? ", " : "", apb_method_name(mr[i].m), mr[i].H, mr[i].wall_s, mr[i].prefill_s, mr[i].compute_s,
+             mr[i].max_host_s, mr[i].attn_max, mr[i].attn_sum, (long long)mr[i].bytes);
       if (ref) printf(", \"logits_rel_err\": %.6g, \"top1_agreement\": %.4f", rel_err(mr[i].logits, ref->logits, V),
                       top1_agree(&mr[i], ref));
       printf(", \"generated\": [");
@@ -544,18 +553,25 @@ static void print_table(const run_cfg *c, const apb_model *m, int64_t n, const m
   printf("apb run: %lld-token document + %lld-token query, %d layers, hidden %d, heads %d/%d x %d, backend %s\n\n",
          (long long)n, (long long)c->q_len, m->cfg.n_layers, m->cfg.hidden, m->cfg.n_heads, m->cfg.n_kv_heads,
          m->cfg.head_dim, c->backend ? c->backend : "fast");
-  printf("%-8s %5s %9s %9s %12s %12s %12s %14s %9s\n", "method", "hosts", "wall s", "prefill s", "attn GF max",
-         "attn GF sum", "comm MiB", "logits relerr", "top-1");
+  printf("%-8s %5s %9s %9s %9s %12s %12s %12s %14s %9s\n", "method", "hosts", "wall s", "prefill s", "compute s",
+         "attn GF max", "attn GF sum", "comm MiB", "logits relerr", "top-1");
   for (int i = 0; i < nm; i++) {
-    printf("%-8s %5d %9.3f %9.3f %12.3f %12.3f %12.3f", apb_method_name(mr[i].m), mr[i].H, mr[i].wall_s, mr[i].prefill_s,
-           mr[i].attn_max / 1e9, mr[i].attn_sum / 1e9, (double)mr[i].bytes / 1048576.0);
+    printf("%-8s %5d %9.3f %9.3f %9.3f %12.3f %12.3f %12.3f", apb_method_name(mr[i].m), mr[i].H, mr[i].wall_s,
+           mr[i].prefill_s, mr[i].compute_s, mr[i].attn_max / 1e9, mr[i].attn_sum / 1e9,
+           (double)mr[i].bytes / 1048576.0);
     if (ref)
       printf(" %14.3e %8.0f%%\n", rel_err(mr[i].logits, ref->logits, V), 100.0 * top1_agree(&mr[i], ref));
     else
       printf(" %14s %9s\n", "-", "-");
   }
+  printf("\nprefill s: the slowest host's prefill, start to end. compute s: the largest prefill less the time\n"
+         "its host was blocked in collectives%s\n",
+         serialized ? "; the simulated hosts take turns, so a host waiting at an\n"
+                      "all-gather also waits for the others' compute, and compute s is what one machine per host\n"
+                      "would take, communication aside."
+                    : ".");
   if (!ref) printf("\n(no dense run among the methods: nothing to compare against)\n");
-  else printf("\nlogits relerr: relative Frobenius error of the last query token's logits against dense;\n"
+  else printf("logits relerr: relative Frobenius error of the last query token's logits against dense;\n"
               "top-1: greedy tokens equal to dense's over %lld generated tokens.\n", (long long)ref->n_gen);
 }
 
@@ -721,7 +737,7 @@ int cmd_run(int argc, char **argv) {
     done = i + 1;
   }
   if (!rc && root) {
-    print_table(&c, m, n, mr, done);
+    print_table(&c, m, n, mr, done, !mpi && !c.gpus && !c.concurrent);
     if (c.dump) rc = write_dump(&c, m, &mr[0], &dl);
   }
   for (int i = 0; i < done; i++) result_free(&mr[i]);

@@ -339,6 +339,50 @@ END_TEST
 
 static const char *bin(void) { return tu_apb_bin(); }
 
+/* A JSON number field of the n-th method object of `apb run --json` output. */
+static double json_field(const char *out, int n, const char *key) {
+  const char *p = out;
+  for (int i = 0; i <= n; i++) {
+    p = strstr(p, "{\"method\"");
+    ck_assert_msg(p != NULL, "method %d missing in:\n%s", n, out);
+    p++;
+  }
+  char k[64];
+  snprintf(k, sizeof k, "\"%s\": ", key);
+  const char *f = strstr(p, k);
+  ck_assert_msg(f != NULL, "%s missing in:\n%s", key, out);
+  return strtod(f + strlen(k), NULL);
+}
+
+/* apb run's timing columns: compute s (the largest prefill less the time blocked in collectives) is the
+ * prefill for dense, which has none, and well under it for simulated hosts that take turns at their
+ * collectives; the table says which reading applies */
+START_TEST(test_cli_run_times) {
+  char cmd[1024], *out = NULL;
+  snprintf(cmd, sizeof cmd, "%s run --quiet --synthetic 2048 --query-len 5 --max-new-tokens 2 --threads 1 "
+           "--hosts 4 --method dense,ring,apb --json", bin());
+  int rc = tu_sh(cmd, &out);
+  ck_assert_msg(rc == 0, "`%s` failed (%d):\n%s", cmd, rc, out);
+  const double dp = json_field(out, 0, "prefill_s"), dc = json_field(out, 0, "prefill_compute_s");
+  ck_assert_msg(dc == dp, "dense: compute %g s, prefill %g s: they should be equal", dc, dp);
+  for (int i = 1; i < 3; i++) {
+    const double p = json_field(out, i, "prefill_s"), c = json_field(out, i, "prefill_compute_s");
+    ck_assert_msg(c > 0 && c < 0.9 * p, "method %d: compute %g s against prefill %g s", i, c, p);
+  }
+  free(out);
+  snprintf(cmd, sizeof cmd, "%s run --quiet --synthetic 1024 --query-len 5 --max-new-tokens 1 --threads 1 "
+           "--hosts 2 --method apb", bin());
+  ck_assert_int_eq(tu_sh(cmd, &out), 0);
+  ck_assert_msg(strstr(out, "compute s") && strstr(out, "take turns"), "%s", out);
+  free(out);
+  snprintf(cmd, sizeof cmd, "%s run --quiet --synthetic 1024 --query-len 5 --max-new-tokens 1 --threads 1 "
+           "--hosts 2 --method apb --concurrent", bin());
+  ck_assert_int_eq(tu_sh(cmd, &out), 0);
+  ck_assert_msg(strstr(out, "compute s") && !strstr(out, "take turns"), "%s", out);
+  free(out);
+}
+END_TEST
+
 START_TEST(test_cli_bad_input) {
   struct {
     const char *args, *expect;
@@ -456,6 +500,7 @@ int main(void) {
   TCase *tc = tu_tcase("program", 300);
   tcase_add_test(tc, test_cli_bad_input);
   tcase_add_test(tc, test_cli_token_files);
+  tcase_add_test(tc, test_cli_run_times);
 #if defined(HAVE_MPI) && defined(APB_MPIRUN)
   tcase_add_loop_test(tc, test_mpi_bitwise, 0, 2);
 #else
