@@ -256,9 +256,15 @@ int bench_prefill(int argc, char **argv) {
     fprintf(tf, "# method\tgpus\ttokens\tprefill_s\tdense_s\n");
   }
   double dense_s = 0;
-  if (jf) fprintf(jf, "{\"preset\": \"%s\", \"layers\": %d, \"runs\": [", apb_preset_name(preset), cfg.n_layers);
-  printf("apb bench prefill: preset %s, %d layers, bf16, %d GPU(s) visible\n", apb_preset_name(preset), cfg.n_layers,
-         ndev);
+  char dev0[256] = "";
+  if (apb_cuda_device_describe(0, dev0, sizeof dev0, &err) != APB_OK) snprintf(dev0, sizeof dev0, "?");
+  for (char *c = dev0; *c; c++)
+    if (*c == '"' || *c == '\\' || (unsigned char)*c < 0x20) *c = ' '; /* for the JSON string */
+  if (jf)
+    fprintf(jf, "{\"preset\": \"%s\", \"layers\": %d, \"gpus_visible\": %d, \"device0\": \"%s\", \"runs\": [",
+            apb_preset_name(preset), cfg.n_layers, ndev, dev0);
+  printf("apb bench prefill: preset %s, %d layers, bf16, %d GPU(s) visible; %s\n", apb_preset_name(preset),
+         cfg.n_layers, ndev, dev0);
   printf("%-8s %4s %8s %10s %12s %10s %10s %9s %9s %8s", "method", "gpus", "tokens", "prefill s", "tokens/s",
          "model s", "floor s", "peak GiB", "slow/fast", "comm %");
   for (int s = 0; s < APB_STAGE_COUNT; s++) printf(" %8s", apb_stage_name((apb_stage)s));
