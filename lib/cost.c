@@ -16,6 +16,25 @@ void apb_hw_default(apb_hw *hw) {
   hw->link_latency_s = 2e-5;
 }
 
+/* c's predicted seconds at rates hw, by part and in total, from its counts. */
+static void set_times(apb_cost *c, const apb_hw *hw) {
+  c->t_attn = c->attn_flops / hw->attn_flops_s;
+  c->t_linear = c->linear_flops / hw->gemm_flops_s;
+  c->t_elem = c->elem_bytes / hw->mem_bytes_s;
+  c->t_comm = (double)c->bytes_sent / hw->link_bytes_s + (double)c->collectives * hw->link_latency_s;
+  c->t_total = c->t_attn + c->t_linear + c->t_elem + c->t_comm;
+}
+
+double apb_cost_obs_time(const apb_cost_obs *o, const apb_hw *hw) {
+  double t = 0;
+  for (int r = 0; r < o->H; r++) {
+    apb_cost x = o->hosts[r];
+    set_times(&x, hw);
+    t = x.t_total > t ? x.t_total : t;
+  }
+  return t;
+}
+
 /* visible (row, key) pairs of one segmented attention call (apb/attn.h) */
 static double pairs(int64_t P, int64_t A, int64_t B, int local_keys) {
   double x = (double)A * (double)(A + 1) / 2.0 + (double)B * (double)(P + A);
@@ -140,11 +159,7 @@ apb_status apb_cost_plan(const apb_plan *p, const apb_model_config *cfg, int sco
       c->dec_collectives = (int64_t)L * passes * 2 + p->o.max_new_tokens;
       if (r == p->last_rank) c->dec_bytes_sent += p->o.max_new_tokens * 4 * (int64_t)(H - 1);
     }
-    c->t_attn = c->attn_flops / hw->attn_flops_s;
-    c->t_linear = c->linear_flops / hw->gemm_flops_s;
-    c->t_elem = c->elem_bytes / hw->mem_bytes_s;
-    c->t_comm = (double)c->bytes_sent / hw->link_bytes_s + (double)c->collectives * hw->link_latency_s;
-    c->t_total = c->t_attn + c->t_linear + c->t_elem + c->t_comm;
+    set_times(c, hw);
   }
   return APB_OK;
 }

@@ -180,14 +180,7 @@ static int fit(const char **files, int nfiles, int act, apb_hw *hw, int json) {
              "tokens", "l_a/l_p", "balance", "measured s", "fitted s", "error");
     for (int i = 0; i < n; i++) {
       const fit_run *x = &runs[i];
-      double t = 0;
-      for (int r = 0; r < x->H; r++) {
-        const apb_cost *c = &x->c[r];
-        const double tr = c->attn_flops / hw->attn_flops_s + c->linear_flops / hw->gemm_flops_s +
-                          c->elem_bytes / hw->mem_bytes_s + (double)c->bytes_sent / hw->link_bytes_s +
-                          (double)c->collectives * hw->link_latency_s;
-        t = tr > t ? tr : t;
-      }
+      const double t = apb_cost_obs_time(&obs[i], hw);
       if (json)
         printf("%s{\"method\": \"%s\", \"gpus\": %d, \"tokens\": %lld, \"anchor\": %lld, \"passing\": %lld, "
                "\"balance\": %d, \"measured_s\": %.6f, \"fitted_s\": %.6f, \"rel_err\": %.6f}",
@@ -239,9 +232,9 @@ int cmd_predict(int argc, char **argv) {
   int ch;
   while ((ch = cli_getopt(CMD, argc, argv, opts)) != -1) {
     int rc = 0;
-    if (ch != O_FIT && ch != O_MEM && ch != O_LINK && ch != O_LAT && ch != O_JSON && ch != O_ACT && ch != 'h' &&
-        ch > 0 && ch != '?')
-      plan_opt = argv[optind - 1 - (optarg && optarg == argv[optind - 1])];
+    if (ch != O_FIT && ch != O_MEM && ch != O_LINK && ch != O_LAT && ch != O_JSON && ch != O_ACT)
+      for (const struct option *op = opts; op->name; op++)
+        if (op->val == ch) plan_opt = op->name;
     switch (ch) {
     case O_PRESET:
       if (apb_preset_parse(optarg, &preset)) return cli_usage(CMD, "--preset: unknown preset '%s'", optarg);
@@ -270,8 +263,8 @@ int cmd_predict(int argc, char **argv) {
   }
   if (optind < argc) return free(fits), cli_usage(CMD, "unexpected argument '%s'", argv[optind]);
   if (nfit) {
-    int rc = plan_opt ? cli_usage(CMD, "--fit takes each run's own model, method and lengths from its file; drop %s",
-                                  plan_opt)
+    int rc = plan_opt ? cli_usage(CMD, "--fit takes each run's own model, method and lengths from its file; "
+                                  "drop --%s", plan_opt)
                       : fit(fits, nfit, act, &hw, json);
     free(fits);
     return rc;

@@ -1086,70 +1086,6 @@ START_TEST(test_memory) {
 }
 END_TEST
 
-/* The cache of freed blocks (apb_backend_cuda_set_cache, on by default): free keeps a block, an alloc of
- * exactly its size takes it back (another size does not), mem counts only what is held, later ops on
- * a block taken back see their own writes, and turning the cache off releases it and makes free
- * release. Its fallback (the caches of every instance on the device released when an allocation
- * fails) is test_mem_limit's: a device budget fails allocations as a full device does, without
- * filling a GPU that the other suites of `make check` may share. */
-START_TEST(test_cache) {
-  const apb_dtype dt = modes[_i];
-  apb_backend *be = NULL;
-  apb_error e = {0};
-  OK(apb_backend_cuda(0, dt, &be, &e), &e, "apb_backend_cuda");
-  const apb_backend_ops *op = be->ops;
-  const size_t n = (size_t)1 << 20;
-  size_t cached = 1, cur = 1, peak = 0;
-  OK(apb_backend_cuda_cached(be, &cached, &e), &e, "cached");
-  ck_assert_uint_eq(cached, 0);
-  void *a = NULL, *b = NULL, *c = NULL, *d = NULL;
-  OK(op->alloc(be, n, &a, &e), &e, "alloc");
-  OK(op->memset(be, a, 0x5a, n, &e), &e, "memset");
-  op->free(be, a);
-  apb_backend_mem(be, &cur, &peak);
-  ck_assert_uint_eq(cur, 0);
-  ck_assert_uint_eq(peak, n);
-  OK(apb_backend_cuda_cached(be, &cached, &e), &e, "cached");
-  ck_assert_uint_eq(cached, n);
-  OK(op->alloc(be, n + 256, &b, &e), &e, "alloc n + 256");
-  ck_assert_ptr_ne(b, a);
-  OK(op->alloc(be, n, &c, &e), &e, "alloc n again");
-  ck_assert_ptr_eq(c, a);
-  OK(apb_backend_cuda_cached(be, &cached, &e), &e, "cached");
-  ck_assert_uint_eq(cached, 0);
-  apb_backend_mem(be, &cur, &peak);
-  ck_assert_uint_eq(cur, 2 * n + 256);
-  unsigned char back[64];
-  OK(op->memset(be, c, 0x11, n, &e), &e, "memset");
-  OK(op->download(be, back, (char *)c + n - 64, 64, &e), &e, "download");
-  for (int i = 0; i < 64; i++) ck_assert_uint_eq(back[i], 0x11);
-  op->free(be, b);
-  op->free(be, c);
-  OK(apb_backend_cuda_cached(be, &cached, &e), &e, "cached");
-  ck_assert_uint_eq(cached, 2 * n + 256);
-  OK(apb_backend_cuda_set_cache(be, 0, &e), &e, "set_cache 0");
-  OK(apb_backend_cuda_cached(be, &cached, &e), &e, "cached");
-  ck_assert_uint_eq(cached, 0);
-  OK(op->alloc(be, n, &d, &e), &e, "alloc, cache off");
-  op->free(be, d);
-  OK(apb_backend_cuda_cached(be, &cached, &e), &e, "cached");
-  ck_assert_uint_eq(cached, 0);
-  apb_backend_mem(be, &cur, &peak);
-  ck_assert_uint_eq(cur, 0);
-  OK(apb_backend_cuda_set_cache(be, 1, &e), &e, "set_cache 1");
-  OK(op->alloc(be, n, &d, &e), &e, "alloc, cache on");
-  op->free(be, d);
-  OK(apb_backend_cuda_cached(be, &cached, &e), &e, "cached");
-  ck_assert_uint_eq(cached, n);
-  apb_backend_destroy(be); /* releases the cached block */
-  apb_backend *cpu = ref_be();
-  FAILS(apb_backend_cuda_set_cache(cpu, 1, &e), APB_EINVAL, &e, "not a CUDA backend instance", NULL);
-  apb_error_clear(&e);
-  FAILS(apb_backend_cuda_cached(cpu, &cached, &e), APB_EINVAL, &e, "not a CUDA backend instance", NULL);
-  apb_error_clear(&e);
-}
-END_TEST
-
 static size_t held_now(void) {
   apb_error e = {0};
   size_t held = 0;
@@ -1163,6 +1099,63 @@ static size_t cached_in(const apb_backend *be) {
   OK(apb_backend_cuda_cached(be, &cached, &e), &e, "cached");
   return cached;
 }
+
+/* The cache of freed blocks (apb_backend_cuda_set_cache, on by default): free keeps a block, an alloc of
+ * exactly its size takes it back (another size does not), mem counts only what is held, later ops on
+ * a block taken back see their own writes, and turning the cache off releases it and makes free
+ * release. Its fallback (the caches of every instance on the device released when an allocation
+ * fails) is test_mem_limit's: a device budget fails allocations as a full device does, without
+ * filling a GPU that the other suites of `make check` may share. */
+START_TEST(test_cache) {
+  const apb_dtype dt = modes[_i];
+  apb_backend *be = NULL;
+  apb_error e = {0};
+  OK(apb_backend_cuda(0, dt, &be, &e), &e, "apb_backend_cuda");
+  const apb_backend_ops *op = be->ops;
+  const size_t n = (size_t)1 << 20;
+  size_t cached = 0, cur = 1, peak = 0;
+  ck_assert_uint_eq(cached_in(be), 0);
+  void *a = NULL, *b = NULL, *c = NULL, *d = NULL;
+  OK(op->alloc(be, n, &a, &e), &e, "alloc");
+  OK(op->memset(be, a, 0x5a, n, &e), &e, "memset");
+  op->free(be, a);
+  apb_backend_mem(be, &cur, &peak);
+  ck_assert_uint_eq(cur, 0);
+  ck_assert_uint_eq(peak, n);
+  ck_assert_uint_eq(cached_in(be), n);
+  OK(op->alloc(be, n + 256, &b, &e), &e, "alloc n + 256");
+  ck_assert_ptr_ne(b, a);
+  OK(op->alloc(be, n, &c, &e), &e, "alloc n again");
+  ck_assert_ptr_eq(c, a);
+  ck_assert_uint_eq(cached_in(be), 0);
+  apb_backend_mem(be, &cur, &peak);
+  ck_assert_uint_eq(cur, 2 * n + 256);
+  unsigned char back[64];
+  OK(op->memset(be, c, 0x11, n, &e), &e, "memset");
+  OK(op->download(be, back, (char *)c + n - 64, 64, &e), &e, "download");
+  for (int i = 0; i < 64; i++) ck_assert_uint_eq(back[i], 0x11);
+  op->free(be, b);
+  op->free(be, c);
+  ck_assert_uint_eq(cached_in(be), 2 * n + 256);
+  OK(apb_backend_cuda_set_cache(be, 0, &e), &e, "set_cache 0");
+  ck_assert_uint_eq(cached_in(be), 0);
+  OK(op->alloc(be, n, &d, &e), &e, "alloc, cache off");
+  op->free(be, d);
+  ck_assert_uint_eq(cached_in(be), 0);
+  apb_backend_mem(be, &cur, &peak);
+  ck_assert_uint_eq(cur, 0);
+  OK(apb_backend_cuda_set_cache(be, 1, &e), &e, "set_cache 1");
+  OK(op->alloc(be, n, &d, &e), &e, "alloc, cache on");
+  op->free(be, d);
+  ck_assert_uint_eq(cached_in(be), n);
+  apb_backend_destroy(be); /* releases the cached block */
+  apb_backend *cpu = ref_be();
+  FAILS(apb_backend_cuda_set_cache(cpu, 1, &e), APB_EINVAL, &e, "not a CUDA backend instance", NULL);
+  apb_error_clear(&e);
+  FAILS(apb_backend_cuda_cached(cpu, &cached, &e), APB_EINVAL, &e, "not a CUDA backend instance", NULL);
+  apb_error_clear(&e);
+}
+END_TEST
 
 /* The device budget (apb_cuda_set_mem_limit, APB_CUDA_MEM_LIMIT): what the instances on a device hold
  * (in use and cached) is counted across instances; an alloc, an op's scratch or a weight that would

@@ -55,6 +55,9 @@ typedef struct apb_cost_obs {
   double seconds;
 } apb_cost_obs;
 
+/* The slowest host's predicted prefill seconds of o at rates hw (as apb_cost_plan's t_total). */
+double apb_cost_obs_time(const apb_cost_obs *o, const apb_hw *hw);
+
 /* Fit the attention and GEMM rates of *hw to measurements: the two rates that minimise the largest
  * relative error |predicted / measured - 1| over obs[0..n-1], the prediction being the slowest host's
  * time as in apb_cost_plan. hw's memory bandwidth, link bandwidth and latency are kept (they must be
