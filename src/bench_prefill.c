@@ -260,9 +260,10 @@ int bench_prefill(int argc, char **argv) {
   if (apb_cuda_device_describe(0, dev0, sizeof dev0, &err) != APB_OK) snprintf(dev0, sizeof dev0, "?");
   for (char *c = dev0; *c; c++)
     if (*c == '"' || *c == '\\' || (unsigned char)*c < 0x20) *c = ' '; /* for the JSON string */
+  const char *dev0_json = strncmp(dev0, "device 0: ", 10) ? dev0 : dev0 + 10; /* the key names the device */
   if (jf)
     fprintf(jf, "{\"preset\": \"%s\", \"layers\": %d, \"gpus_visible\": %d, \"device0\": \"%s\", \"runs\": [",
-            apb_preset_name(preset), cfg.n_layers, ndev, dev0);
+            apb_preset_name(preset), cfg.n_layers, ndev, dev0_json);
   printf("apb bench prefill: preset %s, %d layers, bf16, %d GPU(s) visible; %s\n", apb_preset_name(preset),
          cfg.n_layers, ndev, dev0);
   printf("%-8s %4s %8s %10s %12s %10s %10s %9s %9s %8s", "method", "gpus", "tokens", "prefill s", "tokens/s",
