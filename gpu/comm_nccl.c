@@ -789,8 +789,9 @@ static apb_status nc_isendrecv(apb_comm *c, const void *send, size_t sbytes, int
   return start_sendrecv(c, send, sbytes, dst, recv, rbytes, src, 1, req, err);
 }
 
-static apb_status nc_alltoallv(apb_comm *c, const void *send, const size_t *sbytes, void *recv, const size_t *rbytes,
-                               apb_error *err) {
+static apb_status start_alltoallv(apb_comm *c, const void *send, const size_t *sbytes, void *recv,
+                                  const size_t *rbytes, int async, apb_comm_req **req, apb_error *err) {
+  if (req) *req = NULL;
   if (!sbytes || !rbytes) return apb_error_set(err, APB_EINVAL, "alltoall: rank %d passes no sizes", c->rank);
   if (sbytes[c->rank] != rbytes[c->rank])
     return apb_error_set(err, APB_EINVAL, "alltoall: rank %d sends itself %zu bytes but expects %zu from itself",
@@ -802,7 +803,18 @@ static apb_status nc_alltoallv(apb_comm *c, const void *send, const size_t *sbyt
     return st;
   coll k = {.kind = APB_COLL_ALLTOALL, .send = send, .recv = recv, .bytes = sbytes, .rbytes = rbytes,
             .moved = st_ + rt};
-  return issue(c, &k, 0, NULL, err);
+  return issue(c, &k, async, req, err);
+}
+
+static apb_status nc_alltoallv(apb_comm *c, const void *send, const size_t *sbytes, void *recv, const size_t *rbytes,
+                               apb_error *err) {
+  return start_alltoallv(c, send, sbytes, recv, rbytes, 0, NULL, err);
+}
+
+static apb_status nc_ialltoallv(apb_comm *c, const void *send, const size_t *sbytes, void *recv,
+                                const size_t *rbytes, apb_comm_req **req, apb_error *err) {
+  if (!req) return apb_error_set(err, APB_EINVAL, "ialltoall: rank %d passes no request pointer", c->rank);
+  return start_alltoallv(c, send, sbytes, recv, rbytes, 1, req, err);
 }
 
 static apb_status nc_bcast(apb_comm *c, void *buf, size_t bytes, int root, apb_error *err) {
@@ -983,6 +995,7 @@ static const apb_comm_ops nccl_ops = {
     .sendrecv = nc_sendrecv,
     .isendrecv = nc_isendrecv,
     .alltoallv = nc_alltoallv,
+    .ialltoallv = nc_ialltoallv,
     .bcast = nc_bcast,
     .barrier = nc_barrier,
     .wait = nc_wait,

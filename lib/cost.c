@@ -137,7 +137,10 @@ apb_status apb_cost_plan(const apb_plan *p, const apb_model_config *cfg, int sco
         c->bytes_recv += (int64_t)((double)blk(p, d) * hd_q) + 2 * (int64_t)((double)blk(p, d) * hd_kv) +
                          (int64_t)((double)B * hd_q) + (int64_t)((double)B * (Hq / H) * 4.0);
       }
-      c->collectives = 5;
+      { /* per head group: q (and k, v for the first group of each K/V group) in, o and lse back */
+        int G = p->uly_groups > 0 ? p->uly_groups : 1, hkv = Hkv / H;
+        c->collectives = 3 * G + 2 * (G < hkv ? G : hkv);
+      }
       break;
     }
     case APB_METHOD_COUNT: return apb_error_set(err, APB_EINVAL, "cost model: unknown method");

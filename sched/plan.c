@@ -118,6 +118,11 @@ apb_status apb_plan_make(const apb_run_opts *o, int64_t n, int64_t q_len, const 
   if (o->method == APB_METHOD_ULYSSES && (cfg->n_kv_heads % H != 0))
     return apb_error_set(err, APB_EINVAL, "ulysses splits heads over hosts: %d hosts must divide the %d KV heads "
                          "(and %d query heads)", H, cfg->n_kv_heads, cfg->n_heads);
+  p->uly_groups = 1;
+  if (o->method == APB_METHOD_ULYSSES && p->overlap) {
+    int hq = cfg->n_heads / H, hkv = cfg->n_kv_heads / H;
+    p->uly_groups = hkv >= 2 ? hkv : hq % 2 == 0 ? 2 : 1;
+  }
 
   p->pool = o->pool < 0 ? (o->scorer == APB_SCORER_RETAINING ? 5 : 1) : o->pool;
   if (!approx) return APB_OK;

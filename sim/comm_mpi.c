@@ -138,6 +138,12 @@ done:
   return st;
 }
 
+static apb_status mpi_ialltoallv(apb_comm *c, const void *send, const size_t *sbytes, void *recv,
+                                 const size_t *rbytes, apb_comm_req **req, apb_error *err) {
+  *req = NULL;
+  return mpi_alltoallv(c, send, sbytes, recv, rbytes, err);
+}
+
 static apb_status mpi_bcast(apb_comm *c, void *buf, size_t bytes, int root, apb_error *err) {
   if (root < 0 || root >= c->size)
     return apb_error_set(err, APB_EINVAL, "bcast: root %d is not a rank of %d", root, c->size);
@@ -186,6 +192,7 @@ static const apb_comm_ops mpi_ops = {
     .sendrecv = mpi_sendrecv,
     .isendrecv = mpi_isendrecv,
     .alltoallv = mpi_alltoallv,
+    .ialltoallv = mpi_ialltoallv,
     .bcast = mpi_bcast,
     .barrier = mpi_barrier,
     .wait = mpi_wait,

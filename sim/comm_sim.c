@@ -256,6 +256,12 @@ static apb_status sim_alltoallv(apb_comm *c, const void *send, const size_t *sby
   return st;
 }
 
+static apb_status sim_ialltoallv(apb_comm *c, const void *send, const size_t *sbytes, void *recv,
+                                 const size_t *rbytes, apb_comm_req **req, apb_error *err) {
+  *req = NULL;
+  return sim_alltoallv(c, send, sbytes, recv, rbytes, err);
+}
+
 static apb_status sim_bcast(apb_comm *c, void *buf, size_t bytes, int root, apb_error *err) {
   apb_sim_group *g = ((sim_comm *)c->impl)->g;
   if (root < 0 || root >= g->H)
@@ -318,6 +324,7 @@ static const apb_comm_ops sim_ops = {
     .sendrecv = sim_sendrecv,
     .isendrecv = sim_isendrecv,
     .alltoallv = sim_alltoallv,
+    .ialltoallv = sim_ialltoallv,
     .bcast = sim_bcast,
     .barrier = sim_barrier,
     .wait = sim_wait,

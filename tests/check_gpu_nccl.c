@@ -7,10 +7,11 @@
  *     through the backend ops): allgatherv with uneven sizes and an empty last contribution (the
  *     grouped broadcasts), with even sizes (ncclAllGather), in place (send inside recv), all empty;
  *     sendrecv around a ring and one-sided (-1 peers); alltoallv; bcast; barrier; bad arguments;
- *   - the i-variants and `wait`: the transfer starts after the compute that produced its input (the
- *     input is written after a long chain of adds on the compute stream) and the compute after `wait`
- *     sees it (one rank's input comes much later, so a copy not ordered after the transfer would read
- *     the poison); overlap timing is printed, not asserted (it depends on load and NCCL's channels);
+ *   - the i-variants (all-gather, sendrecv, all-to-all) and `wait`: the transfer starts after the
+ *     compute that produced its input (the input is written after a long chain of adds on the compute
+ *     stream) and the compute after `wait` sees it (one rank's input comes much later, so a copy not
+ *     ordered after the transfer would read the poison); overlap timing is printed, not asserted (it
+ *     depends on load and NCCL's channels);
  *   - failures end without hanging: a rank that never calls (others time out with a short
  *     APB_NCCL_TIMEOUT_S, the silent rank learns of it; also while they wait in a backend download,
  *     outside the communicator, where only the watchdog can release them), a rank that calls another
@@ -427,11 +428,13 @@ static void *overlap_rank(void *p) {
   apb_comm *c = x->g->c[x->r];
   int H = x->g->H, r = x->r, late = r == H - 1;
   apb_error *err = &x->err;
-  size_t bytes[MAXH], off[MAXH], total = 0, ring_b = 3 << 20;
-  for (int i = 0; i < H; i++) bytes[i] = (size_t)(i + 1) << 20, off[i] = total, total += bytes[i];
+  size_t bytes[MAXH], off[MAXH], total = 0, ring_b = 3 << 20, ab = (size_t)1 << 20, a2[MAXH];
+  for (int i = 0; i < H; i++) bytes[i] = (size_t)(i + 1) << 20, off[i] = total, total += bytes[i], a2[i] = ab;
   void *a = NULL, *b = NULL, *send = NULL, *recv = NULL, *recv2 = NULL, *rs = NULL, *rr = NULL, *rr2 = NULL;
-  unsigned char *got = malloc(total > ring_b ? total : ring_b);
-  apb_comm_req *q1 = NULL, *q2 = NULL;
+  void *as = NULL, *ar = NULL, *ar2 = NULL; /* all-to-all: chunk d of as goes to rank d */
+  size_t most = total > ring_b ? total : ring_b;
+  unsigned char *got = malloc(most > ab * (size_t)H ? most : ab * (size_t)H);
+  apb_comm_req *q1 = NULL, *q2 = NULL, *q3 = NULL;
   apb_status st = APB_OK;
   if (!st) st = be->ops->alloc(be, OV_N * sizeof(float), &a, err);
   if (!st) st = be->ops->alloc(be, OV_N * sizeof(float), &b, err);
@@ -441,6 +444,11 @@ static void *overlap_rank(void *p) {
   if (!st) st = be->ops->alloc(be, ring_b, &rs, err);
   if (!st) st = be->ops->alloc(be, ring_b, &rr, err);
   if (!st) st = be->ops->alloc(be, ring_b, &rr2, err);
+  if (!st) st = be->ops->alloc(be, ab * (size_t)H, &as, err);
+  if (!st) st = be->ops->alloc(be, ab * (size_t)H, &ar, err);
+  if (!st) st = be->ops->alloc(be, ab * (size_t)H, &ar2, err);
+  if (!st) st = be->ops->memset(be, as, 0xEE, ab * (size_t)H, err);
+  if (!st) st = be->ops->memset(be, ar, 0xEE, ab * (size_t)H, err);
   if (!st) st = be->ops->memset(be, a, 0, OV_N * sizeof(float), err);
   if (!st) st = be->ops->memset(be, b, 0, OV_N * sizeof(float), err);
   if (!st) st = be->ops->memset(be, send, 0xEE, bytes[r], err);
@@ -453,23 +461,29 @@ static void *overlap_rank(void *p) {
   if (!st) st = chain(be, a, b, late ? OV_LONG : OV_SHORT, err);
   if (!st) st = be->ops->memset(be, send, r + 1, bytes[r], err);
   if (!st) st = be->ops->memset(be, rs, 0x40 + r, ring_b, err);
+  for (int d = 0; d < H && !st; d++) st = be->ops->memset(be, (char *)as + ab * (size_t)d, 0x80 + 8 * r + d, ab, err);
   if (!st) st = c->ops->iallgatherv(c, send, recv, bytes, &q1, err);
   if (!st) st = c->ops->isendrecv(c, rs, ring_b, (r + 1) % H, rr, ring_b, (r - 1 + H) % H, &q2, err);
+  if (!st) st = c->ops->ialltoallv(c, as, a2, ar, a2, &q3, err);
   if (!st) st = chain(be, a, b, OV_SHORT, err); /* overlaps the transfers */
-  apb_status w1 = c->ops->wait(c, q1, err), w2 = c->ops->wait(c, q2, err);
-  if (!st) st = w1 ? w1 : w2;
+  apb_status w1 = c->ops->wait(c, q1, err), w2 = c->ops->wait(c, q2, err), w3 = c->ops->wait(c, q3, err);
+  if (!st) st = w1 ? w1 : w2 ? w2 : w3;
   /* ordered after the transfers by `wait`: without it these copies would read the poison */
   if (!st) st = be->ops->copy(be, recv2, recv, total, err);
   if (!st) st = be->ops->copy(be, rr2, rr, ring_b, err);
+  if (!st) st = be->ops->copy(be, ar2, ar, ab * (size_t)H, err);
   if (!st) st = fetch(be, got, recv2, total, err);
   for (int s = 0; !st && s < H; s++)
     for (size_t i = 0; i < bytes[s]; i++) x->bad += got[off[s] + i] != (unsigned char)(s + 1);
   if (!st) st = fetch(be, got, rr2, ring_b, err);
   for (size_t i = 0; !st && i < ring_b; i++) x->bad += got[i] != (unsigned char)(0x40 + (r - 1 + H) % H);
+  if (!st) st = fetch(be, got, ar2, ab * (size_t)H, err);
+  for (int s = 0; !st && s < H; s++) /* chunk s came from rank s, which filled it for us */
+    for (size_t i = 0; i < ab; i++) x->bad += got[(size_t)s * ab + i] != (unsigned char)(0x80 + 8 * s + r);
   if (!st) st = apb_nccl_sync(c, err);
   x->t = now_s() - t0;
   x->st = st;
-  void *bufs[] = {a, b, send, recv, recv2, rs, rr, rr2};
+  void *bufs[] = {a, b, send, recv, recv2, rs, rr, rr2, as, ar, ar2};
   for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) be->ops->free(be, bufs[i]);
   free(got);
   return NULL;
@@ -532,8 +546,10 @@ START_TEST(test_overlap) {
                   x[r].bad);
     ck_assert_int_eq(g.c[r]->stats.calls[APB_COLL_ALLGATHER], 1);
     ck_assert_int_eq(g.c[r]->stats.calls[APB_COLL_SENDRECV], 1);
+    ck_assert_int_eq(g.c[r]->stats.calls[APB_COLL_ALLTOALL], 1);
     ck_assert_int_eq(g.c[r]->stats.bytes_sent[APB_COLL_ALLGATHER], ((int64_t)(r + 1) << 20) * (H - 1));
     ck_assert_int_eq(g.c[r]->stats.bytes_sent[APB_COLL_SENDRECV], (int64_t)3 << 20);
+    ck_assert_int_eq(g.c[r]->stats.bytes_sent[APB_COLL_ALLTOALL], ((int64_t)1 << 20) * (H - 1));
   }
   run_ranks(&g, 0, overlap_timing_rank, x);
   for (int r = 0; r < H; r++) ck_assert_msg(x[r].st == APB_OK, "H=%d rank %d (timing): %s", H, r, x[r].err.msg);

@@ -186,6 +186,40 @@ START_TEST(test_apb_overlap_same_function) {
 }
 END_TEST
 
+/* ulysses pipelined over head groups (overlap 1) is the unpipelined schedule to the bit: the same
+ * attention per head, the same bytes, in uly_groups times as many collectives. tiny has 4 query and 2
+ * KV heads: H = 1 makes two groups of one KV head, H = 2 one KV head whose query heads split in two. */
+START_TEST(test_ulysses_pipeline_bitwise) {
+  const int H = _i + 1;
+  run_out a, b;
+  apb_run_opts o = opts(APB_METHOD_ULYSSES, H);
+  o.overlap = 0;
+  run(&o, 1025, 5, 0, &a);
+  o.overlap = 1;
+  run(&o, 1025, 5, 0, &b);
+  ck_assert_int_eq(a.plan.uly_groups, 1);
+  ck_assert_int_eq(b.plan.uly_groups, 2);
+  char what[64];
+  snprintf(what, sizeof what, "ulysses pipelined vs not, H=%d", H);
+  tu_assert_bitwise(what, b.hidden, a.hidden, 1025 * tiny->cfg.hidden);
+  tu_assert_bitwise(what, b.logits, a.logits, tiny->cfg.vocab);
+  for (int t = 0; t < 4; t++) ck_assert_msg(b.gen[t] == a.gen[t], "%s: token %d differs", what, t);
+  for (int r = 0; r < H; r++) {
+    const int64_t ca = a.stats[r].calls[APB_COLL_ALLTOALL], cb = b.stats[r].calls[APB_COLL_ALLTOALL];
+    ck_assert_msg(a.stats[r].bytes_sent[APB_COLL_ALLTOALL] == b.stats[r].bytes_sent[APB_COLL_ALLTOALL] &&
+                      a.stats[r].bytes_recv[APB_COLL_ALLTOALL] == b.stats[r].bytes_recv[APB_COLL_ALLTOALL],
+                  "%s host %d: all-to-all bytes %lld/%lld pipelined, %lld/%lld not", what, r,
+                  (long long)b.stats[r].bytes_sent[APB_COLL_ALLTOALL], (long long)b.stats[r].bytes_recv[APB_COLL_ALLTOALL],
+                  (long long)a.stats[r].bytes_sent[APB_COLL_ALLTOALL], (long long)a.stats[r].bytes_recv[APB_COLL_ALLTOALL]);
+    /* 5 per layer unpipelined; two groups: q, k, v, o, lse each (H = 1), or k, v with the first only */
+    const int64_t L = tiny->cfg.n_layers, per = H == 1 ? 10 : 8;
+    ck_assert_msg(ca == 5 * L && cb == per * L, "%s host %d: %lld and %lld all-to-alls, expected %lld and %lld", what,
+                  r, (long long)ca, (long long)cb, (long long)(5 * L), (long long)(per * L));
+  }
+  run_free(&a), run_free(&b);
+}
+END_TEST
+
 /* --balance: H hosts holding virtual hosts h and 2H-1-h compute what 2H hosts compute */
 START_TEST(test_balance_equals_2h_hosts) {
   int H = _i % 3 + 1; /* 1, 2, 4 */
@@ -286,6 +320,11 @@ START_TEST(test_cost_model_counts) {
     ck_assert_msg(c[r].bytes_sent + c[r].dec_bytes_sent == sent, "%s host %d: bytes sent model %lld+%lld run %lld",
                   apb_method_name(m), r, (long long)c[r].bytes_sent, (long long)c[r].dec_bytes_sent, (long long)sent);
     ck_assert_int_eq(s->bytes_sent, sent);
+    int64_t calls = 0;
+    for (int k = 0; k < APB_COLL_COUNT; k++) calls += x.stats[r].calls[k];
+    ck_assert_msg(c[r].collectives + c[r].dec_collectives == calls, "%s host %d: collectives model %lld+%lld run %lld",
+                  apb_method_name(m), r, (long long)c[r].collectives, (long long)c[r].dec_collectives,
+                  (long long)calls);
   }
   run_free(&x);
 }
@@ -491,6 +530,7 @@ int main(void) {
   tcase_add_loop_test(ti, test_apb_lp0_is_star, 0, 4);
   tcase_add_loop_test(ti, test_apb_no_anchor_all_passing_is_dense, 0, 8);
   tcase_add_loop_test(ti, test_apb_overlap_same_function, 0, 4);
+  tcase_add_loop_test(ti, test_ulysses_pipeline_bitwise, 0, 2);
   tcase_add_loop_test(ti, test_balance_equals_2h_hosts, 0, 6);
   tcase_add_loop_test(ti, test_threads_bitwise, 0, 3);
   tcase_add_loop_test(ti, test_profile_stages, 0, 2);

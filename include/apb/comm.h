@@ -63,6 +63,8 @@ typedef struct apb_comm_ops {
   /* send: H chunks back to back, sbytes[d] to rank d; recv: H chunks back to back, rbytes[s] from s */
   apb_status (*alltoallv)(apb_comm *c, const void *send, const size_t *sbytes, void *recv,
                           const size_t *rbytes, apb_error *err);
+  apb_status (*ialltoallv)(apb_comm *c, const void *send, const size_t *sbytes, void *recv,
+                           const size_t *rbytes, apb_comm_req **req, apb_error *err);
   apb_status (*bcast)(apb_comm *c, void *buf, size_t bytes, int root, apb_error *err);
   apb_status (*barrier)(apb_comm *c, apb_error *err);
   /* complete a request started by an i-variant (frees it); NULL is a no-op */

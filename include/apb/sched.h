@@ -65,7 +65,9 @@ typedef struct apb_run_opts {
                                run, so later (slower) blocks pair with earlier ones; -1: 0 */
   int overlap;              /* apb: attend [A | B] while the passing block is all-gathered, then the
                                local rows against P, merged by LSE (same function, other rounding);
-                               -1: 1. Ring always prefetches the next block (same arithmetic). */
+                               ulysses: pipeline the all-to-alls over groups of heads (same
+                               arithmetic, see apb_plan.uly_groups); -1: 1. Ring always prefetches
+                               the next block (same arithmetic). */
 } apb_run_opts;
 
 /* Defaults: method apb, hosts 1, everything else -1 / 0 as above, scorer retaining, 0 new tokens. */
@@ -90,6 +92,10 @@ typedef struct apb_plan {
   int64_t excl0;            /* apb: document tokens host 0 excludes from selection (held by the anchor) */
   int64_t ffn_chunk;        /* rows per FFN chunk (bounds the [rows, 2F] intermediate) */
   int overlap;              /* apb: split attention around the all-gather (see apb_run_opts) */
+  int uly_groups;           /* ulysses: head groups whose all-to-alls overlap the attention of the
+                               group before (1: none). With overlap, a host's Hkv/H KV heads one per
+                               group; a host with one KV head splits its query heads in two when
+                               their number is even (K/V travel with the first half). */
 } apb_plan;
 
 /* The virtual hosts of host r: *n is 1 (v[0] = r) or, balanced, 2 (v[0] = r, v[1] = 2H-1-r). */
