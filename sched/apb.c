@@ -93,8 +93,9 @@ static apb_status star_setup(host_ctx *h, apb_error *err) {
         (st = sched_alloc(h, sizeof(float) * (size_t)h->Hkv * (size_t)sl->B, (void **)&sl->pooled, err)) ||
         (st = sched_alloc(h, sizeof(int32_t) * (size_t)h->Hkv * (size_t)sl->nsel, (void **)&sl->idx, err)))
       return st;
-    if (p->balance && ((st = sched_alloc(h, (size_t)(sl->P + h->A) * row, &sl->qk, err)) ||
-                       (st = sched_alloc(h, (size_t)(sl->P + h->A) * row, &sl->qv, err))))
+    if ((p->balance || p->overlap == APB_OVERLAP_ANCHOR) && sl->v > 0 &&
+        ((st = sched_alloc(h, (size_t)(sl->P + h->A) * row, &sl->qk, err)) ||
+         (st = sched_alloc(h, (size_t)(sl->P + h->A) * row, &sl->qv, err))))
       return st;
   }
   if (p->balance) {
@@ -103,14 +104,16 @@ static apb_status star_setup(host_ctx *h, apb_error *err) {
     int64_t mb = 0;
     for (int j = 0; j < s->ns; j++)
       if (s->sl[j].P > 0 && s->sl[j].B > mb) mb = s->sl[j].B;
-    if (s->passing && p->overlap && mb > 0 &&
+    if (s->passing && p->overlap == APB_OVERLAP_SPLIT && mb > 0 &&
         ((st = sched_alloc(h, (size_t)mb * (size_t)h->Hq * h->D * h->es, &s->o2, err)) ||
          (st = sched_alloc(h, (size_t)mb * (size_t)h->Hq * sizeof(float), (void **)&s->lse2, err)) ||
          (st = sched_alloc(h, (size_t)mb * (size_t)h->Hq * sizeof(float), (void **)&s->lse_loc, err))))
       return st;
     return APB_OK;
   }
-  if (s->passing && p->overlap && s->sl[0].P > 0 &&
+  if (s->passing && p->overlap == APB_OVERLAP_ANCHOR && s->sl[0].P > 0)
+    return sched_alloc(h, (size_t)maxb * (size_t)h->Hq * sizeof(float), (void **)&s->lse_tmp, err);
+  if (s->passing && p->overlap == APB_OVERLAP_SPLIT && s->sl[0].P > 0 &&
       ((st = sched_alloc(h, (size_t)h->B * (size_t)h->Hq * h->D * h->es, &s->o2, err)) ||
        (st = sched_alloc(h, (size_t)h->B * (size_t)h->Hq * sizeof(float), (void **)&s->lse2, err)) ||
        (st = sched_alloc(h, (size_t)h->B * (size_t)h->Hq * sizeof(float), (void **)&s->lse_loc, err))))
@@ -234,7 +237,7 @@ static apb_status merge_rows(host_ctx *h, apb_state *s, int64_t row0, int64_t B,
   return st;
 }
 
-/* Overlapped form (plan.overlap): the all-gathers run while [A | B] is attended (anchor rows final,
+/* Split form (plan.overlap APB_OVERLAP_SPLIT): the all-gathers run while [A | B] is attended (anchor rows final,
  * local rows partial); then the local rows attend P alone and the two partials merge by LSE. Local
  * rows' LSE are columns A.. of lse [Hq, T], so they are copied out and back around the merge. */
 static apb_status attend_overlapped(host_ctx *h, int layer, apb_state *s, apb_battn_args *a, apb_error *err) {
@@ -275,10 +278,10 @@ static apb_status attn_cols(host_ctx *h, apb_state *s, apb_battn_args *a, int64_
   return st;
 }
 
-/* Balanced and overlapped (plan.overlap with a passing block): the all-gathers run while the anchor rows
+/* Balanced and split (APB_OVERLAP_SPLIT with a passing block): the all-gathers run while the anchor rows
  * and every block's rows against the anchor keys and themselves are attended; then each block's rows
  * attend their passing block [C_0 .. C_{v-1}] alone and the two partials merge by LSE. The same
- * function as attend_balanced's single calls. */
+ * function as attend_blocks' single calls. */
 static apb_status attend_balanced_overlapped(host_ctx *h, int layer, apb_state *s, apb_error *err) {
   int64_t kvw = (int64_t)h->Hkv * h->D, qw = (int64_t)h->Hq * h->D;
   apb_comm_req *rk = NULL, *rv = NULL;
@@ -319,18 +322,36 @@ static apb_status attend_balanced_overlapped(host_ctx *h, int layer, apb_state *
   return APB_OK;
 }
 
-/* Balanced: the anchor rows, then each virtual block against [P_v | A] and itself. */
-static apb_status attend_balanced(host_ctx *h, int layer, apb_state *s, apb_error *err) {
+/* The anchor rows, then each (virtual) block against [P_v | A] and itself, one call per block. The
+ * all-gathers block first (overlap 0), or, with overlap APB_OVERLAP_ANCHOR, run while the anchor rows
+ * (the only rows that do not need the passing block) are attended. Balanced runs and the unbalanced
+ * anchor-first form come here; the latter has one slot. */
+static apb_status attend_blocks(host_ctx *h, int layer, apb_state *s, apb_error *err) {
   int64_t kvw = (int64_t)h->Hkv * h->D, qw = (int64_t)h->Hq * h->D;
   apb_status st = APB_OK;
-  if (s->passing) {
+  apb_comm_req *rk = NULL, *rv = NULL;
+  int async = h->p->overlap == APB_OVERLAP_ANCHOR;
+  if (s->passing && !async) {
     if ((st = sched_allgatherv(h, s->sl[0].ck, s->pk, s->bytes, err)) ||
         (st = sched_allgatherv(h, s->sl[0].cv, s->pv, s->bytes, err)))
       return st;
+  } else if (s->passing) {
+    double t0 = sched_prof_begin(h);
+    st = h->comm->ops->iallgatherv(h->comm, s->sl[0].ck, s->pk, s->bytes, &rk, err);
+    if (!st) st = h->comm->ops->iallgatherv(h->comm, s->sl[0].cv, s->pv, s->bytes, &rv, err);
+    sched_prof_end(h, APB_STAGE_COMM, t0);
   }
   apb_battn_args an = {.A = h->A, .Hq = h->Hq, .Hkv = h->Hkv, .D = h->D, .local_keys = 1, .q = h->q, .ka = h->k,
                        .va = h->v, .o = h->o};
-  if (h->A > 0 && (st = attn_cols(h, s, &an, 0, err))) return st;
+  if (!st && h->A > 0) st = attn_cols(h, s, &an, 0, err);
+  if (rk || rv) {
+    double t0 = sched_prof_begin(h);
+    apb_status w1 = h->comm->ops->wait(h->comm, rk, err);
+    apb_status w2 = h->comm->ops->wait(h->comm, rv, err);
+    sched_prof_end(h, APB_STAGE_COMM, t0);
+    if (!st) st = w1 ? w1 : w2;
+  }
+  if (st) return st;
   for (int j = 0; j < s->ns; j++) {
     slot *sl = &s->sl[j];
     apb_battn_args a = {.B = sl->B, .Hq = h->Hq, .Hkv = h->Hkv, .D = h->D, .local_keys = 1,
@@ -353,13 +374,14 @@ static apb_status star_attend(host_ctx *h, int layer, apb_error *err) {
   int64_t kvw = (int64_t)h->Hkv * h->D;
   if (s && s->passing && (st = compress_all(h, layer, s, err))) return st;
   if (s && h->p->balance)
-    return s->passing && s->o2 ? attend_balanced_overlapped(h, layer, s, err) : attend_balanced(h, layer, s, err);
+    return s->passing && s->o2 ? attend_balanced_overlapped(h, layer, s, err) : attend_blocks(h, layer, s, err);
+  if (s && s->passing && h->p->overlap == APB_OVERLAP_ANCHOR && s->sl[0].P > 0) return attend_blocks(h, layer, s, err);
   apb_battn_args a = {.P = 0, .A = h->A, .B = h->B, .Hq = h->Hq, .Hkv = h->Hkv, .D = h->D, .local_keys = 1,
                       .q = h->q, .ka = h->k, .va = h->v, .kb = sched_row(h, h->k, h->A, kvw),
                       .vb = sched_row(h, h->v, h->A, kvw), .o = h->o, .lse = h->lse};
   if (s) {
     const slot *sl = &s->sl[0];
-    if (h->p->overlap && sl->P > 0) return attend_overlapped(h, layer, s, &a, err);
+    if (h->p->overlap == APB_OVERLAP_SPLIT && sl->P > 0) return attend_overlapped(h, layer, s, &a, err);
     /* APB.md 3.5: every host contributes its C (host H-1: nothing); host h keeps the first h */
     if ((st = sched_allgatherv(h, sl->ck, s->pk, s->bytes, err)) ||
         (st = sched_allgatherv(h, sl->cv, s->pv, s->bytes, err)))

@@ -28,7 +28,7 @@ static const char help_text[] =
     "Usage: apb bench prefill [--tokens LIST] [--gpus LIST] [--method LIST] [--preset NAME]\n"
     "                         [--query-len Q] [--anchor A] [--passing P] [--profile 0|1|2] [--warmup N]\n"
     "                         [--reps N] [--ffn-chunk R]\n"
-    "                         [--balance] [--overlap 0|1] [--attn-tflops X] [--gemm-tflops X]\n"
+    "                         [--balance] [--overlap 0|1|2] [--attn-tflops X] [--gemm-tflops X]\n"
     "                         [--mem-gbs X] [--link-gbs X] [--latency-us X] [--json FILE]\n\n"
     "Prefill time per method on 1..N GPUs (one rank per GPU, NCCL), random bf16 weights made on the\n"
     "GPUs. Defaults: --tokens 131072, --gpus 4, --method dense,ring,zigzag,ulysses,star,apb, --preset\n"
@@ -38,14 +38,16 @@ static const char help_text[] =
     "before each measured one, on the same weights and NCCL communicators, so that connection setup and\n"
     "first-call costs are not timed), --reps 1 (timed runs; the fastest is reported, by its slowest\n"
     "rank; the PyTorch peer reports the best of 2 after 1 untimed). --balance runs apb and star with two\n"
-    "virtual hosts per GPU (h and 2H-1-h). --overlap 0 runs apb's attention as one call after the\n"
-    "all-gather (default 1: [A|B] attended while it is in flight, then merged) and ulysses' all-to-alls\n"
-    "blocking, all heads at once (default 1: pipelined over head groups). --ffn-chunk R: rows per\n"
-    "FFN chunk (default 8192; bounds the [R, 2F] gate/up intermediate). The profiled run prints\n"
-    "every rank's breakdown under the case's line. apb and star use the lengths of shared/APB.md 2 (apb:\n"
-    "l_a = min(l_b/4, 8192), l_p = l_a/2; star: l_a = l_b) unless --anchor A (apb's l_a; star keeps l_a\n"
-    "= l_b) or --passing P (apb's l_p) say otherwise; the paper's 128K setting and the PyTorch peer\n"
-    "(shared/bench/torch_prefill.py) use 4096 and 2048. Dense uses one GPU. 'model s' is the cost model\n"
+    "virtual hosts per GPU (h and 2H-1-h). --overlap: how apb hides its all-gathers, 0 not at all (one\n"
+    "attention call after them), 1 [A|B] attended while they run, then the local rows against P,\n"
+    "merged by LSE (default), 2 the anchor rows attended while they run, then the local rows in one\n"
+    "call over [P|A|B]; ulysses' all-to-alls are pipelined over head groups unless it is 0.\n"
+    "--ffn-chunk R: rows per FFN chunk (default 8192; bounds the [R, 2F] gate/up intermediate). The\n"
+    "profiled run prints every rank's breakdown under the case's line. apb and star use the lengths of\n"
+    "shared/APB.md 2 (apb: l_a = min(l_b/4, 8192), l_p = l_a/2; star: l_a = l_b) unless --anchor A\n"
+    "(apb's l_a; star keeps l_a = l_b) or --passing P (apb's l_p) say otherwise; the paper's 128K\n"
+    "setting and the PyTorch peer (shared/bench/torch_prefill.py) use 4096 and 2048. Dense uses one\n"
+    "GPU. 'model s' is the cost model\n"
     "(apb/cost.h, as `apb predict`) at the rates given by the last five options (defaults: apb\n"
     "predict's); with --profile 1 or 2, 'floor s' is the same model at the attention and GEMM rates the\n"
     "slowest rank reached in its profiled run (its attention FLOPs over its attention time, its linear\n"
@@ -71,6 +73,7 @@ typedef struct row {
   int64_t bytes;
   int64_t la, lp;           /* the plan's anchor and passing lengths */
   int64_t ffn_chunk;        /* the plan's rows per FFN chunk */
+  int overlap;              /* the plan's overlap (apb_overlap) */
   int ok;
   char error[640];          /* why the case failed (ok == 0): the error message and status */
 } row;
@@ -170,7 +173,7 @@ static int run_case(const apb_model_config *cfg, int I, apb_preset preset, apb_m
         if (c[k].t_total > out->floor_s) out->floor_s = c[k].t_total;
   }
   free(c);
-  out->la = plan->la, out->lp = plan->lp, out->ffn_chunk = plan->ffn_chunk;
+  out->la = plan->la, out->lp = plan->lp, out->ffn_chunk = plan->ffn_chunk, out->overlap = plan->overlap;
   out->method = apb_method_name(m);
   out->gpus = plan->H;
   out->tokens = n;
@@ -186,7 +189,7 @@ int bench_prefill(int argc, char **argv) {
   int64_t q = 64;
   apb_run_opts base; /* what the options set for every case; method and hosts per case */
   apb_run_opts_default(&base);
-  base.balance = 0, base.overlap = 1;
+  base.balance = 0, base.overlap = -1; /* the plan's default */
   apb_hw hw;
   apb_hw_default(&hw);
   apb_method ms[APB_METHOD_COUNT];
@@ -222,7 +225,7 @@ int bench_prefill(int argc, char **argv) {
       break;
     case O_Q: rc = cli_parse_i64(CMD, "--query-len", optarg, 1, 4096, &q); break;
     case O_PROF: rc = cli_parse_int(CMD, "--profile", optarg, 0, 2, &profile); break;
-    case O_OVL: rc = cli_parse_int(CMD, "--overlap", optarg, 0, 1, &base.overlap); break;
+    case O_OVL: rc = cli_parse_int(CMD, "--overlap", optarg, 0, 2, &base.overlap); break;
     case O_FFNC: rc = cli_parse_i64(CMD, "--ffn-chunk", optarg, 1, (int64_t)1 << 24, &base.ffn_chunk); break;
     case O_WARM: rc = cli_parse_int(CMD, "--warmup", optarg, 0, 100, &warmup); break;
     case O_REPS: rc = cli_parse_int(CMD, "--reps", optarg, 1, 100, &reps); break;
@@ -333,7 +336,7 @@ int bench_prefill(int argc, char **argv) {
                   "\"bytes_sent\": %lld, \"visible_comm_s\": %.6f, \"per_layer_ms\": {",
                   first ? "" : ", ", rw.method, rw.gpus, (long long)rw.tokens, rw.prefill_s, rw.tok_s, rw.pred_s,
                   rw.floor_s, rw.meas_attn / 1e12, rw.meas_gemm / 1e12, rw.peak_gib, rw.imbalance, base.balance,
-                  base.overlap, warmup, reps, (long long)rw.la, (long long)rw.lp, (long long)rw.ffn_chunk,
+                  rw.overlap, warmup, reps, (long long)rw.la, (long long)rw.lp, (long long)rw.ffn_chunk,
                   (long long)q, (long long)rw.bytes, rw.vis_s);
           for (int s = 0; s < APB_STAGE_COUNT; s++)
             fprintf(jf, "%s\"%s\": %.4f", s ? ", " : "", apb_stage_name((apb_stage)s), rw.stage_s[s] * 1e3);

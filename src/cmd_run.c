@@ -63,10 +63,11 @@ static void help(void) {
       "  --ffn-chunk R       rows per MLP chunk (default 8192)\n"
       "  --balance           apb, star: each host holds virtual hosts h and 2H-1-h of a 2H-host run\n"
       "                      (default off)\n"
-      "  --overlap 0|1       apb: attend [A|B] while the passing block is gathered, then merge;\n"
-      "                      ulysses: all-to-alls of one head group while another is attended\n"
-      "                      (default 1; 0: one attention call after the all-gather, blocking\n"
-      "                      all-to-alls of all heads at once)\n"
+      "  --overlap 0|1|2     apb: how the passing block's all-gathers are hidden: 0 not at all\n"
+      "                      (one attention call after them), 1 [A|B] attended while they run,\n"
+      "                      then the local rows against P, merged by LSE, 2 the anchor rows\n"
+      "                      attended while they run, then the local rows in one call;\n"
+      "                      ulysses: nonzero pipelines the all-to-alls over head groups (default 1)\n"
       "Execution:\n"
       "  --backend NAME      fast (default), naive (the oracle; slow), cuda-bf16, cuda-f32\n"
       "  --threads N         OpenMP threads (default: OMP_NUM_THREADS or every core)\n"
@@ -656,7 +657,7 @@ int cmd_run(int argc, char **argv) {
     case O_POOL: rc = cli_parse_int(CMD, "--pool", optarg, 1, 1 << 20, &c.o.pool); break;
     case O_NEW: rc = cli_parse_i64(CMD, "--max-new-tokens", optarg, 0, 1 << 20, &c.o.max_new_tokens); break;
     case O_FFNC: rc = cli_parse_i64(CMD, "--ffn-chunk", optarg, 1, BIG, &c.o.ffn_chunk); break;
-    case O_OVERLAP: rc = cli_parse_int(CMD, "--overlap", optarg, 0, 1, &c.o.overlap); break;
+    case O_OVERLAP: rc = cli_parse_int(CMD, "--overlap", optarg, 0, 2, &c.o.overlap); break;
     case O_BALANCE: c.o.balance = 1; break;
     case O_BACKEND: c.backend = optarg; break;
     case O_THREADS: rc = cli_parse_int(CMD, "--threads", optarg, 1, 4096, &c.threads); break;

@@ -603,7 +603,7 @@ START_TEST(bench_and_demo) {
   const struct {
     const char *args, *msg;
   } gpu_usage[] = {
-      {"bench prefill --overlap 2", "--overlap wants an integer in [0, 1]"},
+      {"bench prefill --overlap 3", "--overlap wants an integer in [0, 2]"},
       {"bench prefill --anchor x", "--anchor wants an integer"},
       {"bench prefill --attn-tflops 0", "--attn-tflops wants a finite number"},
       {"bench prefill --tokens 8", "--tokens wants"},

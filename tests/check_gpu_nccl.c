@@ -19,10 +19,10 @@
  *     wait (they get APB_ECOMM with its reason, long before the timeout), and `apb run --gpus H` with a
  *     rank made to fail by APB_FAULT_RANK / APB_FAULT_LAYER, which must exit non-zero naming the rank
  *     well within `timeout 120`;
- *   - every method (dense, ring, zigzag, ulysses where H divides Hkv, star, apb) with H = 2 and 4 on
- *     the tiny preset, 1025 document tokens, in fp32 and bf16 mode: the NCCL run equals, bit for bit,
- *     the same plan run as simulated hosts on one GPU (the same kernels, so any difference is the
- *     communicator's); and against the CPU fast backend's run of the same plan (apb_sim_execute), final
+ *   - every method (dense, ring, zigzag, ulysses where H divides Hkv, star, apb, apb --overlap 2) with
+ *     H = 2 and 4 on the tiny preset, 1025 document tokens, in fp32 and bf16 mode: the NCCL run
+ *     equals, bit for bit, the same plan run as simulated hosts on one GPU (the same kernels, so any
+ *     difference is the communicator's); and against the CPU fast backend's run of the same plan (apb_sim_execute), final
  *     hidden states and logits within apb_tolerance(APB_PREC_F32, n) of the fp32 CPU run in fp32 mode
  *     (and the same tokens), and within apb_tolerance(APB_PREC_BF16, n) (relative Frobenius 1e-2) of
  *     the CPU run with bf16 storage (emulate_bf16) in bf16 mode. Against fp32, star and apb need not
@@ -879,8 +879,11 @@ static void assert_same_counts(const char *what, const run_out *a, const run_out
                     (long long)ref->stats[r].bytes_recv[c]);
 }
 
+/* every method with its default overlap, and apb's other hidden form (the anchor rows during the
+ * all-gathers, the local rows in one call after them) */
 static const apb_method methods[] = {APB_METHOD_DENSE, APB_METHOD_RING, APB_METHOD_ZIGZAG,
-                                     APB_METHOD_ULYSSES, APB_METHOD_STAR, APB_METHOD_APB};
+                                     APB_METHOD_ULYSSES, APB_METHOD_STAR, APB_METHOD_APB, APB_METHOD_APB};
+static const int overlaps[] = {-1, -1, -1, -1, -1, -1, APB_OVERLAP_ANCHOR};
 #define N_METHODS ((int)(sizeof methods / sizeof *methods))
 
 /* Per method and H, in fp32 and bf16 mode:
@@ -902,10 +905,12 @@ START_TEST(test_methods_vs_cpu) {
   const int64_t nE = n * tiny->cfg.hidden;
   apb_run_opts ro;
   apb_run_opts_default(&ro);
-  ro.method = m, ro.hosts = H, ro.max_new_tokens = 4;
+  ro.method = m, ro.hosts = H, ro.max_new_tokens = 4, ro.overlap = overlaps[_i % N_METHODS];
   apb_plan *plan = malloc(sizeof *plan);
   apb_error err = {0};
   ck_assert_msg(apb_plan_make(&ro, n, q, &tiny->cfg, tiny->scorer_width, plan, &err) == APB_OK, "%s", err.msg);
+  char mname[32];
+  snprintf(mname, sizeof mname, "%s%s", apb_method_name(m), ro.overlap >= 0 ? " --overlap 2" : "");
   int32_t *doc, *query;
   make_doc(n, q, &doc, &query);
   run_out cpu[2], one, gpu;
@@ -914,12 +919,12 @@ START_TEST(test_methods_vs_cpu) {
   char what[128], buf[192];
   for (int k = 0; k < 2; k++) {
     run_plan(plan, k ? ON_CPU_BF16 : ON_CPU, NULL, 0, &ccap[k], doc, query, &cpu[k]);
-    snprintf(what, sizeof what, "%s H=%d cpu fast%s", apb_method_name(m), plan->H, k ? " bf16" : "");
+    snprintf(what, sizeof what, "%s H=%d cpu fast%s", mname, plan->H, k ? " bf16" : "");
     print_tokens(what, &cpu[k]);
   }
   const char *modes[] = {"cuda-f32", "cuda-bf16"};
   for (int k = 0; k < 2; k++) {
-    snprintf(what, sizeof what, "%s H=%d %s", apb_method_name(m), plan->H, modes[k]);
+    snprintf(what, sizeof what, "%s H=%d %s", mname, plan->H, modes[k]);
     run_plan(plan, ON_ONE_GPU, modes[k], 0, NULL, doc, query, &one);
     run_plan(plan, ON_GPUS, modes[k], 0, &gcap, doc, query, &gpu);
     print_tokens(what, &gpu);

@@ -170,19 +170,25 @@ START_TEST(test_apb_no_anchor_all_passing_is_dense) {
 }
 END_TEST
 
-/* the overlapped apb attention (split around the all-gather, merged by LSE) computes the same function */
+/* the overlapped apb attention computes the same function as the single call after the all-gathers:
+ * split around them and merged by LSE (1), or the anchor rows first and the local rows in one call
+ * over the passing and anchor keys copied together (2) */
 START_TEST(test_apb_overlap_same_function) {
   run_out a, b;
   apb_run_opts o = opts(APB_METHOD_APB, hosts[1 + _i]);
   o.anchor = 64, o.passing = 48;
-  o.overlap = 0;
+  o.overlap = APB_OVERLAP_NONE;
   run(&o, 1025, 5, 0, &a);
-  o.overlap = 1;
-  run(&o, 1025, 5, 0, &b);
-  char what[64];
-  snprintf(what, sizeof what, "apb overlap vs not, H=%d", hosts[1 + _i]);
-  assert_matches(what, &b, &a);
-  run_free(&a), run_free(&b);
+  for (int ovl = APB_OVERLAP_SPLIT; ovl <= APB_OVERLAP_ANCHOR; ovl++) {
+    o.overlap = ovl;
+    run(&o, 1025, 5, 0, &b);
+    char what[64];
+    snprintf(what, sizeof what, "apb --overlap %d vs 0, H=%d", ovl, hosts[1 + _i]);
+    assert_matches(what, &b, &a);
+    for (int t = 0; t < 4; t++) ck_assert_msg(b.gen[t] == a.gen[t], "%s: token %d differs", what, t);
+    run_free(&b);
+  }
+  run_free(&a);
 }
 END_TEST
 
@@ -235,9 +241,9 @@ START_TEST(test_balance_equals_2h_hosts) {
     ob.seed = ou.seed = 5;
   }
   run(&ou, 1025, 5, 0, &u);
-  /* apb: both forms of the balanced attention (single calls after the all-gather, and overlapped:
-   * split around it and merged by LSE); star has no all-gather */
-  for (int ovl = 0; ovl < (m == APB_METHOD_APB ? 2 : 1); ovl++) {
+  /* apb: every form of the balanced attention (single calls after the all-gather; split around it
+   * and merged by LSE; the anchor rows while it runs, then single calls); star has no all-gather */
+  for (int ovl = 0; ovl <= (m == APB_METHOD_APB ? APB_OVERLAP_ANCHOR : 0); ovl++) {
     ob.overlap = ovl;
     run(&ob, 1025, 5, 0, &b);
     char what[80];
@@ -302,6 +308,7 @@ START_TEST(test_cost_model_counts) {
   apb_run_opts o = opts(m, H);
   o.balance = balance;
   if (m == APB_METHOD_APB || m == APB_METHOD_STAR) o.anchor = 100, o.passing = m == APB_METHOD_APB ? 40 : -1;
+  if (m == APB_METHOD_APB && _i / APB_METHOD_COUNT) o.overlap = APB_OVERLAP_ANCHOR; /* its calls, the same pairs */
   run(&o, 1025, 5, 0, &x);
   apb_hw hw;
   apb_hw_default(&hw);

@@ -63,12 +63,18 @@ typedef struct apb_run_opts {
   int64_t ffn_chunk;        /* rows per FFN chunk; -1: 8192 */
   int balance;              /* apb, star: each host holds two virtual hosts h and 2H-1-h of a 2H-host
                                run, so later (slower) blocks pair with earlier ones; -1: 0 */
-  int overlap;              /* apb: attend [A | B] while the passing block is all-gathered, then the
-                               local rows against P, merged by LSE (same function, other rounding);
-                               ulysses: pipeline the all-to-alls over groups of heads (same
-                               arithmetic, see apb_plan.uly_groups); -1: 1. Ring always prefetches
-                               the next block (same arithmetic). */
+  int overlap;              /* apb_overlap: how apb hides its all-gathers (same function, other
+                               rounding); ulysses: nonzero pipelines the all-to-alls over groups of
+                               heads (same arithmetic, see apb_plan.uly_groups); -1: APB_OVERLAP_SPLIT.
+                               Ring always prefetches the next block (same arithmetic). */
 } apb_run_opts;
+
+/* apb's attention around the passing block's all-gathers (apb_run_opts.overlap):
+ * NONE: the all-gathers block, then one call over [P | A | B];
+ * SPLIT: [A | B] is attended while they run, then the local rows against P alone, merged by LSE;
+ * ANCHOR: the anchor rows (which never see P) are attended while they run, then the local rows in one
+ * call over [P | A | B] (P and the anchor keys copied together), no merge. */
+typedef enum apb_overlap { APB_OVERLAP_NONE = 0, APB_OVERLAP_SPLIT = 1, APB_OVERLAP_ANCHOR = 2 } apb_overlap;
 
 /* Defaults: method apb, hosts 1, everything else -1 / 0 as above, scorer retaining, 0 new tokens. */
 void apb_run_opts_default(apb_run_opts *o);
@@ -91,7 +97,7 @@ typedef struct apb_plan {
   int64_t n_sel[APB_MAX_HOSTS];               /* apb: compressed rows C_v per KV head (0 for V-1) */
   int64_t excl0;            /* apb: document tokens host 0 excludes from selection (held by the anchor) */
   int64_t ffn_chunk;        /* rows per FFN chunk (bounds the [rows, 2F] intermediate) */
-  int overlap;              /* apb: split attention around the all-gather (see apb_run_opts) */
+  int overlap;              /* apb_overlap (see apb_run_opts) */
   int uly_groups;           /* ulysses: head groups whose all-to-alls overlap the attention of the
                                group before (1: none). With overlap, a host's Hkv/H KV heads one per
                                group; a host with one KV head splits its query heads in two when
