@@ -65,7 +65,7 @@ typedef struct apb_run_opts {
                                run, so later (slower) blocks pair with earlier ones; -1: 0 */
   int overlap;              /* apb_overlap: how apb hides its all-gathers (same function, other
                                rounding); ulysses: nonzero pipelines the all-to-alls over groups of
-                               heads (same arithmetic, see apb_plan.uly_groups); -1: APB_OVERLAP_SPLIT.
+                               heads (same arithmetic, see apb_plan.uly_groups); -1: APB_OVERLAP_ANCHOR.
                                Ring always prefetches the next block (same arithmetic). */
 } apb_run_opts;
 
