@@ -22,8 +22,9 @@
  *   - every method (dense, ring, zigzag, ulysses where H divides Hkv, star, apb, apb --overlap 2) with
  *     H = 2 and 4 on the tiny preset, 1025 document tokens, in fp32 and bf16 mode: the NCCL run
  *     equals, bit for bit, the same plan run as simulated hosts on one GPU (the same kernels, so any
- *     difference is the communicator's); and against the CPU fast backend's run of the same plan (apb_sim_execute), final
- *     hidden states and logits within apb_tolerance(APB_PREC_F32, n) of the fp32 CPU run in fp32 mode
+ *     difference is the communicator's); and against the CPU fast backend's run of the same plan
+ *     (apb_sim_execute), final hidden states and logits within apb_tolerance(APB_PREC_F32, n) of the
+ *     fp32 CPU run in fp32 mode
  *     (and the same tokens), and within apb_tolerance(APB_PREC_BF16, n) (relative Frobenius 1e-2) of
  *     the CPU run with bf16 storage (emulate_bf16) in bf16 mode. Against fp32, star and apb need not
  *     meet 1e-2 in bf16 (a rounding can move a score across the l_p-th place and change the passing

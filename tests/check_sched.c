@@ -212,11 +212,10 @@ START_TEST(test_ulysses_pipeline_bitwise) {
   for (int t = 0; t < 4; t++) ck_assert_msg(b.gen[t] == a.gen[t], "%s: token %d differs", what, t);
   for (int r = 0; r < H; r++) {
     const int64_t ca = a.stats[r].calls[APB_COLL_ALLTOALL], cb = b.stats[r].calls[APB_COLL_ALLTOALL];
-    ck_assert_msg(a.stats[r].bytes_sent[APB_COLL_ALLTOALL] == b.stats[r].bytes_sent[APB_COLL_ALLTOALL] &&
-                      a.stats[r].bytes_recv[APB_COLL_ALLTOALL] == b.stats[r].bytes_recv[APB_COLL_ALLTOALL],
-                  "%s host %d: all-to-all bytes %lld/%lld pipelined, %lld/%lld not", what, r,
-                  (long long)b.stats[r].bytes_sent[APB_COLL_ALLTOALL], (long long)b.stats[r].bytes_recv[APB_COLL_ALLTOALL],
-                  (long long)a.stats[r].bytes_sent[APB_COLL_ALLTOALL], (long long)a.stats[r].bytes_recv[APB_COLL_ALLTOALL]);
+    const int64_t sa = a.stats[r].bytes_sent[APB_COLL_ALLTOALL], ra = a.stats[r].bytes_recv[APB_COLL_ALLTOALL];
+    const int64_t sb = b.stats[r].bytes_sent[APB_COLL_ALLTOALL], rb = b.stats[r].bytes_recv[APB_COLL_ALLTOALL];
+    ck_assert_msg(sa == sb && ra == rb, "%s host %d: all-to-all bytes %lld/%lld pipelined, %lld/%lld not", what, r,
+                  (long long)sb, (long long)rb, (long long)sa, (long long)ra);
     /* 5 per layer unpipelined; two groups: q, k, v, o, lse each (H = 1), or k, v with the first only */
     const int64_t L = tiny->cfg.n_layers, per = H == 1 ? 10 : 8;
     ck_assert_msg(ca == 5 * L && cb == per * L, "%s host %d: %lld and %lld all-to-alls, expected %lld and %lld", what,
