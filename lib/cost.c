@@ -68,6 +68,7 @@ apb_status apb_cost_plan(const apb_plan *p, const apb_model_config *cfg, int sco
     double pr = 0; /* pairs per layer, counted in units of one head of dimension D */
     double hq_eff = Hq;
     double kvrow = (double)Hkv * D * es;
+    double keys_copied = 0; /* apb: rows of [P_v | A] copied together per layer (K and V each) */
     switch (m) {
     case APB_METHOD_DENSE: pr = pairs(0, A, B, 1); break;
     case APB_METHOD_STAR:
@@ -80,16 +81,18 @@ apb_status apb_cost_plan(const apb_plan *p, const apb_model_config *cfg, int sco
         if (p->n_sel[vv[j]] > 0 && p->o.scorer == APB_SCORER_RETAINING)
           c->linear_flops += 2.0 * (double)blk(p, vv[j]) * scorer_width * (QKV + Hkv);
       }
-      if (!p->balance) { /* one call over [P_r | A | B_r] (or its overlapped split: the same pairs) */
+      if (!p->balance) { /* one call over [P_r | A | B_r] (or its split or anchor-first forms: the same pairs) */
         int64_t P = 0;
         for (int w = 0; passing && w < r; w++) P += p->n_sel[w];
         pr = pairs(P, A, B, 1);
+        if (p->overlap == APB_OVERLAP_ANCHOR && P > 0) keys_copied = (double)(P + A);
       } else {           /* the anchor rows, then each virtual block against [P_v | A] and itself */
         pr = pairs(0, A, 0, 1);
         for (int j = 0; j < nv; j++) {
           int64_t Pv = 0, Bj = blk(p, vv[j]);
           for (int w = 0; passing && w < vv[j]; w++) Pv += p->n_sel[w];
           pr += pairs(vv[j] == 0 ? 0 : Pv + A, 0, Bj, 1);
+          if (passing && vv[j] > 0) keys_copied += (double)(p->overlap == APB_OVERLAP_SPLIT ? Pv : Pv + A);
         }
       }
       if (passing) {
@@ -149,9 +152,10 @@ apb_status apb_cost_plan(const apb_plan *p, const apb_model_config *cfg, int sco
     c->linear_flops = L * (c->linear_flops + 2.0 * (double)T * (E * QKV + (double)Hq * D * E + E * 2 * F + F * E));
     c->bytes_sent *= L, c->bytes_recv *= L, c->collectives *= L;
     /* elementwise traffic per layer: 2 norms (read+write), 2 residual adds (2 reads + write), RoPE
-     * (read QKV, write q/k/v), SwiGLU (read 2F, write F), attention output and KV cache copy */
+     * (read QKV, write q/k/v), SwiGLU (read 2F, write F), attention output and KV cache copy, and apb's
+     * [P_v | A] key copies (K and V, read and write) */
     double elem = (double)T * (E * es * (2 * 2 + 2 * 3) + QKV * es * 2 + F * es * 3 + (double)Hq * D * es) +
-                  (double)B * kvrow * 4;
+                  (double)B * kvrow * 4 + keys_copied * kvrow * 2 * 2;
     c->elem_bytes = elem * L;
     /* decode: per pass and layer, all-gather of (o, lse) for its rows; per generated token after the
      * first a bcast of the token id from the last host */

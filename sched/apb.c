@@ -29,7 +29,8 @@ typedef struct slot {
   float *scores, *pooled;   /* [Hkv, B] */
   int32_t *idx;             /* [Hkv, nsel] */
   void *ck, *cv;            /* [nsel, Hkv, D]: its C, inside pk/pv at this host's place */
-  void *qk, *qv;            /* balanced: [P + A, Hkv, D], P_v in virtual order then the anchor keys */
+  void *qk, *qv;            /* balanced, or --overlap 2 with P > 0: [P + A, Hkv, D], P_v in virtual
+                               order then the anchor keys */
 } slot;
 
 typedef struct apb_state {
@@ -40,9 +41,9 @@ typedef struct apb_state {
   int64_t *rank_off;        /* [H] row offset of host q's contribution in pk */
   size_t *bytes;            /* [H] all-gather sizes */
   float *host_scores;       /* [Hkv, B] host scratch for the random/uniform scorers */
-  void *o2;                 /* overlap: [B, Hq, D] local rows against P */
-  float *lse2, *lse_loc;    /* overlap: [Hq, B] each */
-  float *lse_tmp;           /* balanced: [Hq, max(A, B_slot)] */
+  void *o2;                 /* split overlap: [B, Hq, D] local rows against P */
+  float *lse2, *lse_loc;    /* split overlap: [Hq, B] each */
+  float *lse_tmp;           /* balanced, or --overlap 2 with P > 0: [Hq, max(A, B_slot)] */
 } apb_state;
 
 static int uses_passing(const host_ctx *h) { return h->p->o.method == APB_METHOD_APB && h->p->lp > 0 && h->p->V > 1; }
@@ -93,7 +94,7 @@ static apb_status star_setup(host_ctx *h, apb_error *err) {
         (st = sched_alloc(h, sizeof(float) * (size_t)h->Hkv * (size_t)sl->B, (void **)&sl->pooled, err)) ||
         (st = sched_alloc(h, sizeof(int32_t) * (size_t)h->Hkv * (size_t)sl->nsel, (void **)&sl->idx, err)))
       return st;
-    if ((p->balance || p->overlap == APB_OVERLAP_ANCHOR) && sl->v > 0 &&
+    if (sl->v > 0 && (p->balance || (p->overlap == APB_OVERLAP_ANCHOR && sl->P > 0)) &&
         ((st = sched_alloc(h, (size_t)(sl->P + h->A) * row, &sl->qk, err)) ||
          (st = sched_alloc(h, (size_t)(sl->P + h->A) * row, &sl->qv, err))))
       return st;

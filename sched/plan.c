@@ -96,7 +96,7 @@ apb_status apb_plan_make(const apb_run_opts *o, int64_t n, int64_t q_len, const 
   p->q_len = q_len;
   p->ffn_chunk = o->ffn_chunk < 0 ? 8192 : o->ffn_chunk;
   p->overlap = o->overlap < 0 ? APB_OVERLAP_ANCHOR : o->overlap;
-  if (p->overlap > APB_OVERLAP_ANCHOR)
+  if (o->overlap < -1 || p->overlap > APB_OVERLAP_ANCHOR)
     return apb_error_set(err, APB_EINVAL, "--overlap must be 0 (none), 1 (split) or 2 (anchor), got %d", o->overlap);
   if (p->ffn_chunk < 1)
     return apb_error_set(err, APB_EINVAL, "--ffn-chunk must be >= 1 row, got %lld", (long long)o->ffn_chunk);

@@ -171,6 +171,7 @@ static double mem_bound(const apb_plan *p, const apb_model_config *c, int r, int
     if (p->balance) b += (double)(T > B ? T - B : B) * Hq * 4; /* lse_tmp */
     break;
   case APB_METHOD_APB: {
+    const int split = p->overlap == APB_OVERLAP_SPLIT, anchor = !p->balance && p->overlap == APB_OVERLAP_ANCHOR;
     double tot = 0, maxb = (double)(T - B), maxbp = 0;
     for (int v = 0; v < p->V; v++) tot += (double)p->n_sel[v];
     int vv[2], nv;
@@ -180,18 +181,22 @@ static double mem_bound(const apb_plan *p, const apb_model_config *c, int r, int
       double Bj = (double)(p->block_start[vv[j] + 1] - p->block_start[vv[j]]), Pv = 0;
       for (int w = 0; w < vv[j]; w++) Pv += (double)p->n_sel[w];
       b += 4 * Hkv * (double)p->n_sel[vv[j]];                       /* idx */
-      if (p->balance) b += 2 * (Pv + (double)(T - B)) * Hkv * D * es; /* [P_v | A] copies */
+      if (vv[j] > 0 && (p->balance || (anchor && Pv > 0)))
+        b += 2 * (Pv + (double)(T - B)) * Hkv * D * es; /* [P_v | A] copies */
       maxb = Bj > maxb ? Bj : maxb;
       if (Pv > 0 && Bj > maxbp) maxbp = Bj;
     }
-    if (p->balance) b += maxb * Hq * 4; /* lse_tmp */
-    if (p->balance && p->overlap && tot > 0) b += maxbp * (Hq * D * es + 2 * 4 * Hq); /* o2, lse2, lse_loc */
-    else if (p->overlap && r > 0) b += (double)B * (Hq * D * es + 2 * 4 * Hq); /* o2, lse2, lse_loc */
+    if (p->balance || (anchor && r > 0 && tot > 0)) b += maxb * Hq * 4; /* lse_tmp */
+    if (p->balance && split && tot > 0) b += maxbp * (Hq * D * es + 2 * 4 * Hq); /* o2, lse2, lse_loc */
+    else if (!p->balance && split && r > 0) b += (double)B * (Hq * D * es + 2 * 4 * Hq); /* o2, lse2, lse_loc */
     break;
   }
   case APB_METHOD_RING:
   case APB_METHOD_ZIGZAG: b += 2 * 2 * (double)p->lb * 2 * Hkv * D * es + (double)B * (Hq * D * es + 3 * 4 * Hq); break;
-  case APB_METHOD_ULYSSES: b += n * (3 * Hq + 2 * Hkv) / p->H * D * es + 2 * n * Hq / p->H * 4 + B * Hq * D * es * 2; break;
+  case APB_METHOD_ULYSSES:
+    b += n * (3 * Hq + 2 * Hkv) / p->H * D * es + 2 * n * Hq / p->H * 4 + B * Hq * D * es * 2;
+    if (p->uly_groups > 1) b += B * Hq * 4; /* rlse */
+    break;
   default: break;
   }
   return b;

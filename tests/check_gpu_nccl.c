@@ -19,8 +19,8 @@
  *     wait (they get APB_ECOMM with its reason, long before the timeout), and `apb run --gpus H` with a
  *     rank made to fail by APB_FAULT_RANK / APB_FAULT_LAYER, which must exit non-zero naming the rank
  *     well within `timeout 120`;
- *   - every method (dense, ring, zigzag, ulysses where H divides Hkv, star, apb, apb --overlap 2) with
- *     H = 2 and 4 on the tiny preset, 1025 document tokens, in fp32 and bf16 mode: the NCCL run
+ *   - every method (dense, ring, zigzag, ulysses where H divides Hkv, star, apb; and apb --overlap 1,
+ *     ulysses --overlap 0) with H = 2 and 4 on the tiny preset, 1025 document tokens, in fp32 and bf16 mode: the NCCL run
  *     equals, bit for bit, the same plan run as simulated hosts on one GPU (the same kernels, so any
  *     difference is the communicator's); and against the CPU fast backend's run of the same plan
  *     (apb_sim_execute), final hidden states and logits within apb_tolerance(APB_PREC_F32, n) of the
@@ -880,11 +880,12 @@ static void assert_same_counts(const char *what, const run_out *a, const run_out
                     (long long)ref->stats[r].bytes_recv[c]);
 }
 
-/* every method with its default overlap, and apb's other hidden form (the anchor rows during the
- * all-gathers, the local rows in one call after them) */
-static const apb_method methods[] = {APB_METHOD_DENSE, APB_METHOD_RING, APB_METHOD_ZIGZAG,
-                                     APB_METHOD_ULYSSES, APB_METHOD_STAR, APB_METHOD_APB, APB_METHOD_APB};
-static const int overlaps[] = {-1, -1, -1, -1, -1, -1, APB_OVERLAP_ANCHOR};
+/* every method with its default overlap (apb: the anchor rows during the all-gathers, the local rows
+ * in one call after them; ulysses: pipelined over head groups), and the other forms: apb split around
+ * the all-gathers and merged by LSE, ulysses blocking */
+static const apb_method methods[] = {APB_METHOD_DENSE, APB_METHOD_RING, APB_METHOD_ZIGZAG, APB_METHOD_ULYSSES,
+                                     APB_METHOD_STAR,  APB_METHOD_APB,  APB_METHOD_APB,    APB_METHOD_ULYSSES};
+static const int overlaps[] = {-1, -1, -1, -1, -1, -1, APB_OVERLAP_SPLIT, APB_OVERLAP_NONE};
 #define N_METHODS ((int)(sizeof methods / sizeof *methods))
 
 /* Per method and H, in fp32 and bf16 mode:
@@ -911,7 +912,10 @@ START_TEST(test_methods_vs_cpu) {
   apb_error err = {0};
   ck_assert_msg(apb_plan_make(&ro, n, q, &tiny->cfg, tiny->scorer_width, plan, &err) == APB_OK, "%s", err.msg);
   char mname[32];
-  snprintf(mname, sizeof mname, "%s%s", apb_method_name(m), ro.overlap >= 0 ? " --overlap 2" : "");
+  if (ro.overlap >= 0)
+    snprintf(mname, sizeof mname, "%s --overlap %d", apb_method_name(m), ro.overlap);
+  else
+    snprintf(mname, sizeof mname, "%s", apb_method_name(m));
   int32_t *doc, *query;
   make_doc(n, q, &doc, &query);
   run_out cpu[2], one, gpu;

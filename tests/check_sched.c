@@ -307,7 +307,7 @@ START_TEST(test_cost_model_counts) {
   apb_run_opts o = opts(m, H);
   o.balance = balance;
   if (m == APB_METHOD_APB || m == APB_METHOD_STAR) o.anchor = 100, o.passing = m == APB_METHOD_APB ? 40 : -1;
-  if (m == APB_METHOD_APB && _i / APB_METHOD_COUNT) o.overlap = APB_OVERLAP_ANCHOR; /* its calls, the same pairs */
+  if (m == APB_METHOD_APB && _i / APB_METHOD_COUNT) o.overlap = APB_OVERLAP_SPLIT; /* its calls, the same pairs */
   run(&o, 1025, 5, 0, &x);
   apb_hw hw;
   apb_hw_default(&hw);

@@ -6,7 +6,10 @@
  * operations: a synchronous implementation (simulated hosts, MPI) completes before returning; NCCL
  * enqueues on the backend's stream. The i-variants start a transfer and return a request that `wait`
  * completes, so that compute that does not need the data can run meanwhile (NCCL: a second stream and
- * events; synchronous implementations finish in the start call and `wait` is a no-op).
+ * events; synchronous implementations finish in the start call and `wait` is a no-op). The buffers
+ * belong to the transfer until `wait`; the size arrays do not: every implementation has read them when
+ * the start call returns, so a caller may reuse them at once (an implementation over MPI's nonblocking
+ * collectives would have to copy them).
  *
  * Every implementation counts, per rank and per collective kind, calls, bytes sent and bytes received
  * (bytes a rank copies to itself are not counted), so that the cost model can trust them.
