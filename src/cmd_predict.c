@@ -16,7 +16,7 @@
 
 static void help(const apb_hw *hw) {
   printf("Usage: apb predict [--preset NAME | --model DIR] [--tokens N] [--query-len Q] [--method LIST]\n"
-         "                   [--hosts H] [--anchor A] [--passing P] [--balance] [--act-bytes 2|4]\n"
+         "                   [--hosts H] [--anchor A] [--passing P] [--balance] [--overlap 0|1|2] [--act-bytes 2|4]\n"
          "                   [--attn-tflops X] [--gemm-tflops X] [--mem-gbs X] [--link-gbs X] [--latency-us X]\n"
          "                   [--per-host] [--json]\n"
          "       apb predict --fit FILE.json [--fit FILE.json ...] [--mem-gbs X] [--link-gbs X] [--latency-us X]\n"
@@ -32,12 +32,13 @@ static void help(const apb_hw *hw) {
          "  --hosts H         default 4\n"
          "  --balance         apb, star: two virtual hosts per host (h and 2H-1-h), as apb run --balance\n"
          "  --anchor A, --passing P   as in apb run (defaults of shared/APB.md 2)\n"
+         "  --overlap 0|1|2   as in apb run (default 2): apb's [P|A] key copies, ulysses' collectives\n"
          "  --act-bytes B     bytes per activation element (default 2: bf16)\n"
          "  --attn-tflops X   default %.0f\n  --gemm-tflops X   default %.0f\n  --mem-gbs X       default %.0f\n"
          "  --link-gbs X      default %.0f\n  --latency-us X    default %.0f\n"
          "  --per-host        one row per host instead of the slowest host\n"
          "  --fit FILE        fit the attention and GEMM rates to the runs of `apb bench prefill --json FILE`\n"
-         "                    (each with its own preset, method, GPUs, tokens, lengths and --balance): the\n"
+         "                    (each with its own preset, method, GPUs, tokens, lengths, --balance and --overlap): the\n"
          "                    two rates with the smallest largest relative error, then each run's measured\n"
          "                    and fitted time. --mem-gbs, --link-gbs and --latency-us are kept (prefill\n"
          "                    times cannot separate the memory rate from the GEMM rate: both scale with a\n"
@@ -102,10 +103,11 @@ static int fit_load(const char *file, int act, const apb_hw *hw, fit_run **runs,
       rc = cli_fail(CMD, "%s: run %zu: \"prefill_s\" is not a positive number", file, i);
       break;
     }
-    int64_t gpus, tokens, la, lp, bal, q;
+    int64_t gpus, tokens, la, lp, bal, q, ovl;
     if (json_i64(file, (int)i, r, "gpus", -1, &gpus) || json_i64(file, (int)i, r, "tokens", -1, &tokens) ||
         json_i64(file, (int)i, r, "anchor", -1, &la) || json_i64(file, (int)i, r, "passing", -1, &lp) ||
-        json_i64(file, (int)i, r, "balance", 0, &bal) || json_i64(file, (int)i, r, "query_len", 64, &q)) {
+        json_i64(file, (int)i, r, "balance", 0, &bal) || json_i64(file, (int)i, r, "query_len", 64, &q) ||
+        json_i64(file, (int)i, r, "overlap", -1, &ovl)) {
       rc = CLI_FAIL;
       break;
     }
@@ -117,6 +119,11 @@ static int fit_load(const char *file, int act, const apb_hw *hw, fit_run **runs,
     apb_run_opts o;
     apb_run_opts_default(&o);
     o.method = m, o.hosts = (int)gpus, o.balance = bal != 0 && (m == APB_METHOD_APB || m == APB_METHOD_STAR);
+    if (ovl < -1 || ovl > APB_OVERLAP_ANCHOR) {
+      rc = cli_fail(CMD, "%s: run %zu: \"overlap\" is %lld; bench prefill writes 0, 1 or 2", file, i, (long long)ovl);
+      break;
+    }
+    o.overlap = (int)ovl; /* the run's own (apb's [P | A] copies count as memory traffic in --overlap 2) */
     if (m == APB_METHOD_APB) o.anchor = la, o.passing = lp; /* the others: APB.md 2's (star: l_a = l_b) */
     apb_plan *plan = malloc(sizeof *plan);
     if (*n == *cap) {
@@ -213,7 +220,7 @@ int cmd_predict(int argc, char **argv) {
   int nm = 0, act = 2, per_host = 0, json = 0;
   for (int i = 0; i < APB_METHOD_COUNT; i++) ms[nm++] = (apb_method)i;
   enum { O_PRESET = 256, O_MODEL, O_TOKENS, O_Q, O_METHOD, O_HOSTS, O_ANCHOR, O_PASSING, O_ACT, O_AT, O_GT, O_MEM,
-         O_LINK, O_LAT, O_PER, O_JSON, O_BAL, O_FIT };
+         O_LINK, O_LAT, O_PER, O_JSON, O_BAL, O_FIT, O_OVL };
   static const struct option opts[] = {
       {"preset", required_argument, 0, O_PRESET}, {"model", required_argument, 0, O_MODEL},
       {"tokens", required_argument, 0, O_TOKENS}, {"query-len", required_argument, 0, O_Q},
@@ -223,7 +230,7 @@ int cmd_predict(int argc, char **argv) {
       {"gemm-tflops", required_argument, 0, O_GT}, {"mem-gbs", required_argument, 0, O_MEM},
       {"link-gbs", required_argument, 0, O_LINK}, {"latency-us", required_argument, 0, O_LAT},
       {"per-host", no_argument, 0, O_PER}, {"json", no_argument, 0, O_JSON}, {"balance", no_argument, 0, O_BAL},
-      {"fit", required_argument, 0, O_FIT}, {"help", no_argument, 0, 'h'},
+      {"fit", required_argument, 0, O_FIT}, {"overlap", required_argument, 0, O_OVL}, {"help", no_argument, 0, 'h'},
       {0, 0, 0, 0}};
   const char **fits = calloc((size_t)argc + 1, sizeof *fits);
   const char *plan_opt = NULL; /* an option that --fit does not take (the runs carry their own) */
@@ -254,6 +261,7 @@ int cmd_predict(int argc, char **argv) {
     case O_LAT: rc = cli_parse_rate(CMD, CLI_RATE_LAT, optarg, &hw); break;
     case O_PER: per_host = 1; break;
     case O_BAL: o.balance = 1; break;
+    case O_OVL: rc = cli_parse_int(CMD, "--overlap", optarg, 0, 2, &o.overlap); break;
     case O_JSON: json = 1; break;
     case O_FIT: fits[nfit++] = optarg; break;
     case 'h': help(&hw); free(fits); return CLI_OK;

@@ -564,6 +564,7 @@ START_TEST(predict_fit) {
       {RUN1(", \"error\": \"x\""), "hold no successful run"},
       {RUN1(", \"gpus\": 4, \"tokens\": 1000, \"prefill_s\": 1, \"anchor\": 5000"),
        "run 0 (apb on 4 GPUs, 1000 tokens)"},
+      {RUN1(", \"gpus\": 4, \"tokens\": 1000, \"prefill_s\": 1, \"overlap\": 3"), "\"overlap\" is 3"},
       {"not json", "expected the JSON"},
   };
 #undef RUN1
