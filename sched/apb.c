@@ -250,12 +250,7 @@ static apb_status attend_overlapped(host_ctx *h, int layer, apb_state *s, apb_ba
   if (!st) st = h->comm->ops->iallgatherv(h->comm, sl->cv, s->pv, s->bytes, &rv, err);
   sched_prof_end(h, APB_STAGE_COMM, t0);
   if (!st) st = sched_attn(h, a, err); /* no P: everything that does not need the passing block */
-  t0 = sched_prof_begin(h);
-  apb_status w1 = h->comm->ops->wait(h->comm, rk, err);
-  apb_status w2 = h->comm->ops->wait(h->comm, rv, err);
-  sched_prof_end(h, APB_STAGE_COMM, t0);
-  if (st) return st;
-  if (w1 || w2) return w1 ? w1 : w2;
+  if ((st = sched_wait2(h, rk, rv, st, err))) return st;
   if ((st = hook_passing(h, layer, s->pk, s->pv, sl->P, err))) return st;
   int64_t qw = (int64_t)h->Hq * h->D;
   apb_battn_args b = {.P = sl->P, .A = 0, .B = h->B, .Hq = h->Hq, .Hkv = h->Hkv, .D = h->D, .local_keys = 0,
@@ -301,12 +296,7 @@ static apb_status attend_balanced_overlapped(host_ctx *h, int layer, apb_state *
     if (sl->v > 0) a.P = h->A, a.kp = h->k, a.vp = h->v; /* the anchor keys: rows 0..A of k, v */
     st = attn_cols(h, s, &a, sl->row0, err);
   }
-  t0 = sched_prof_begin(h);
-  apb_status w1 = rk ? h->comm->ops->wait(h->comm, rk, err) : APB_OK;
-  apb_status w2 = rv ? h->comm->ops->wait(h->comm, rv, err) : APB_OK;
-  sched_prof_end(h, APB_STAGE_COMM, t0);
-  if (st) return st;
-  if (w1 || w2) return w1 ? w1 : w2;
+  if ((st = sched_wait2(h, rk, rv, st, err))) return st;
   for (int j = 0; j < s->ns; j++) {
     slot *sl = &s->sl[j];
     if (sl->v == 0 || sl->P == 0) continue;
@@ -345,13 +335,7 @@ static apb_status attend_blocks(host_ctx *h, int layer, apb_state *s, apb_error 
   apb_battn_args an = {.A = h->A, .Hq = h->Hq, .Hkv = h->Hkv, .D = h->D, .local_keys = 1, .q = h->q, .ka = h->k,
                        .va = h->v, .o = h->o};
   if (!st && h->A > 0) st = attn_cols(h, s, &an, 0, err);
-  if (rk || rv) {
-    double t0 = sched_prof_begin(h);
-    apb_status w1 = h->comm->ops->wait(h->comm, rk, err);
-    apb_status w2 = h->comm->ops->wait(h->comm, rv, err);
-    sched_prof_end(h, APB_STAGE_COMM, t0);
-    if (!st) st = w1 ? w1 : w2;
-  }
+  if ((rk || rv) && (st = sched_wait2(h, rk, rv, st, err))) return st;
   if (st) return st;
   for (int j = 0; j < s->ns; j++) {
     slot *sl = &s->sl[j];

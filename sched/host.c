@@ -215,6 +215,16 @@ apb_status sched_alltoallv(host_ctx *h, const void *send, const size_t *sbytes, 
   return st;
 }
 
+apb_status sched_wait2(host_ctx *h, apb_comm_req *a, apb_comm_req *b, apb_status st, apb_error *err) {
+  apb_error scratch = {0};
+  apb_error *e = st ? &scratch : err;
+  double t0 = sched_prof_begin(h);
+  apb_status w1 = a ? h->comm->ops->wait(h->comm, a, e) : APB_OK;
+  apb_status w2 = b ? h->comm->ops->wait(h->comm, b, w1 ? &scratch : e) : APB_OK;
+  sched_prof_end(h, APB_STAGE_COMM, t0);
+  return st ? st : w1 ? w1 : w2;
+}
+
 /* The host's rows: token ids and positions (APB.md 3 "Inputs" and "The anchor"). */
 static apb_status make_rows(host_ctx *h, const int32_t *doc, const int32_t *query, apb_error *err) {
   const apb_plan *p = h->p;

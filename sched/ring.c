@@ -117,11 +117,7 @@ static apb_status ring_attend(host_ctx *h, int layer, apb_error *err) {
         if (!st) st = attend_full_merge(h, s, c0, c1, rk, rv, cur_host > r ? jrows : j0, s->lse_hi, err);
       }
     }
-    double t0 = sched_prof_begin(h);
-    apb_status ws = h->comm->ops->wait(h->comm, req, err);
-    sched_prof_end(h, APB_STAGE_COMM, t0);
-    if (st) return st;
-    if (ws) return ws;
+    if ((st = sched_wait2(h, req, NULL, st, err))) return st;
     cur = recv;
     cur_host = j;
   }
