@@ -238,25 +238,37 @@ static apb_status merge_rows(host_ctx *h, apb_state *s, int64_t row0, int64_t B,
   return st;
 }
 
+/* APB.md 3.5: the two all-gathers (K, V) of the compressed blocks; every host contributes its C (host
+ * H-1: nothing, a balanced host both of its own, adjacent from sl[0].ck) and keeps what it needs.
+ * Started (rq[0], rq[1] to be waited by sched_wait) when async, else complete (rq NULL). */
+static apb_status gather_passing(host_ctx *h, apb_state *s, int async, apb_comm_req *rq[2], apb_error *err) {
+  rq[0] = rq[1] = NULL;
+  if (!async) {
+    apb_status st = sched_allgatherv(h, s->sl[0].ck, s->pk, s->bytes, err);
+    return st ? st : sched_allgatherv(h, s->sl[0].cv, s->pv, s->bytes, err);
+  }
+  double t0 = sched_prof_begin(h);
+  apb_status st = h->comm->ops->iallgatherv(h->comm, s->sl[0].ck, s->pk, s->bytes, &rq[0], err);
+  if (!st) st = h->comm->ops->iallgatherv(h->comm, s->sl[0].cv, s->pv, s->bytes, &rq[1], err);
+  sched_prof_end(h, APB_STAGE_COMM, t0);
+  return st;
+}
+
 /* Split form (plan.overlap APB_OVERLAP_SPLIT): the all-gathers run while [A | B] is attended (anchor rows final,
  * local rows partial); then the local rows attend P alone and the two partials merge by LSE. Local
  * rows' LSE are columns A.. of lse [Hq, T], so they are copied out and back around the merge. */
 static apb_status attend_overlapped(host_ctx *h, int layer, apb_state *s, apb_battn_args *a, apb_error *err) {
-  apb_comm_req *rk = NULL, *rv = NULL;
-  apb_status st;
+  apb_comm_req *rq[2];
   const slot *sl = &s->sl[0];
-  double t0 = sched_prof_begin(h);
-  st = h->comm->ops->iallgatherv(h->comm, sl->ck, s->pk, s->bytes, &rk, err);
-  if (!st) st = h->comm->ops->iallgatherv(h->comm, sl->cv, s->pv, s->bytes, &rv, err);
-  sched_prof_end(h, APB_STAGE_COMM, t0);
+  apb_status st = gather_passing(h, s, 1, rq, err);
   if (!st) st = sched_attn(h, a, err); /* no P: everything that does not need the passing block */
-  if ((st = sched_wait2(h, rk, rv, st, err))) return st;
+  if ((st = sched_wait(h, rq, 2, st, err))) return st;
   if ((st = hook_passing(h, layer, s->pk, s->pv, sl->P, err))) return st;
   int64_t qw = (int64_t)h->Hq * h->D;
   apb_battn_args b = {.P = sl->P, .A = 0, .B = h->B, .Hq = h->Hq, .Hkv = h->Hkv, .D = h->D, .local_keys = 0,
                       .q = sched_row(h, h->q, h->A, qw), .kp = s->pk, .vp = s->pv, .o = s->o2, .lse = s->lse2};
   if ((st = sched_attn(h, &b, err))) return st;
-  t0 = sched_prof_begin(h);
+  double t0 = sched_prof_begin(h);
   st = merge_rows(h, s, h->A, h->B, err);
   sched_prof_end(h, APB_STAGE_ATTN, t0);
   return st;
@@ -280,11 +292,8 @@ static apb_status attn_cols(host_ctx *h, apb_state *s, apb_battn_args *a, int64_
  * function as attend_blocks' single calls. */
 static apb_status attend_balanced_overlapped(host_ctx *h, int layer, apb_state *s, apb_error *err) {
   int64_t kvw = (int64_t)h->Hkv * h->D, qw = (int64_t)h->Hq * h->D;
-  apb_comm_req *rk = NULL, *rv = NULL;
-  double t0 = sched_prof_begin(h);
-  apb_status st = h->comm->ops->iallgatherv(h->comm, s->sl[0].ck, s->pk, s->bytes, &rk, err);
-  if (!st) st = h->comm->ops->iallgatherv(h->comm, s->sl[0].cv, s->pv, s->bytes, &rv, err);
-  sched_prof_end(h, APB_STAGE_COMM, t0);
+  apb_comm_req *rq[2];
+  apb_status st = gather_passing(h, s, 1, rq, err);
   apb_battn_args an = {.A = h->A, .Hq = h->Hq, .Hkv = h->Hkv, .D = h->D, .local_keys = 1, .q = h->q, .ka = h->k,
                        .va = h->v, .o = h->o};
   if (!st && h->A > 0) st = attn_cols(h, s, &an, 0, err);
@@ -296,7 +305,7 @@ static apb_status attend_balanced_overlapped(host_ctx *h, int layer, apb_state *
     if (sl->v > 0) a.P = h->A, a.kp = h->k, a.vp = h->v; /* the anchor keys: rows 0..A of k, v */
     st = attn_cols(h, s, &a, sl->row0, err);
   }
-  if ((st = sched_wait2(h, rk, rv, st, err))) return st;
+  if ((st = sched_wait(h, rq, 2, st, err))) return st;
   for (int j = 0; j < s->ns; j++) {
     slot *sl = &s->sl[j];
     if (sl->v == 0 || sl->P == 0) continue;
@@ -305,7 +314,7 @@ static apb_status attend_balanced_overlapped(host_ctx *h, int layer, apb_state *
                         .q = sched_row(h, h->q, sl->row0, qw), .kp = sl->qk, .vp = sl->qv, .o = s->o2,
                         .lse = s->lse2};
     if ((st = sched_attn(h, &b, err))) return st;
-    t0 = sched_prof_begin(h);
+    double t0 = sched_prof_begin(h);
     st = merge_rows(h, s, sl->row0, sl->B, err);
     sched_prof_end(h, APB_STAGE_ATTN, t0);
     if (st) return st;
@@ -319,24 +328,12 @@ static apb_status attend_balanced_overlapped(host_ctx *h, int layer, apb_state *
  * anchor-first form come here; the latter has one slot. */
 static apb_status attend_blocks(host_ctx *h, int layer, apb_state *s, apb_error *err) {
   int64_t kvw = (int64_t)h->Hkv * h->D, qw = (int64_t)h->Hq * h->D;
-  apb_status st = APB_OK;
-  apb_comm_req *rk = NULL, *rv = NULL;
-  int async = h->p->overlap == APB_OVERLAP_ANCHOR;
-  if (s->passing && !async) {
-    if ((st = sched_allgatherv(h, s->sl[0].ck, s->pk, s->bytes, err)) ||
-        (st = sched_allgatherv(h, s->sl[0].cv, s->pv, s->bytes, err)))
-      return st;
-  } else if (s->passing) {
-    double t0 = sched_prof_begin(h);
-    st = h->comm->ops->iallgatherv(h->comm, s->sl[0].ck, s->pk, s->bytes, &rk, err);
-    if (!st) st = h->comm->ops->iallgatherv(h->comm, s->sl[0].cv, s->pv, s->bytes, &rv, err);
-    sched_prof_end(h, APB_STAGE_COMM, t0);
-  }
+  apb_comm_req *rq[2] = {NULL, NULL};
+  apb_status st = s->passing ? gather_passing(h, s, h->p->overlap == APB_OVERLAP_ANCHOR, rq, err) : APB_OK;
   apb_battn_args an = {.A = h->A, .Hq = h->Hq, .Hkv = h->Hkv, .D = h->D, .local_keys = 1, .q = h->q, .ka = h->k,
                        .va = h->v, .o = h->o};
   if (!st && h->A > 0) st = attn_cols(h, s, &an, 0, err);
-  if ((rk || rv) && (st = sched_wait2(h, rk, rv, st, err))) return st;
-  if (st) return st;
+  if ((st = sched_wait(h, rq, 2, st, err))) return st;
   for (int j = 0; j < s->ns; j++) {
     slot *sl = &s->sl[j];
     apb_battn_args a = {.B = sl->B, .Hq = h->Hq, .Hkv = h->Hkv, .D = h->D, .local_keys = 1,
@@ -367,10 +364,8 @@ static apb_status star_attend(host_ctx *h, int layer, apb_error *err) {
   if (s) {
     const slot *sl = &s->sl[0];
     if (h->p->overlap == APB_OVERLAP_SPLIT && sl->P > 0) return attend_overlapped(h, layer, s, &a, err);
-    /* APB.md 3.5: every host contributes its C (host H-1: nothing); host h keeps the first h */
-    if ((st = sched_allgatherv(h, sl->ck, s->pk, s->bytes, err)) ||
-        (st = sched_allgatherv(h, sl->cv, s->pv, s->bytes, err)))
-      return st;
+    apb_comm_req *rq[2];
+    if ((st = gather_passing(h, s, 0, rq, err))) return st; /* host h keeps the first h contributions */
     a.P = sl->P, a.kp = s->pk, a.vp = s->pv;
     if ((st = hook_passing(h, layer, s->pk, s->pv, sl->P, err))) return st;
   }

@@ -215,14 +215,20 @@ apb_status sched_alltoallv(host_ctx *h, const void *send, const size_t *sbytes, 
   return st;
 }
 
-apb_status sched_wait2(host_ctx *h, apb_comm_req *a, apb_comm_req *b, apb_status st, apb_error *err) {
+apb_status sched_wait(host_ctx *h, apb_comm_req **reqs, int n, apb_status st, apb_error *err) {
+  int any = 0;
+  for (int i = 0; i < n && !any; i++) any = reqs[i] != NULL;
+  if (!any) return st; /* nothing in flight (synchronous communicators): no profiling span either */
   apb_error scratch = {0};
-  apb_error *e = st ? &scratch : err;
   double t0 = sched_prof_begin(h);
-  apb_status w1 = a ? h->comm->ops->wait(h->comm, a, e) : APB_OK;
-  apb_status w2 = b ? h->comm->ops->wait(h->comm, b, w1 ? &scratch : e) : APB_OK;
+  for (int i = 0; i < n; i++) {
+    if (!reqs[i]) continue;
+    apb_status w = h->comm->ops->wait(h->comm, reqs[i], st ? &scratch : err);
+    reqs[i] = NULL;
+    if (!st) st = w;
+  }
   sched_prof_end(h, APB_STAGE_COMM, t0);
-  return st ? st : w1 ? w1 : w2;
+  return st;
 }
 
 /* The host's rows: token ids and positions (APB.md 3 "Inputs" and "The anchor"). */

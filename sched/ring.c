@@ -117,7 +117,7 @@ static apb_status ring_attend(host_ctx *h, int layer, apb_error *err) {
         if (!st) st = attend_full_merge(h, s, c0, c1, rk, rv, cur_host > r ? jrows : j0, s->lse_hi, err);
       }
     }
-    if ((st = sched_wait2(h, req, NULL, st, err))) return st;
+    if ((st = sched_wait(h, &req, 1, st, err))) return st;
     cur = recv;
     cur_host = j;
   }

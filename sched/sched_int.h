@@ -107,10 +107,11 @@ apb_status sched_sendrecv(host_ctx *h, const void *send, size_t sbytes, int dst,
                           apb_error *err);
 apb_status sched_alltoallv(host_ctx *h, const void *send, const size_t *sbytes, void *recv, const size_t *rbytes,
                            apb_error *err);
-/* Complete requests a and b (either may be NULL), booked to APB_STAGE_COMM. st is the caller's status
- * so far: when it already failed, the waits still run (nothing is left in flight) but their own
- * failures do not overwrite err, and st is returned; else the first wait failure. */
-apb_status sched_wait2(host_ctx *h, apb_comm_req *a, apb_comm_req *b, apb_status st, apb_error *err);
+/* Complete the requests reqs[0..n) that are not NULL and set them to NULL, booked to APB_STAGE_COMM.
+ * st is the caller's status so far: when it already failed, the waits still run (nothing is left in
+ * flight) but their own failures do not overwrite err, and st is returned; else the first failure.
+ * With every request NULL (synchronous communicators) it books nothing and returns st. */
+apb_status sched_wait(host_ctx *h, apb_comm_req **reqs, int n, apb_status st, apb_error *err);
 
 /* The query and decode phase (decode.c). */
 apb_status sched_decode(host_ctx *h, const int32_t *query, int64_t q_len, int64_t max_new, apb_host_result *res,

@@ -86,15 +86,6 @@ static apb_status a2a(host_ctx *h, const void *send, void *recv, apb_comm_req **
   return st;
 }
 
-static apb_status wait_req(host_ctx *h, apb_comm_req **req, apb_error *err) {
-  if (!*req) return APB_OK;
-  double t0 = sched_prof_begin(h);
-  apb_status st = h->comm->ops->wait(h->comm, *req, err);
-  sched_prof_end(h, APB_STAGE_COMM, t0);
-  *req = NULL;
-  return st;
-}
-
 /* The inputs of group g: its query heads (and, first in its K/V group, its KV heads) of every row go
  * to the host that owns those heads, chunk d of the send slab holding host d's heads [B, w, D]; the
  * all-to-all brings every host's rows of this host's heads, in host order (= document order), as
@@ -187,24 +178,18 @@ static apb_status uly_attend(host_ctx *h, int layer, apb_error *err) {
   for (int g = 0; g < s->G && !st; g++) {
     apb_comm_req **rq = s->req + (size_t)g * 5;
     if (g + 1 < s->G && (st = start_inputs(h, g + 1, err))) break;
-    for (int i = 0; i < 3 && !st; i++) st = wait_req(h, &rq[i], err);
+    if ((st = sched_wait(h, rq, 3, st, err))) break;
     int k = g / s->m; /* the K/V group (m groups share one, sent with the first) */
     apb_battn_args a = {.P = 0, .A = 0, .B = (int64_t)n, .Hq = s->hqg, .Hkv = s->hkvg, .D = h->D, .local_keys = 1,
                         .q = (char *)s->fq + (size_t)g * n * qs, .kb = (char *)s->fk + (size_t)k * n * ks,
                         .vb = (char *)s->fv + (size_t)k * n * ks, .o = (char *)s->fo + (size_t)g * n * qs,
                         .lse = s->flse + (size_t)g * (size_t)s->hqg * n};
-    if (!st) st = sched_attn(h, &a, err);
-    if (!st) st = start_outputs(h, g, err);
+    if (!(st = sched_attn(h, &a, err))) st = start_outputs(h, g, err);
   }
-  for (int g = 0; g < s->G && !st; g++) {
-    apb_comm_req **rq = s->req + (size_t)g * 5;
-    if (!(st = wait_req(h, &rq[3], err)) && !(st = wait_req(h, &rq[4], err))) st = unpack_outputs(h, g, err);
-  }
-  if (st) { /* a failed step leaves requests started: complete them (their own failures add nothing) */
-    apb_error drop = {0};
-    for (int i = 0; i < s->G * 5; i++) (void)wait_req(h, &s->req[i], &drop);
-  }
-  return st;
+  for (int g = 0; g < s->G && !st; g++)
+    if (!(st = sched_wait(h, s->req + (size_t)g * 5 + 3, 2, st, err))) st = unpack_outputs(h, g, err);
+  /* after a failed step, complete what was started (their own failures add nothing) */
+  return sched_wait(h, s->req, s->G * 5, st, err);
 }
 
 const method_ops apb_method_ulysses_ops = {uly_setup, uly_attend, uly_teardown};
