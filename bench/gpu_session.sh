@@ -140,15 +140,19 @@ for st in "${stages[@]}"; do
       done
     done ;;
   prefill-ab)
-    # apb at 128K with the peer's lengths, its variants side by side on this machine, twice over in
-    # alternation (noise shows as the spread between the two rounds): default, synchronous input
-    # checks, --overlap 0, --balance, --balance --overlap 0. Extra arguments: $PREFILL_AB_ARGS.
+    # apb at 128K with the peer's lengths, its variants side by side on this machine, in alternation
+    # over $PREFILL_AB_ROUNDS rounds (default 2; noise shows as the spread between rounds). Variants:
+    # $PREFILL_AB_VARIANTS, "name|arguments" separated by ";" (arguments that start with APB_ are an
+    # environment setting instead); default the three overlap forms (2 = anchor rows during the
+    # all-gathers, the default; 1 = split and merged; 0 = blocking), each with and without --balance.
+    # Extra arguments for every run: $PREFILL_AB_ARGS.
     ng=$(nvidia-smi -L | wc -l)
     base="./apb bench prefill --tokens 131072 --gpus $ng --method apb --anchor 4096 --passing 2048 --profile 0 ${PREFILL_AB_ARGS:-}"
-    for round in 1 2; do
-      for v in "default|" "sync-checks|APB_CUDA_SYNC_CHECKS=1" "overlap-0|--overlap 0" "balance|--balance" \
-               "balance-overlap-0|--balance --overlap 0"; do
-        name=${v%%|*}; arg=${v#*|}; envs=""; case $arg in APB_*) envs=$arg; arg="" ;; esac
+    IFS=';' read -r -a variants <<< "${PREFILL_AB_VARIANTS:-overlap-2|;overlap-1|--overlap 1;overlap-0|--overlap 0;balance|--balance;balance-overlap-1|--balance --overlap 1;balance-overlap-0|--balance --overlap 0}"
+    for round in $(seq 1 "${PREFILL_AB_ROUNDS:-2}"); do
+      for v in "${variants[@]}"; do
+        name=${v%%|*}; arg=${v#*|}; envs=""
+        case $arg in APB_*) envs=$arg; arg="" ;; esac
         line=$(cd $bld && env $envs $base $arg 2>&1 | grep '^apb ')
         log "prefill-ab round $round $name: $line"
       done
