@@ -148,6 +148,20 @@ static void fill_model(apb_model *m, uint64_t seed) {
   }
 }
 
+apb_status apb_model_generate_config(const apb_model_config *cfg, int scorer_width, uint64_t seed, apb_model **out,
+                                     apb_error *err) {
+  apb_error_clear(err);
+  if (!out) return apb_error_set(err, APB_EINVAL, "apb_model_generate_config: NULL output");
+  *out = NULL;
+  if (!cfg) return apb_error_set(err, APB_EINVAL, "apb_model_generate_config: NULL configuration");
+  apb_model *m;
+  apb_status st = apb_model_create(cfg, scorer_width, &m, err);
+  if (st != APB_OK) return st;
+  fill_model(m, seed);
+  *out = m;
+  return APB_OK;
+}
+
 apb_status apb_model_generate(apb_preset p, uint64_t seed, apb_model **out, apb_error *err) {
   apb_error_clear(err);
   if (!out) return apb_error_set(err, APB_EINVAL, "apb_model_generate: NULL output");
@@ -158,8 +172,7 @@ apb_status apb_model_generate(apb_preset p, uint64_t seed, apb_model **out, apb_
   apb_model_config cfg;
   int I;
   apb_preset_config(p, &cfg, &I);
-  apb_model *m;
-  apb_status st = apb_model_create(&cfg, I, &m, err);
+  apb_status st = apb_model_generate_config(&cfg, I, seed, out, err);
   if (st != APB_OK) {
     if (p == APB_PRESET_LLAMA3_8B)
       return apb_error_set(err, st,
@@ -168,7 +181,5 @@ apb_status apb_model_generate(apb_preset p, uint64_t seed, apb_model **out, apb_
                            presets[p].name, (double)apb_model_param_count(&cfg, I) * 4 / 1e9);
     return apb_error_set(err, st, "preset %s", presets[p].name);
   }
-  fill_model(m, seed);
-  *out = m;
   return APB_OK;
 }

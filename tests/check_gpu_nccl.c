@@ -20,7 +20,9 @@
  *     rank made to fail by APB_FAULT_RANK / APB_FAULT_LAYER, which must exit non-zero naming the rank
  *     well within `timeout 120`;
  *   - every method (dense, ring, zigzag, ulysses where H divides Hkv, star, apb; and apb --overlap 1,
- *     ulysses --overlap 0) with H = 2 and 4 on the tiny preset, 1025 document tokens, in fp32 and bf16 mode: the NCCL run
+ *     ulysses --overlap 0) with H = 2 and 4 on the tiny preset, and ulysses again on a variant of tiny
+ *     with 16 query and 8 KV heads (several KV heads per rank, pipelined one per group, as on the
+ *     llama3-8b shape), 1025 document tokens, in fp32 and bf16 mode: the NCCL run
  *     equals, bit for bit, the same plan run as simulated hosts on one GPU (the same kernels, so any
  *     difference is the communicator's); and against the CPU fast backend's run of the same plan
  *     (apb_sim_execute), final hidden states and logits within apb_tolerance(APB_PREC_F32, n) of the
@@ -60,6 +62,9 @@
 static int n_dev;           /* GPUs used: min(present, MAXH) */
 static int Hs[2], n_Hs;     /* rank counts tested: 2, and 4 when present */
 static apb_model *tiny;
+static apb_model *gqa8;    /* tiny with 16 query and 8 KV heads of 32 (E 512): ulysses on H = 2 and 4 with
+                              several KV heads per rank, as the llama3-8b shape runs it */
+static apb_model *g_model; /* what run_plan and make_doc use: tiny unless a test says otherwise */
 
 static double now_s(void) {
   struct timespec ts;
@@ -801,8 +806,8 @@ static void make_doc(int64_t n, int64_t q, int32_t **doc, int32_t **query) {
   *query = malloc(sizeof(int32_t) * (size_t)q);
   apb_rng r;
   apb_rng_seed(&r, tu_seed() + (uint64_t)n);
-  for (int64_t i = 0; i < n; i++) (*doc)[i] = (int32_t)apb_rng_below(&r, (uint64_t)tiny->cfg.vocab);
-  for (int64_t i = 0; i < q; i++) (*query)[i] = (int32_t)apb_rng_below(&r, (uint64_t)tiny->cfg.vocab);
+  for (int64_t i = 0; i < n; i++) (*doc)[i] = (int32_t)apb_rng_below(&r, (uint64_t)g_model->cfg.vocab);
+  for (int64_t i = 0; i < q; i++) (*query)[i] = (int32_t)apb_rng_below(&r, (uint64_t)g_model->cfg.vocab);
 }
 
 typedef enum where_run {
@@ -825,18 +830,18 @@ static void run_plan(const apb_plan *plan, where_run w, const char *backend, int
   if (w != ON_GPUS) {
     apb_sim_opts so = {.backend = w == ON_ONE_GPU ? backend : "fast", .cpu = {.emulate_bf16 = w == ON_CPU_BF16},
                        .timeout_s = 120, .hook = cap ? sel_hook : NULL, .hook_user = cap, .want_hidden = 1};
-    st = apb_sim_execute(plan, tiny, &so, doc, query, o->res, o->stats, &err);
+    st = apb_sim_execute(plan, g_model, &so, doc, query, o->res, o->stats, &err);
   } else {
     apb_nccl_opts no = {.backend = backend, .use_preset = use_preset, .preset = APB_PRESET_TINY, .seed = 1,
                         .timeout_s = 120, .hook = cap ? sel_hook : NULL, .hook_user = cap, .want_hidden = 1,
                         .warmup = g_warmup, .reps = g_reps, .comm_timing = g_timing,
                         .profile = g_profile};
-    st = apb_nccl_execute(plan, use_preset ? NULL : tiny, &no, doc, query, o->res, o->stats, &err);
+    st = apb_nccl_execute(plan, use_preset ? NULL : g_model, &no, doc, query, o->res, o->stats, &err);
   }
   static const char *wn[] = {"cpu", "cpu bf16", "simulated hosts on one GPU", "NCCL"};
   ck_assert_msg(st == APB_OK, "%s, H=%d, %s %s: %s", apb_method_name(plan->o.method), plan->H, wn[w],
                 backend ? backend : "", err.msg);
-  int H = plan->H, E = tiny->cfg.hidden;
+  int H = plan->H, E = g_model->cfg.hidden;
   int64_t n = plan->n;
   o->H = H, o->n = n;
   o->hidden = malloc(sizeof(float) * (size_t)n * (size_t)E);
@@ -850,7 +855,7 @@ static void run_plan(const apb_plan *plan, where_run w, const char *backend, int
   ck_assert_int_le(o->n_gen, 8);
   memcpy(o->gen, o->res[H - 1].generated, sizeof(int32_t) * (size_t)o->n_gen);
   for (int r = 0; r < H; r++) { /* every host ends with the same logits and tokens (APB.md 4) */
-    tu_assert_bitwise("logits on every host", o->res[r].logits, o->logits, tiny->cfg.vocab);
+    tu_assert_bitwise("logits on every host", o->res[r].logits, o->logits, g_model->cfg.vocab);
     ck_assert_int_eq(o->res[r].n_generated, o->n_gen);
     for (int64_t t = 0; t < o->n_gen; t++) ck_assert_int_eq(o->res[r].generated[t], o->gen[t]);
   }
@@ -884,8 +889,10 @@ static void assert_same_counts(const char *what, const run_out *a, const run_out
  * in one call after them; ulysses: pipelined over head groups), and the other forms: apb split around
  * the all-gathers and merged by LSE, ulysses blocking */
 static const apb_method methods[] = {APB_METHOD_DENSE, APB_METHOD_RING, APB_METHOD_ZIGZAG, APB_METHOD_ULYSSES,
-                                     APB_METHOD_STAR,  APB_METHOD_APB,  APB_METHOD_APB,    APB_METHOD_ULYSSES};
-static const int overlaps[] = {-1, -1, -1, -1, -1, -1, APB_OVERLAP_SPLIT, APB_OVERLAP_NONE};
+                                     APB_METHOD_STAR,  APB_METHOD_APB,  APB_METHOD_APB,    APB_METHOD_ULYSSES,
+                                     APB_METHOD_ULYSSES};
+static const int overlaps[] = {-1, -1, -1, -1, -1, -1, APB_OVERLAP_SPLIT, APB_OVERLAP_NONE, -1};
+static const int on_gqa8[] = {0, 0, 0, 0, 0, 0, 0, 0, 1}; /* the last on gqa8: several KV heads per rank */
 #define N_METHODS ((int)(sizeof methods / sizeof *methods))
 
 /* Per method and H, in fp32 and bf16 mode:
@@ -898,24 +905,25 @@ static const int overlaps[] = {-1, -1, -1, -1, -1, -1, APB_OVERLAP_SPLIT, APB_OV
 START_TEST(test_methods_vs_cpu) {
   int H = Hs[_i / N_METHODS];
   apb_method m = methods[_i % N_METHODS];
-  if (m == APB_METHOD_ULYSSES && tiny->cfg.n_kv_heads % H) {
-    fprintf(stderr, "  ulysses with H=%d: skipped, H must divide the %d KV heads\n", H, tiny->cfg.n_kv_heads);
+  g_model = on_gqa8[_i % N_METHODS] ? gqa8 : tiny;
+  if (m == APB_METHOD_ULYSSES && g_model->cfg.n_kv_heads % H) {
+    fprintf(stderr, "  ulysses with H=%d: skipped, H must divide the %d KV heads\n", H, g_model->cfg.n_kv_heads);
     return;
   }
   arm(600, "method vs CPU", _i);
   const int64_t n = 1025, q = 7;
-  const int64_t nE = n * tiny->cfg.hidden;
+  const int64_t nE = n * g_model->cfg.hidden;
   apb_run_opts ro;
   apb_run_opts_default(&ro);
   ro.method = m, ro.hosts = H, ro.max_new_tokens = 4, ro.overlap = overlaps[_i % N_METHODS];
   apb_plan *plan = malloc(sizeof *plan);
   apb_error err = {0};
-  ck_assert_msg(apb_plan_make(&ro, n, q, &tiny->cfg, tiny->scorer_width, plan, &err) == APB_OK, "%s", err.msg);
+  ck_assert_msg(apb_plan_make(&ro, n, q, &g_model->cfg, g_model->scorer_width, plan, &err) == APB_OK, "%s", err.msg);
   char mname[32];
   if (ro.overlap >= 0)
     snprintf(mname, sizeof mname, "%s --overlap %d", apb_method_name(m), ro.overlap);
   else
-    snprintf(mname, sizeof mname, "%s", apb_method_name(m));
+    snprintf(mname, sizeof mname, "%s%s", apb_method_name(m), g_model == gqa8 ? " (16/8 heads)" : "");
   int32_t *doc, *query;
   make_doc(n, q, &doc, &query);
   run_out cpu[2], one, gpu;
@@ -937,7 +945,7 @@ START_TEST(test_methods_vs_cpu) {
     snprintf(buf, sizeof buf, "%s: final hidden, NCCL vs simulated hosts on one GPU", what);
     tu_assert_bitwise(buf, gpu.hidden, one.hidden, nE);
     snprintf(buf, sizeof buf, "%s: logits, NCCL vs simulated hosts on one GPU", what);
-    tu_assert_bitwise(buf, gpu.logits, one.logits, tiny->cfg.vocab);
+    tu_assert_bitwise(buf, gpu.logits, one.logits, g_model->cfg.vocab);
     ck_assert_int_eq(gpu.n_gen, one.n_gen);
     for (int64_t t = 0; t < gpu.n_gen; t++)
       ck_assert_msg(gpu.gen[t] == one.gen[t], "%s: token %lld is %d with NCCL, %d with simulated hosts on one GPU",
@@ -953,7 +961,7 @@ START_TEST(test_methods_vs_cpu) {
       snprintf(buf, sizeof buf, "%s: final hidden vs the CPU", what);
       tu_assert_close(buf, gpu.hidden, cpu[k].hidden, nE, tol);
       snprintf(buf, sizeof buf, "%s: logits vs the CPU", what);
-      tu_assert_close(buf, gpu.logits, cpu[k].logits, tiny->cfg.vocab, tol);
+      tu_assert_close(buf, gpu.logits, cpu[k].logits, g_model->cfg.vocab, tol);
       if (k == 0) {
         ck_assert_int_eq(gpu.n_gen, cpu[0].n_gen);
         for (int64_t t = 0; t < cpu[0].n_gen; t++)
@@ -963,7 +971,7 @@ START_TEST(test_methods_vs_cpu) {
     } else {
       apb_cmp ch, cl;
       apb_compare(gpu.hidden, cpu[k].hidden, nE, &ch);
-      apb_compare(gpu.logits, cpu[k].logits, tiny->cfg.vocab, &cl);
+      apb_compare(gpu.logits, cpu[k].logits, g_model->cfg.vocab, &cl);
       fprintf(stderr, "    %s: selections differ from the CPU's at %d host/layer pairs (first: %s): a near-tie of "
               "scores (APB.md 7), reported, not bounded: hidden rel_fro %.3g, logits rel_fro %.3g\n", what, differ,
               sel_at, ch.rel_fro, cl.rel_fro);
@@ -972,7 +980,7 @@ START_TEST(test_methods_vs_cpu) {
                      rounding can move a score across the l_p-th place and change the passing block) */
       apb_cmp ch, cl;
       apb_compare(gpu.hidden, cpu[0].hidden, nE, &ch);
-      apb_compare(gpu.logits, cpu[0].logits, tiny->cfg.vocab, &cl);
+      apb_compare(gpu.logits, cpu[0].logits, g_model->cfg.vocab, &cl);
       fprintf(stderr, "    %-44s against the CPU in fp32: hidden rel_fro %.3g, logits rel_fro %.3g\n", what,
               ch.rel_fro, cl.rel_fro);
     }
@@ -982,6 +990,7 @@ START_TEST(test_methods_vs_cpu) {
   run_free(&cpu[0]), run_free(&cpu[1]);
   sel_free(&ccap[0]), sel_free(&ccap[1]);
   free(doc), free(query), free(plan);
+  g_model = tiny;
   disarm();
 }
 END_TEST
@@ -1091,6 +1100,15 @@ int main(void) {
     fprintf(stderr, "check_gpu_nccl: tiny preset: %s\n", err.msg);
     return 1;
   }
+  g_model = tiny;
+  apb_model_config c;
+  int I;
+  apb_preset_config(APB_PRESET_TINY, &c, &I);
+  c.hidden = 512, c.n_heads = 16, c.n_kv_heads = 8, c.head_dim = 32;
+  if (apb_model_generate_config(&c, I, 2, &gqa8, &err) != APB_OK) {
+    fprintf(stderr, "check_gpu_nccl: tiny with 8 KV heads: %s\n", err.msg);
+    return 1;
+  }
   pthread_t dl;
   pthread_create(&dl, NULL, deadline_thread, NULL);
   pthread_detach(dl);
@@ -1120,5 +1138,6 @@ int main(void) {
   suite_add_tcase(s, tc);
   int rc = tu_run(s, "check_gpu_nccl");
   apb_model_free(tiny);
+  apb_model_free(gqa8);
   return rc;
 }

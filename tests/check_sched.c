@@ -2,7 +2,8 @@
  * invariants of shared/APB.md 6:
  *   apb with H = 1 equals dense; apb with l_p = 0 equals star with the same anchor (query not
  *   embedded); apb with l_a = 0 and l_p >= l_b equals dense; ring, zigzag and ulysses equal dense for
- *   every H; the decode (LSE merge over H hosts) gives dense's logits and tokens; results are bitwise
+ *   every H (ulysses: H dividing the KV heads, also 4 and 8 on a variant of tiny with 8 KV heads, where
+ *   a host holds several and the pipelined form runs one group per KV head); the decode (LSE merge over H hosts) gives dense's logits and tokens; results are bitwise
  *   identical across thread counts and between the in-process and the MPI run (mpirun -np 2 and 4);
  *   the overlapped apb attention computes the same function as the single call; --balance on H hosts
  *   computes what 2H hosts compute (apb: with and without the overlapped form).
@@ -19,15 +20,23 @@
 #include "testutil.h"
 
 static apb_model *tiny;
+static apb_model *gqa8; /* tiny with 16 query and 8 KV heads of 32 (E 512): ulysses with H = 4 and 8 */
 
 static void setup_model(void) {
   apb_error err = {0};
   if (!tiny) ck_assert_msg(apb_model_generate(APB_PRESET_TINY, 1, &tiny, &err) == APB_OK, "%s", err.msg);
+  if (!gqa8) {
+    apb_model_config c;
+    int I;
+    apb_preset_config(APB_PRESET_TINY, &c, &I);
+    c.hidden = 512, c.n_heads = 16, c.n_kv_heads = 8, c.head_dim = 32;
+    ck_assert_msg(apb_model_generate_config(&c, I, 2, &gqa8, &err) == APB_OK, "%s", err.msg);
+  }
 }
 
 typedef struct run_out {
   int H;
-  int64_t n;
+  int64_t n, E, V; /* document tokens, hidden size, vocabulary */
   float *hidden;   /* [n, E] document order */
   float *logits;   /* [V] */
   int32_t gen[8];
@@ -37,7 +46,7 @@ typedef struct run_out {
   apb_plan plan;
 } run_out;
 
-static void make_doc(int64_t n, int64_t q, int32_t **doc, int32_t **query) {
+static void make_doc(int64_t n, int64_t q, int32_t **doc, int32_t **query) { /* tokens < tiny's vocab (any model's here) */
   *doc = malloc(sizeof(int32_t) * (size_t)n);
   *query = malloc(sizeof(int32_t) * (size_t)q);
   apb_rng r;
@@ -48,22 +57,24 @@ static void make_doc(int64_t n, int64_t q, int32_t **doc, int32_t **query) {
 
 static int g_profile; /* apb_sim_opts.profile of run() (test_profile_stages sets it) */
 
-/* Run opts o on n document tokens (seeded), q query tokens, 4 new tokens; threads t. */
-static void run(const apb_run_opts *o, int64_t n, int64_t q, int threads, run_out *out) {
+/* Run opts o on model m (tiny when NULL), n document tokens (seeded), q query tokens, 4 new tokens;
+ * threads t. */
+static void run_on(const apb_model *m, const apb_run_opts *o, int64_t n, int64_t q, int threads, run_out *out) {
   setup_model();
+  if (!m) m = tiny;
   apb_error err = {0};
   memset(out, 0, sizeof *out);
   int32_t *doc, *query;
   make_doc(n, q, &doc, &query);
-  apb_status st = apb_plan_make(o, n, q, &tiny->cfg, tiny->scorer_width, &out->plan, &err);
+  apb_status st = apb_plan_make(o, n, q, &m->cfg, m->scorer_width, &out->plan, &err);
   ck_assert_msg(st == APB_OK, "plan (%s, H=%d, n=%lld): %s", apb_method_name(o->method), o->hosts, (long long)n,
                 err.msg);
   apb_sim_opts so = {.backend = "fast", .cpu = {.threads = threads}, .timeout_s = 120, .want_hidden = 1,
                      .profile = g_profile};
-  st = apb_sim_execute(&out->plan, tiny, &so, doc, query, out->res, out->stats, &err);
+  st = apb_sim_execute(&out->plan, m, &so, doc, query, out->res, out->stats, &err);
   ck_assert_msg(st == APB_OK, "run (%s, H=%d, n=%lld): %s", apb_method_name(o->method), o->hosts, (long long)n, err.msg);
-  int H = out->plan.H, E = tiny->cfg.hidden;
-  out->H = H, out->n = n;
+  int H = out->plan.H, E = m->cfg.hidden;
+  out->H = H, out->n = n, out->E = E, out->V = m->cfg.vocab;
   out->hidden = malloc(sizeof(float) * (size_t)n * (size_t)E);
   for (int64_t i = 0; i < n * E; i++) out->hidden[i] = NAN;
   for (int r = 0; r < H; r++)
@@ -74,11 +85,15 @@ static void run(const apb_run_opts *o, int64_t n, int64_t q, int threads, run_ou
   out->n_gen = out->res[H - 1].n_generated;
   memcpy(out->gen, out->res[H - 1].generated, sizeof(int32_t) * (size_t)out->n_gen);
   for (int r = 0; r < H; r++) { /* every host ends with the same logits and tokens (APB.md 4) */
-    tu_assert_bitwise("logits on every host", out->res[r].logits, out->logits, tiny->cfg.vocab);
+    tu_assert_bitwise("logits on every host", out->res[r].logits, out->logits, m->cfg.vocab);
     ck_assert_int_eq(out->res[r].n_generated, out->n_gen);
     for (int64_t t = 0; t < out->n_gen; t++) ck_assert_int_eq(out->res[r].generated[t], out->gen[t]);
   }
   free(doc), free(query);
+}
+
+static void run(const apb_run_opts *o, int64_t n, int64_t q, int threads, run_out *out) {
+  run_on(NULL, o, n, q, threads, out);
 }
 
 static void run_free(run_out *o) {
@@ -98,9 +113,9 @@ static void assert_matches(const char *what, const run_out *a, const run_out *re
   apb_tol t = apb_tolerance(APB_PREC_F32, ref->n);
   char buf[160];
   snprintf(buf, sizeof buf, "%s: hidden", what);
-  tu_assert_close(buf, a->hidden, ref->hidden, ref->n * tiny->cfg.hidden, t);
+  tu_assert_close(buf, a->hidden, ref->hidden, ref->n * ref->E, t);
   snprintf(buf, sizeof buf, "%s: logits", what);
-  tu_assert_close(buf, a->logits, ref->logits, tiny->cfg.vocab, t);
+  tu_assert_close(buf, a->logits, ref->logits, ref->V, t);
 }
 
 static const int64_t lens[] = {1023, 1025};
@@ -222,6 +237,39 @@ START_TEST(test_ulysses_pipeline_bitwise) {
                   r, (long long)ca, (long long)cb, (long long)(5 * L), (long long)(per * L));
   }
   run_free(&a), run_free(&b);
+}
+END_TEST
+
+/* ulysses where each host holds several KV heads, as on the llama3-8b shape's GPUs (8 KV heads on 2
+ * or 4): gqa8 (16 query, 8 KV heads) on H = 1, 2, 4, 8 hosts, pipelined (Hkv / H groups of one KV
+ * head; H = 8: one KV head whose two query heads split in two) and blocking. Both equal dense within
+ * the fp32 table, each other to the bit, with the same all-to-all bytes. */
+START_TEST(test_ulysses_many_heads) {
+  const int H = 1 << _i;
+  setup_model();
+  const int64_t n = 1025;
+  run_out dense, a, b;
+  apb_run_opts od = opts(APB_METHOD_DENSE, 1), o = opts(APB_METHOD_ULYSSES, H);
+  run_on(gqa8, &od, n, 5, 0, &dense);
+  o.overlap = 0;
+  run_on(gqa8, &o, n, 5, 0, &a);
+  o.overlap = 1;
+  run_on(gqa8, &o, n, 5, 0, &b);
+  const int hkv_h = gqa8->cfg.n_kv_heads / H;
+  ck_assert_int_eq(a.plan.uly_groups, 1);
+  ck_assert_int_eq(b.plan.uly_groups, hkv_h >= 2 ? hkv_h : 2);
+  char what[80];
+  snprintf(what, sizeof what, "ulysses blocking vs dense, 16/8 heads, H=%d", H);
+  assert_matches(what, &a, &dense);
+  for (int t = 0; t < 4; t++) ck_assert_msg(a.gen[t] == dense.gen[t], "%s: token %d differs", what, t);
+  snprintf(what, sizeof what, "ulysses pipelined (%d groups) vs blocking, 16/8 heads, H=%d", b.plan.uly_groups, H);
+  tu_assert_bitwise(what, b.hidden, a.hidden, n * gqa8->cfg.hidden);
+  tu_assert_bitwise(what, b.logits, a.logits, gqa8->cfg.vocab);
+  for (int r = 0; r < H; r++)
+    ck_assert_msg(a.stats[r].bytes_sent[APB_COLL_ALLTOALL] == b.stats[r].bytes_sent[APB_COLL_ALLTOALL] &&
+                      a.stats[r].bytes_recv[APB_COLL_ALLTOALL] == b.stats[r].bytes_recv[APB_COLL_ALLTOALL],
+                  "%s host %d: all-to-all bytes differ", what, r);
+  run_free(&dense), run_free(&a), run_free(&b);
 }
 END_TEST
 
@@ -537,6 +585,7 @@ int main(void) {
   tcase_add_loop_test(ti, test_apb_no_anchor_all_passing_is_dense, 0, 8);
   tcase_add_loop_test(ti, test_apb_overlap_same_function, 0, 4);
   tcase_add_loop_test(ti, test_ulysses_pipeline_bitwise, 0, 2);
+  tcase_add_loop_test(ti, test_ulysses_many_heads, 0, 4);
   tcase_add_loop_test(ti, test_balance_equals_2h_hosts, 0, 6);
   tcase_add_loop_test(ti, test_threads_bitwise, 0, 3);
   tcase_add_loop_test(ti, test_profile_stages, 0, 2);
@@ -555,5 +604,6 @@ int main(void) {
   suite_add_tcase(s, tc);
   int rc = tu_run(s, "check_sched");
   apb_model_free(tiny);
+  apb_model_free(gqa8);
   return rc;
 }

@@ -140,6 +140,11 @@ void apb_preset_config(apb_preset p, apb_model_config *cfg, int *scorer_width);
  * for the GPU machines) is checked against the memory available before anything is allocated;
  * APB_ENOMEM with a message saying so when it does not fit. */
 apb_status apb_model_generate(apb_preset p, uint64_t seed, apb_model **out, apb_error *err);
+/* The same for any configuration (a preset's, changed, e.g. more KV heads for a test that needs H
+ * to divide them): weights drawn as for the presets (docs/model.md), retaining heads of width
+ * scorer_width when > 0. Errors as apb_model_create's. */
+apb_status apb_model_generate_config(const apb_model_config *cfg, int scorer_width, uint64_t seed, apb_model **out,
+                                     apb_error *err);
 /* Write a model to dir (created if missing): config.json (old transformers form, readable by
  * transformers 5.x and by apb_config_load), model.safetensors in BF16 (bf16 != 0, rounded to nearest
  * even) or F32 with unfused HF names, and APB_HEADS_FILE in the same dtype when the model has
