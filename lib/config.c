@@ -391,6 +391,37 @@ static apb_status parse_root(const ctx *c, const json_t *root, apb_model_config 
   return parse_rope(c, root, cfg);
 }
 
+apb_status apb_config_check(const apb_model_config *cfg, apb_error *err) {
+  apb_error_clear(err);
+  if (!cfg) return apb_error_set(err, APB_EINVAL, "apb_config_check: NULL configuration");
+  const struct {
+    const char *name;
+    int64_t v, hi;
+  } f[] = {{"layers (num_hidden_layers)", cfg->n_layers, LIMIT_LAYERS},
+           {"hidden size (hidden_size)", cfg->hidden, LIMIT_HIDDEN},
+           {"FFN size (intermediate_size)", cfg->ffn, LIMIT_FFN},
+           {"query heads (num_attention_heads)", cfg->n_heads, LIMIT_HEADS},
+           {"KV heads (num_key_value_heads)", cfg->n_kv_heads, LIMIT_HEADS},
+           {"head dimension (head_dim)", cfg->head_dim, LIMIT_HEAD_DIM},
+           {"vocabulary (vocab_size)", cfg->vocab, LIMIT_VOCAB}};
+  for (size_t i = 0; i < sizeof f / sizeof *f; i++)
+    if (f[i].v < 1 || f[i].v > f[i].hi)
+      return apb_error_set(err, APB_EINVAL, "%s is %lld; apb takes 1 to %lld", f[i].name, (long long)f[i].v,
+                           (long long)f[i].hi);
+  if (cfg->n_heads % cfg->n_kv_heads != 0)
+    return apb_error_set(err, APB_EINVAL, "%d query heads are not a multiple of %d KV heads", cfg->n_heads,
+                         cfg->n_kv_heads);
+  if (cfg->head_dim % 2 != 0)
+    return apb_error_set(err, APB_EUNSUPPORTED, "head dimension %d is odd; RoPE (rotate-half) needs it even",
+                         cfg->head_dim);
+  if ((int64_t)(cfg->n_heads + 2 * cfg->n_kv_heads) * cfg->head_dim > LIMIT_QKV)
+    return apb_error_set(err, APB_EUNSUPPORTED, "(query heads + 2 KV heads) x head dimension = %lld, more than apb "
+                         "supports (%d)", (long long)(cfg->n_heads + 2 * cfg->n_kv_heads) * cfg->head_dim, LIMIT_QKV);
+  if (!(cfg->rms_eps > 0) || !isfinite(cfg->rms_eps))
+    return apb_error_set(err, APB_EINVAL, "RMSNorm epsilon %g is not a positive finite number", cfg->rms_eps);
+  return APB_OK;
+}
+
 apb_status apb_config_parse(const char *json, size_t len, const char *label, apb_model_config *cfg, apb_error *err) {
   apb_error_clear(err);
   ctx c = {label ? label : "config.json", err};

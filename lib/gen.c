@@ -154,8 +154,12 @@ apb_status apb_model_generate_config(const apb_model_config *cfg, int scorer_wid
   if (!out) return apb_error_set(err, APB_EINVAL, "apb_model_generate_config: NULL output");
   *out = NULL;
   if (!cfg) return apb_error_set(err, APB_EINVAL, "apb_model_generate_config: NULL configuration");
+  apb_status st = apb_config_check(cfg, err);
+  if (st != APB_OK) return st;
+  if (scorer_width < 0 || scorer_width > (1 << 20))
+    return apb_error_set(err, APB_EINVAL, "retaining-head width %d; apb takes 0 (none) to %d", scorer_width, 1 << 20);
   apb_model *m;
-  apb_status st = apb_model_create(cfg, scorer_width, &m, err);
+  st = apb_model_create(cfg, scorer_width, &m, err);
   if (st != APB_OK) return st;
   fill_model(m, seed);
   *out = m;

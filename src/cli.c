@@ -180,6 +180,40 @@ int cli_parse_rate(const char *cmd, int which, const char *s, apb_hw *hw) {
   return 0;
 }
 
+static const char *const shape_names[CLI_SHAPE_COUNT] = {"layers",   "hidden", "ffn",   "q-heads",
+                                                           "kv-heads", "head-dim", "vocab", "scorer-width"};
+
+int cli_parse_shape(const char *cmd, int which, const char *s, cli_shape *shape) {
+  if (which < 0 || which >= CLI_SHAPE_COUNT) return cli_usage(cmd, "internal: size option %d", which);
+  char opt[32];
+  snprintf(opt, sizeof opt, "--%s", shape_names[which]);
+  /* the bounds here only keep the value an int; apb_config_check applies apb's limits */
+  int64_t v = 0;
+  int rc = cli_parse_i64(cmd, opt, s, which == CLI_SHAPE_SCORER ? 0 : 1, INT32_MAX, &v);
+  if (rc) return rc;
+  shape->v[which] = v, shape->set[which] = 1, shape->any = 1;
+  return 0;
+}
+
+int cli_apply_shape(const char *cmd, const cli_shape *shape, apb_model_config *cfg, int *scorer_width, char *desc,
+                    size_t len) {
+  int *field[CLI_SHAPE_COUNT] = {&cfg->n_layers,   &cfg->hidden, &cfg->ffn,   &cfg->n_heads,
+                                 &cfg->n_kv_heads, &cfg->head_dim, &cfg->vocab, scorer_width};
+  size_t at = 0;
+  if (len) desc[0] = 0;
+  for (int i = 0; i < CLI_SHAPE_COUNT; i++) {
+    if (!shape->set[i]) continue;
+    *field[i] = (int)shape->v[i];
+    if (at < len)
+      at += (size_t)snprintf(desc + at, len - at, "%s%s %lld", at ? ", " : " (", shape_names[i], (long long)shape->v[i]);
+  }
+  if (at && at < len) snprintf(desc + at, len - at, ")");
+  apb_error err = {0};
+  if (apb_config_check(cfg, &err) != APB_OK) return cli_usage(cmd, "the model's sizes: %s", err.msg);
+  if (*scorer_width > (1 << 20)) return cli_usage(cmd, "--scorer-width %d: apb takes 0 to %d", *scorer_width, 1 << 20);
+  return 0;
+}
+
 int cli_parse_i64_list(const char *cmd, const char *opt, const char *s, int64_t lo, int64_t hi,
                        int64_t *out, int max, int *n) {
   int count = 0, ok = s != NULL && *s != 0;

@@ -91,6 +91,40 @@ int cli_parse_f64(const char *cmd, const char *opt, const char *s, double lo, do
 enum { CLI_RATE_ATTN, CLI_RATE_GEMM, CLI_RATE_MEM, CLI_RATE_LINK, CLI_RATE_LAT, CLI_RATE_COUNT };
 extern const char *const cli_rate_names[CLI_RATE_COUNT]; /* the option names, without "--" */
 int cli_parse_rate(const char *cmd, int which, const char *s, apb_hw *hw);
+/* Sizes of a generated preset as options, shared by `run` and `gen-model`: --layers, --hidden, --ffn,
+ * --q-heads, --kv-heads, --head-dim, --vocab, --scorer-width, each changing that size alone (no other
+ * size follows it). A command puts CLI_SHAPE_OPTIONS(base) in its option table, calls
+ * cli_parse_shape(cmd, val - base, optarg, &shape) for vals base .. base + CLI_SHAPE_COUNT - 1, and
+ * cli_apply_shape on the preset's configuration after parsing. */
+enum { CLI_SHAPE_LAYERS, CLI_SHAPE_HIDDEN, CLI_SHAPE_FFN, CLI_SHAPE_QHEADS, CLI_SHAPE_KVHEADS, CLI_SHAPE_HEADDIM,
+       CLI_SHAPE_VOCAB, CLI_SHAPE_SCORER, CLI_SHAPE_COUNT };
+typedef struct cli_shape {
+  int64_t v[CLI_SHAPE_COUNT];
+  int set[CLI_SHAPE_COUNT];
+  int any; /* some size was given */
+} cli_shape;
+#define CLI_SHAPE_OPTIONS(base)                                                                                    \
+  {"layers", required_argument, 0, (base) + CLI_SHAPE_LAYERS},                                                     \
+      {"hidden", required_argument, 0, (base) + CLI_SHAPE_HIDDEN},                                                 \
+      {"ffn", required_argument, 0, (base) + CLI_SHAPE_FFN},                                                       \
+      {"q-heads", required_argument, 0, (base) + CLI_SHAPE_QHEADS},                                                \
+      {"kv-heads", required_argument, 0, (base) + CLI_SHAPE_KVHEADS},                                              \
+      {"head-dim", required_argument, 0, (base) + CLI_SHAPE_HEADDIM},                                              \
+      {"vocab", required_argument, 0, (base) + CLI_SHAPE_VOCAB},                                                   \
+      {"scorer-width", required_argument, 0, (base) + CLI_SHAPE_SCORER}
+/* The help lines for them (26-column option field). */
+#define CLI_SHAPE_HELP                                                                                             \
+  "  --layers L, --hidden E, --ffn F, --q-heads HQ, --kv-heads HKV, --head-dim D, --vocab V,\n"                   \
+  "  --scorer-width I    change that size of the preset, each alone (default: the preset's); the\n"             \
+  "                      result is checked as a config.json would be (HQ a multiple of HKV, D even).\n"          \
+  "                      E.g. --q-heads 16 --kv-heads 8 --head-dim 32 --hidden 512 gives tiny 8 KV\n"           \
+  "                      heads, so that ulysses runs on 4 or 8 hosts\n"
+int cli_parse_shape(const char *cmd, int which, const char *s, cli_shape *shape);
+/* cfg and *scorer_width (a preset's, changed in place) with the given sizes, checked by
+ * apb_config_check; desc [len] receives what changed (" (q-heads 16, kv-heads 8)", or "" when nothing
+ * did). 0, or CLI_USAGE after saying what is wrong. */
+int cli_apply_shape(const char *cmd, const cli_shape *shape, apb_model_config *cfg, int *scorer_width, char *desc,
+                    size_t len);
 /* A comma-separated list of 1..max integers, each in [lo, hi] (suffixes as cli_parse_i64), into
  * out [max]; *n receives the count. */
 int cli_parse_i64_list(const char *cmd, const char *opt, const char *s, int64_t lo, int64_t hi,

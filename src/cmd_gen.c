@@ -7,6 +7,7 @@
  * (lib/model.c). Tested through the program in tests/check_cli.c and, for what it writes, by the
  * round trips of tests/check_model.c.
  */
+#include <errno.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -18,7 +19,7 @@ int cmd_gen_model(int argc, char **argv);
 static const char *const cmd = "gen-model";
 
 static const char help_text[] =
-    "Usage: apb gen-model --preset tiny|small|llama3-8b-shape [--seed S] [--dtype f32|bf16] --out DIR\n"
+    "Usage: apb gen-model --preset tiny|small|llama3-8b-shape [--seed S] [--dtype f32|bf16] [sizes] --out DIR\n"
     "\n"
     "Write a model with seeded random weights as a Hugging Face directory: DIR/config.json\n"
     "(LlamaForCausalLM, old transformers form), DIR/model.safetensors (HF tensor names) and\n"
@@ -39,6 +40,7 @@ static const char help_text[] =
     "  --dtype T     f32 (default: the files hold exactly the weights apb generates in memory) or bf16\n"
     "                (half the size, rounded to nearest even)\n"
     "  --out DIR     output directory, created if missing; files in it are replaced (required)\n"
+    CLI_SHAPE_HELP
     "  -h, --help    this text\n"
     "\n"
     "docs/model.md describes how the weights are drawn.\n"
@@ -46,11 +48,12 @@ static const char help_text[] =
     "Exit status: 0 written, 1 generation or writing failed, 2 usage error.\n";
 
 int cmd_gen_model(int argc, char **argv) {
-  enum { O_PRESET = 256, O_SEED, O_DTYPE, O_OUT };
+  enum { O_PRESET = 256, O_SEED, O_DTYPE, O_OUT, O_SHAPE };
   static const struct option opts[] = {{"preset", required_argument, NULL, O_PRESET},
                                        {"seed", required_argument, NULL, O_SEED},
                                        {"dtype", required_argument, NULL, O_DTYPE},
                                        {"out", required_argument, NULL, O_OUT},
+                                       CLI_SHAPE_OPTIONS(O_SHAPE),
                                        {"help", no_argument, NULL, 'h'},
                                        {NULL, 0, NULL, 0}};
   static const char *const preset_names[] = {"tiny", "small", "llama3-8b-shape"};
@@ -58,6 +61,7 @@ int cmd_gen_model(int argc, char **argv) {
   int preset = -1, dtype = 0, c, rc = 0;
   int64_t seed = 1;
   const char *out = NULL;
+  cli_shape shape = {0};
   while (rc == 0 && (c = cli_getopt(cmd, argc, argv, opts)) != -1) {
     switch (c) {
     case 'h': fputs(help_text, stdout); return CLI_OK;
@@ -65,7 +69,12 @@ int cmd_gen_model(int argc, char **argv) {
     case O_SEED: rc = cli_parse_i64(cmd, "--seed", optarg, 0, INT64_MAX, &seed); break;
     case O_DTYPE: rc = cli_parse_choice(cmd, "--dtype", optarg, dtype_names, 2, &dtype); break;
     case O_OUT: out = optarg; break;
-    default: return CLI_USAGE; /* cli_getopt reported it */
+    default:
+      if (c >= O_SHAPE && c < O_SHAPE + CLI_SHAPE_COUNT) {
+        rc = cli_parse_shape(cmd, c - O_SHAPE, optarg, &shape);
+        break;
+      }
+      return CLI_USAGE; /* cli_getopt reported it */
     }
   }
   if (rc) return rc;
@@ -73,16 +82,27 @@ int cmd_gen_model(int argc, char **argv) {
   if (preset < 0) return cli_usage(cmd, "--preset is required: tiny, small or llama3-8b-shape");
   if (!out || !*out) return cli_usage(cmd, "--out is required: the directory to write the model to");
 
+  apb_model_config cfg;
+  int I = 0;
+  char changed[256] = "";
+  apb_preset_config((apb_preset)preset, &cfg, &I);
+  if ((rc = cli_apply_shape(cmd, &shape, &cfg, &I, changed, sizeof changed))) return rc;
   apb_error err = {0};
   apb_model *m = NULL;
-  apb_status st = apb_model_generate((apb_preset)preset, (uint64_t)seed, &m, &err);
+  apb_status st = shape.any ? apb_model_generate_config(&cfg, I, (uint64_t)seed, &m, &err)
+                            : apb_model_generate((apb_preset)preset, (uint64_t)seed, &m, &err);
   if (st != APB_OK) return cli_report(cmd, st, &err);
   st = apb_model_save(m, out, dtype == 1, &err);
   int64_t params = apb_model_param_count(&m->cfg, m->scorer_width);
   apb_model_free(m);
   if (st != APB_OK) return cli_report(cmd, st, &err);
-  printf("apb gen-model: wrote %s (seed %lld, %s, %.1f M parameters) to %s: config.json, model.safetensors, %s\n",
-         preset_names[preset], (long long)seed, dtype == 1 ? "BF16" : "F32", (double)params / 1e6, out,
-         APB_HEADS_FILE);
+  if (I == 0) { /* a retaining-heads file left by an earlier model in DIR would be loaded with this one */
+    char hp[4096];
+    snprintf(hp, sizeof hp, "%s/%s", out, APB_HEADS_FILE);
+    if (remove(hp) != 0 && errno != ENOENT) return cli_fail(cmd, "%s: cannot remove the earlier model's file: %s", hp, strerror(errno));
+  }
+  printf("apb gen-model: wrote %s%s (seed %lld, %s, %.1f M parameters) to %s: config.json, model.safetensors%s%s\n",
+         preset_names[preset], changed, (long long)seed, dtype == 1 ? "BF16" : "F32", (double)params / 1e6, out,
+         I > 0 ? ", " : " (no retaining heads: --scorer-width 0)", I > 0 ? APB_HEADS_FILE : "");
   return CLI_OK;
 }

@@ -31,7 +31,7 @@
 
 static void help(void) {
   printf(
-      "Usage: apb run [--model DIR [--heads FILE] | --preset NAME [--seed S]]\n"
+      "Usage: apb run [--model DIR [--heads FILE] | --preset NAME [--seed S] [sizes]]\n"
       "               [--tokens FILE | --synthetic N] [--query-len Q]\n"
       "               [--method LIST] [--hosts H] [--anchor A] [--passing P] [--query-offset S]\n"
       "               [--embed-query 0|1] [--scorer retaining|random|uniform] [--pool W]\n"
@@ -44,6 +44,7 @@ static void help(void) {
       "  --heads FILE        retaining heads for --model (model.layers.{i}.self_attn.fc1/fc2.weight)\n"
       "  --preset NAME       tiny | small | llama3-8b-shape, seeded random weights (default tiny)\n"
       "  --seed S            seed of the preset's weights and of the synthetic document (default 1)\n"
+      CLI_SHAPE_HELP
       "Input:\n"
       "  --tokens FILE       token ids, one per line, or a safetensors file with an integer tensor\n"
       "                      'tokens' (or its only tensor); the last --query-len ids are the query\n"
@@ -112,12 +113,13 @@ static int32_t *synthetic_doc(int64_t n, int64_t q_len, int V, uint64_t seed, in
   }
   apb_rng rng;
   apb_rng_seed(&rng, seed * 7919u + 17u);
-  int32_t lo = V > 64 ? 16 : 1, span = V - lo;
+  int32_t lo = V > 64 ? 16 : V > 1 ? 1 : 0, span = V - lo; /* span >= 1 for any V >= 1 */
+  const int32_t keys = span < 10 ? span : 10;
   for (int64_t i = 0; i < n; i++) doc[i] = lo + (int32_t)apb_rng_below(&rng, (uint64_t)span);
   int32_t marker[4] = {1, 2, 3, 4};
   int64_t at = n * 2 / 5, key = 0;
   for (int64_t i = 0; i < 4 && at + i < n; i++) doc[at + i] = marker[i % 4] % V;
-  for (int64_t i = 0; i < 5 && at + 4 + i < n; i++) doc[at + 4 + i] = lo + (int32_t)apb_rng_below(&rng, 10), key++;
+  for (int64_t i = 0; i < 5 && at + 4 + i < n; i++) doc[at + 4 + i] = lo + (int32_t)apb_rng_below(&rng, (uint64_t)keys), key++;
   for (int64_t i = 0; i < q_len; i++) q[i] = i < 4 ? marker[i] % V : lo + (int32_t)apb_rng_below(&rng, (uint64_t)span);
   *query = q;
   return doc;
@@ -610,7 +612,7 @@ int cmd_run(int argc, char **argv) {
   c.methods[3] = APB_METHOD_APB, c.n_methods = 4;
   enum { O_MODEL = 256, O_HEADS, O_PRESET, O_SEED, O_TOKENS, O_SYN, O_QLEN, O_METHOD, O_HOSTS, O_ANCHOR, O_PASSING,
          O_QOFF, O_EMBED, O_SCORER, O_POOL, O_NEW, O_FFNC, O_OVERLAP, O_BALANCE, O_BACKEND, O_THREADS, O_CONC, O_DUMP, O_DUMPL, O_JSON,
-         O_QUIET, O_GPUS, O_HELP };
+         O_QUIET, O_GPUS, O_HELP, O_SHAPE };
   static const struct option opts[] = {
       {"model", required_argument, 0, O_MODEL}, {"heads", required_argument, 0, O_HEADS},
       {"preset", required_argument, 0, O_PRESET}, {"seed", required_argument, 0, O_SEED},
@@ -625,10 +627,11 @@ int cmd_run(int argc, char **argv) {
       {"threads", required_argument, 0, O_THREADS}, {"concurrent", no_argument, 0, O_CONC},
       {"dump", required_argument, 0, O_DUMP}, {"dump-layers", no_argument, 0, O_DUMPL},
       {"json", no_argument, 0, O_JSON}, {"quiet", no_argument, 0, O_QUIET}, {"gpus", required_argument, 0, O_GPUS},
-      {"help", no_argument, 0, O_HELP},
+      {"help", no_argument, 0, O_HELP}, CLI_SHAPE_OPTIONS(O_SHAPE),
       {0, 0, 0, 0}};
   const int64_t BIG = (int64_t)1 << 40;
   int ch, preset_given = 0, syn_given = 0;
+  cli_shape shape = {0};
   while ((ch = cli_getopt(CMD, argc, argv, opts)) != -1) {
     int rc = 0;
     int64_t v = 0;
@@ -668,13 +671,21 @@ int cmd_run(int argc, char **argv) {
     case O_QUIET: c.quiet = 1; break;
     case O_GPUS: rc = cli_parse_int(CMD, "--gpus", optarg, 1, APB_MAX_HOSTS, &c.gpus); break;
     case O_HELP: help(); return CLI_OK;
-    default: return CLI_USAGE;
+    default:
+      if (ch >= O_SHAPE && ch < O_SHAPE + CLI_SHAPE_COUNT) {
+        rc = cli_parse_shape(CMD, ch - O_SHAPE, optarg, &shape);
+        break;
+      }
+      return CLI_USAGE;
     }
     if (rc) return rc;
   }
   if (optind < argc) return cli_usage(CMD, "unexpected argument '%s'", argv[optind]);
   if (c.model_dir && preset_given) return cli_usage(CMD, "--model and --preset are exclusive; give one");
   if (c.heads && !c.model_dir) return cli_usage(CMD, "--heads goes with --model (presets carry their own heads)");
+  if (c.model_dir && shape.any)
+    return cli_usage(CMD, "--layers, --hidden, --q-heads and the other sizes change a preset; a --model directory "
+                          "has its own config.json");
   if (c.tokens_path && syn_given) return cli_usage(CMD, "--tokens and --synthetic are exclusive; give one");
   if (c.dump_layers && !c.dump) return cli_usage(CMD, "--dump-layers needs --dump FILE");
   if (c.dump && c.n_methods != 1) return cli_usage(CMD, "--dump writes one run: give exactly one --method");
@@ -695,7 +706,18 @@ int cmd_run(int argc, char **argv) {
 
   apb_error err = {0};
   apb_model *m = NULL;
-  apb_status st = c.model_dir ? apb_model_load(c.model_dir, c.heads, &m, &err) : apb_model_generate(c.preset, c.seed, &m, &err);
+  apb_status st;
+  if (c.model_dir)
+    st = apb_model_load(c.model_dir, c.heads, &m, &err);
+  else if (shape.any) {
+    apb_model_config mc;
+    int I = 0, rc2;
+    char changed[256]; /* the header line below prints the sizes */
+    apb_preset_config(c.preset, &mc, &I);
+    if ((rc2 = cli_apply_shape(CMD, &shape, &mc, &I, changed, sizeof changed))) return rc2;
+    st = apb_model_generate_config(&mc, I, c.seed, &m, &err);
+  } else
+    st = apb_model_generate(c.preset, c.seed, &m, &err);
   if (st) return cli_report(CMD, st, &err);
   int32_t *doc = NULL, *query = NULL;
   int64_t n = 0;

@@ -1318,6 +1318,88 @@ START_TEST(cmd_gen_model) {
     apb_model_free(m), apb_model_free(b);
     rm_dir(d);
   }
+
+  /* sizes changed from the preset's: the files hold what apb_model_generate_config makes of that
+   * configuration; without retaining heads, an earlier model's heads file in DIR is removed */
+  char *d = make_tmpdir();
+  snprintf(cmd, sizeof cmd, "'%s' gen-model --preset tiny --out '%s'", bin, d);
+  rc = tu_sh(cmd, &out);
+  ck_assert_msg(rc == 0, "%s: rc %d: %s", cmd, rc, out);
+  free(out);
+  snprintf(cmd, sizeof cmd,
+           "'%s' gen-model --preset tiny --seed 3 --layers 3 --hidden 128 --ffn 96 --q-heads 8 --kv-heads 4 "
+           "--head-dim 16 --vocab 300 --scorer-width 0 --out '%s'", bin, d);
+  rc = tu_sh(cmd, &out);
+  ck_assert_msg(rc == 0 && strstr(out, "layers 3, hidden 128, ffn 96, q-heads 8, kv-heads 4, head-dim 16, vocab 300, "
+                                       "scorer-width 0") && strstr(out, "no retaining heads"),
+                "%s: rc %d: %s", cmd, rc, out);
+  free(out);
+  {
+    apb_error err = {0};
+    apb_model_config c;
+    int I;
+    apb_preset_config(APB_PRESET_TINY, &c, &I);
+    c.n_layers = 3, c.hidden = 128, c.ffn = 96, c.n_heads = 8, c.n_kv_heads = 4, c.head_dim = 16, c.vocab = 300;
+    apb_model *m, *b;
+    expect_ok("generate_config", apb_model_generate_config(&c, 0, 3, &m, &err), &err);
+    expect_ok("load gen-model output with sizes", apb_model_load(d, NULL, &b, &err), &err);
+    assert_models_equal("gen-model output with sizes", m, b, 0);
+    apb_model_free(m), apb_model_free(b);
+    char *hp = path2(d, APB_HEADS_FILE);
+    ck_assert_msg(access(hp, F_OK) != 0, "%s: the earlier model's retaining heads are still there", hp);
+    free(hp);
+  }
+  rm_dir(d);
+  const char *bad[][2] = {{"--kv-heads 3", "4 query heads are not a multiple of 3 KV heads"},
+                          {"--head-dim 7", "head dimension 7 is odd"},
+                          {"--vocab 0", "--vocab wants an integer in [1,"},
+                          {"--hidden 2000000", "hidden size (hidden_size) is 2000000; apb takes 1 to 1048576"},
+                          {"--scorer-width -1", "--scorer-width wants an integer in [0,"}};
+  for (int i = 0; i < 5; i++) {
+    snprintf(cmd, sizeof cmd, "'%s' gen-model --preset tiny %s --out /tmp/never-written", bin, bad[i][0]);
+    rc = tu_sh(cmd, &out);
+    ck_assert_msg(rc == 2 && strstr(out, bad[i][1]), "%s: rc %d, expected 2 and '%s': %s", cmd, rc, bad[i][1], out);
+    free(out);
+  }
+}
+END_TEST
+
+/* apb_config_check: what apb_config_parse accepts and refuses, for a configuration made in code */
+START_TEST(config_check) {
+  apb_error err = {0};
+  apb_model_config c;
+  int I;
+  for (int p = 0; p < APB_PRESET_COUNT; p++) {
+    apb_preset_config((apb_preset)p, &c, &I);
+    expect_ok("a preset's configuration", apb_config_check(&c, &err), &err);
+  }
+  apb_model_config b;
+  apb_preset_config(APB_PRESET_TINY, &b, &I);
+  c = b, c.n_layers = 0;
+  ck_assert_int_eq(apb_config_check(&c, &err), APB_EINVAL);
+  ck_assert_msg(strstr(err.msg, "layers (num_hidden_layers) is 0"), "%s", err.msg);
+  c = b, c.n_kv_heads = 3;
+  ck_assert_int_eq(apb_config_check(&c, &err), APB_EINVAL);
+  ck_assert_msg(strstr(err.msg, "not a multiple of 3 KV heads"), "%s", err.msg);
+  c = b, c.head_dim = 63;
+  ck_assert_int_eq(apb_config_check(&c, &err), APB_EUNSUPPORTED);
+  ck_assert_msg(strstr(err.msg, "odd"), "%s", err.msg);
+  c = b, c.n_heads = 4096, c.n_kv_heads = 4096, c.head_dim = 4096;
+  ck_assert_int_eq(apb_config_check(&c, &err), APB_EUNSUPPORTED);
+  c = b, c.rms_eps = 0;
+  ck_assert_int_eq(apb_config_check(&c, &err), APB_EINVAL);
+  c = b, c.rms_eps = NAN;
+  ck_assert_int_eq(apb_config_check(&c, &err), APB_EINVAL);
+  c = b, c.vocab = -5;
+  ck_assert_int_eq(apb_config_check(&c, &err), APB_EINVAL);
+  ck_assert_int_eq(apb_config_check(NULL, &err), APB_EINVAL);
+  /* apb_model_generate_config refuses what the check refuses, before allocating */
+  apb_model *m = (apb_model *)&b;
+  c = b, c.n_kv_heads = 3;
+  ck_assert_int_eq(apb_model_generate_config(&c, I, 1, &m, &err), APB_EINVAL);
+  ck_assert_ptr_null(m);
+  ck_assert_int_eq(apb_model_generate_config(&b, -1, 1, &m, &err), APB_EINVAL);
+  ck_assert_int_eq(apb_model_generate_config(NULL, 0, 1, &m, &err), APB_EINVAL);
 }
 END_TEST
 
@@ -1504,6 +1586,7 @@ static Suite *suite(void) {
   suite_add_tcase(s, tc);
   tc = tu_tcase("cli", 120);
   tcase_add_test(tc, cmd_gen_model);
+  tcase_add_test(tc, config_check);
   suite_add_tcase(s, tc);
   return s;
 }

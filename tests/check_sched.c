@@ -491,6 +491,11 @@ START_TEST(test_cli_bad_input) {
       {"--synthetic 99999999999999999999", "--synthetic"},
       {"--model /nonexistent/dir", "config.json"},
       {"--tokens /nonexistent/tokens.txt", "cannot open token file"},
+      {"--synthetic 1000 --kv-heads 3", "4 query heads are not a multiple of 3 KV heads"},
+      {"--synthetic 1000 --head-dim 9", "head dimension 9 is odd"},
+      {"--synthetic 1000 --layers 0", "--layers wants an integer in [1,"},
+      {"--model /nonexistent/dir --kv-heads 4", "a --model directory has its own config.json"},
+      {"--synthetic 1000 --hosts 4 --method ulysses --kv-heads 4 --q-heads 6", "not a multiple of 4 KV heads"},
   };
   for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
     char cmd[512], *out = NULL;
@@ -500,6 +505,29 @@ START_TEST(test_cli_bad_input) {
                   cmd, rc, out, cases[i].expect);
     free(out);
   }
+}
+END_TEST
+
+/* the preset's sizes changed on the command line: ulysses on 8 hosts (needs 8 KV heads, tiny has 2)
+ * equals dense; a vocabulary of 2 still gives a valid synthetic document */
+START_TEST(test_cli_sizes) {
+  char cmd[512], *out = NULL;
+  snprintf(cmd, sizeof cmd, "%s run --json --max-new-tokens 2 --synthetic 1000 --query-len 8 --hosts 8 --method "
+           "dense,ulysses --q-heads 16 --kv-heads 8 --head-dim 32 --hidden 512", bin());
+  int rc = tu_sh(cmd, &out);
+  ck_assert_msg(rc == 0 && strstr(out, "\"method\": \"ulysses\", \"hosts\": 8"), "`%s`: exit %d:\n%s", cmd, rc, out);
+  const char *e = strstr(strstr(out, "\"method\": \"ulysses\""), "\"logits_rel_err\": ");
+  ck_assert_msg(e != NULL, "no logits_rel_err for ulysses:\n%s", out);
+  double rel = strtod(e + 18, NULL);
+  apb_tol t = apb_tolerance(APB_PREC_F32, 1008);
+  ck_assert_msg(rel <= t.rel_fro, "ulysses on 8 hosts (16/8 heads): logits rel err %g against dense, bound %g", rel,
+                t.rel_fro);
+  free(out);
+  snprintf(cmd, sizeof cmd, "%s run --quiet --max-new-tokens 1 --synthetic 300 --hosts 2 --method dense,apb "
+           "--scorer random --vocab 2", bin());
+  rc = tu_sh(cmd, &out);
+  ck_assert_msg(rc == 0, "`%s`: exit %d:\n%s", cmd, rc, out);
+  free(out);
 }
 END_TEST
 
@@ -595,6 +623,7 @@ int main(void) {
   TCase *tc = tu_tcase("program", 300);
   tcase_add_test(tc, test_cli_bad_input);
   tcase_add_test(tc, test_cli_token_files);
+  tcase_add_test(tc, test_cli_sizes);
   tcase_add_test(tc, test_cli_run_times);
 #if defined(HAVE_MPI) && defined(APB_MPIRUN)
   tcase_add_loop_test(tc, test_mpi_bitwise, 0, 2);

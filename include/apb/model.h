@@ -99,6 +99,11 @@ typedef struct apb_model {
 apb_status apb_config_parse(const char *json, size_t len, const char *label, apb_model_config *cfg,
                             apb_error *err);
 apb_status apb_config_load(const char *path, apb_model_config *cfg, apb_error *err);
+/* Check a configuration made in code (a preset changed by hand) against what apb_config_parse
+ * accepts: every size from 1 to the parser's limit, query heads a multiple of KV heads, an even head
+ * dimension, (Hq + 2 Hkv) x D within the limit, a positive finite RMSNorm epsilon. APB_EINVAL or
+ * APB_EUNSUPPORTED with a message naming the field. apb_model_generate_config calls it. */
+apb_status apb_config_check(const apb_model_config *cfg, apb_error *err);
 
 /* Load DIR/config.json and the weights (DIR/model.safetensors, else the shards named by
  * DIR/model.safetensors.index.json); heads_path (may be NULL: no retaining heads, scorer_width 0)
@@ -142,7 +147,8 @@ void apb_preset_config(apb_preset p, apb_model_config *cfg, int *scorer_width);
 apb_status apb_model_generate(apb_preset p, uint64_t seed, apb_model **out, apb_error *err);
 /* The same for any configuration (a preset's, changed, e.g. more KV heads for a test that needs H
  * to divide them): weights drawn as for the presets (docs/model.md), retaining heads of width
- * scorer_width when > 0. Errors as apb_model_create's. */
+ * scorer_width when > 0 (at most 2^20). The configuration is checked first (apb_config_check); then
+ * errors as apb_model_create's (APB_ENOMEM when it does not fit in memory). */
 apb_status apb_model_generate_config(const apb_model_config *cfg, int scorer_width, uint64_t seed, apb_model **out,
                                      apb_error *err);
 /* Write a model to dir (created if missing): config.json (old transformers form, readable by
