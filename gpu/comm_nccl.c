@@ -1300,8 +1300,9 @@ static void *setup_rank(void *p) {
   const apb_nccl_opts *o = r->x->o;
   CUCK(r->rank, r->dev, cudaSetDevice(r->dev));
   if ((st = apb_backend_create(r->x->kind, r->dev, NULL, &r->be, err)) ||
-      (st = o->use_preset ? apb_bmodel_generate(r->be, o->preset, o->seed, &r->bm, err)
-                          : apb_bmodel_create(r->be, r->x->m, &r->bm, err)))
+      (st = !o->use_preset ? apb_bmodel_create(r->be, r->x->m, &r->bm, err)
+            : o->cfg       ? apb_bmodel_generate_config(r->be, o->cfg, o->scorer_width, o->seed, &r->bm, err)
+                           : apb_bmodel_generate(r->be, o->preset, o->seed, &r->bm, err)))
     apb_error_set(err, st, "rank %d (device %d)", r->rank, r->dev);
 done:
   r->st = st;

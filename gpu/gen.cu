@@ -1,7 +1,7 @@
 /* gpu/gen.cu: the generated preset models (apb/model.h, lib/gen.c) made directly on the GPU, for
  * apb_bmodel_generate on a "cuda" backend (apb/backend.h, apb/cuda.h).
  *
- * What it is: apb_cuda_bmodel_generate makes an apb_model that holds only the configuration and the
+ * What it is: apb_cuda_bmodel_generate_config makes an apb_model that holds only the configuration and the
  * retaining-head width (every weight pointer NULL: nothing is on the host; llama3-8b-shape would need
  * 32 GB there) and an apb_bmodel that owns it, whose every weight is allocated on the device and filled
  * by a kernel. Values come from a counter-based hash: element i of tensor `id` is
@@ -83,22 +83,25 @@ static apb_status mkw(cu_be *c, int64_t N, int64_t K, uint64_t seed, uint64_t id
   return st;
 }
 
-extern "C" apb_status apb_cuda_bmodel_generate(apb_backend *be, apb_preset p, uint64_t seed, apb_bmodel **out,
-                                               apb_error *err) {
+extern "C" apb_status apb_cuda_bmodel_generate_config(apb_backend *be, const apb_model_config *cfg, int scorer_width,
+                                                      uint64_t seed, apb_bmodel **out, apb_error *err) {
   if (!out) return apb_error_set(err, APB_EINVAL, "bmodel_generate: out is NULL");
   *out = NULL;
   if (!cu_is_instance(be)) return apb_error_set(err, APB_EINVAL, "bmodel_generate: be is not a CUDA backend instance");
-  if ((unsigned)p >= APB_PRESET_COUNT)
-    return apb_error_set(err, APB_EINVAL, "bmodel_generate: unknown preset %d (expected 0..%d)", (int)p,
-                         APB_PRESET_COUNT - 1);
+  if (!cfg) return apb_error_set(err, APB_EINVAL, "bmodel_generate: NULL configuration");
+  apb_status st = apb_config_check(cfg, err);
+  if (st != APB_OK) return st;
+  if (scorer_width < 0 || scorer_width > (1 << 20))
+    return apb_error_set(err, APB_EINVAL, "bmodel_generate: retaining-head width %d; apb takes 0 (none) to %d",
+                         scorer_width, 1 << 20);
   cu_be *c = cu_of(be);
-  apb_status st = cu_enter(c, err);
+  st = cu_enter(c, err);
   if (st != APB_OK) return st;
   apb_bmodel *bm = NULL;
   apb_model *m = (apb_model *)calloc(1, sizeof *m);
   if (!m) return apb_error_set(err, APB_ENOMEM, "bmodel_generate: out of host memory");
-  int I = 0;
-  apb_preset_config(p, &m->cfg, &I);
+  const int I = scorer_width;
+  m->cfg = *cfg;
   m->scorer_width = I;
   const apb_model_config *cf = &m->cfg;
   const int L = cf->n_layers;
@@ -151,6 +154,7 @@ fail:
     free(m->layers);
     free(m);
   }
-  return apb_error_set(err, st, "bmodel_generate: preset %s on device %d (%s)", apb_preset_name(p), c->dev,
+  return apb_error_set(err, st, "bmodel_generate: L %d, E %d, Hq %d, Hkv %d, D %d, V %d on device %d (%s)",
+                       cfg->n_layers, cfg->hidden, cfg->n_heads, cfg->n_kv_heads, cfg->head_dim, cfg->vocab, c->dev,
                        apb_dtype_name(be->act));
 }

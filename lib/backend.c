@@ -6,7 +6,7 @@
  * APB_ENODEVICE stub of lib/cuda_stub.c when built without CUDA). apb_bmodel_create makes every weight
  * of an apb_model through be->ops->weight_create, in the fused layouts of apb/model.h;
  * apb_bmodel_generate makes a preset's weights (on the host for the CPU backends, on the device for
- * CUDA through apb_cuda_bmodel_generate) and the bmodel then owns its apb_model.
+ * CUDA through apb_cuda_bmodel_generate_config) and the bmodel then owns its apb_model.
  *
  * What it deliberately is not: a registry or plugin system; the names are a fixed list.
  *
@@ -138,13 +138,14 @@ void apb_bmodel_destroy(apb_backend *be, apb_bmodel *bm) {
   free(bm);
 }
 
-apb_status apb_bmodel_generate(apb_backend *be, apb_preset p, uint64_t seed, apb_bmodel **out, apb_error *err) {
+apb_status apb_bmodel_generate_config(apb_backend *be, const apb_model_config *cfg, int scorer_width, uint64_t seed,
+                                      apb_bmodel **out, apb_error *err) {
   if (!out) return apb_error_set(err, APB_EINVAL, "bmodel_generate: out is NULL");
   *out = NULL;
   if (!be || !be->ops) return apb_error_set(err, APB_EINVAL, "bmodel_generate: be is NULL");
-  if (be->device >= 0) return apb_cuda_bmodel_generate(be, p, seed, out, err); /* the CUDA backend */
+  if (be->device >= 0) return apb_cuda_bmodel_generate_config(be, cfg, scorer_width, seed, out, err); /* CUDA */
   apb_model *m = NULL;
-  apb_status st = apb_model_generate(p, seed, &m, err);
+  apb_status st = apb_model_generate_config(cfg, scorer_width, seed, &m, err);
   if (st != APB_OK) return st;
   if ((st = apb_bmodel_create(be, m, out, err)) != APB_OK) {
     apb_model_free(m);
@@ -152,4 +153,19 @@ apb_status apb_bmodel_generate(apb_backend *be, apb_preset p, uint64_t seed, apb
   }
   (*out)->owned = m;
   return APB_OK;
+}
+
+apb_status apb_bmodel_generate(apb_backend *be, apb_preset p, uint64_t seed, apb_bmodel **out, apb_error *err) {
+  if (out) *out = NULL;
+  if ((unsigned)p >= APB_PRESET_COUNT)
+    return apb_error_set(err, APB_EINVAL, "bmodel_generate: unknown preset %d (expected 0..%d)", (int)p,
+                         APB_PRESET_COUNT - 1);
+  apb_model_config cfg;
+  int I = 0;
+  apb_preset_config(p, &cfg, &I);
+  apb_status st = apb_bmodel_generate_config(be, &cfg, I, seed, out, err);
+  if (st != APB_OK && p == APB_PRESET_LLAMA3_8B && (!be || be->device < 0) && st == APB_ENOMEM)
+    return apb_error_set(err, st, "preset %s is meant for the GPU machines (%.1f GB of fp32 weights)",
+                         apb_preset_name(p), (double)apb_model_param_count(&cfg, I) * 4 / 1e9);
+  return st;
 }

@@ -115,8 +115,9 @@ apb_status apb_cuda_mem_held(int device, size_t *held, size_t *limit, apb_error 
   return apb_error_set(err, APB_ENODEVICE, "cuda_mem_held: this libapb was built without CUDA");
 }
 
-apb_status apb_cuda_bmodel_generate(apb_backend *be, apb_preset p, uint64_t seed, apb_bmodel **out, apb_error *err) {
-  (void)be, (void)p, (void)seed;
+apb_status apb_cuda_bmodel_generate_config(apb_backend *be, const apb_model_config *cfg, int scorer_width,
+                                           uint64_t seed, apb_bmodel **out, apb_error *err) {
+  (void)be, (void)cfg, (void)scorer_width, (void)seed;
   if (out) *out = NULL;
   return apb_error_set(err, APB_ENODEVICE, "bmodel_generate: this libapb was built without CUDA");
 }

@@ -29,7 +29,7 @@ static const char help_text[] =
     "                         [--query-len Q] [--anchor A] [--passing P] [--profile 0|1|2] [--warmup N]\n"
     "                         [--reps N] [--ffn-chunk R]\n"
     "                         [--balance] [--overlap 0|1|2] [--attn-tflops X] [--gemm-tflops X]\n"
-    "                         [--mem-gbs X] [--link-gbs X] [--latency-us X] [--json FILE]\n\n"
+    "                         [--mem-gbs X] [--link-gbs X] [--latency-us X] [--json FILE] [sizes]\n\n"
     "Prefill time per method on 1..N GPUs (one rank per GPU, NCCL), random bf16 weights made on the\n"
     "GPUs. Defaults: --tokens 131072, --gpus 4, --method dense,ring,zigzag,ulysses,star,apb, --preset\n"
     "llama3-8b-shape, --query-len 64, --profile 1 (a second run per case for the per-stage breakdown,\n"
@@ -57,7 +57,9 @@ static const char help_text[] =
     "with the most time outside them (the others' waits are mostly waiting for it: load imbalance, which\n"
     "'slow/fast' shows); dense 0. After each length and GPU count that ran apb, one line gives apb's\n"
     "speedup over every other method of that length and GPU count (dense: its one-GPU run), all measured\n"
-    "in this run.\n";
+    "in this run.\n"
+    "Sizes (the preset's unless given; the JSON records the model used):\n"
+    CLI_SHAPE_HELP;
 
 typedef struct row {
   const char *method;
@@ -80,9 +82,8 @@ typedef struct row {
 
 /* One case: method m on `gpus` GPUs at n tokens, with the command line's options in `base` (anchor,
  * passing, balance, overlap, FFN chunk; those that do not apply to m are reset to their defaults). */
-static int run_case(const apb_model_config *cfg, int I, apb_preset preset, apb_method m, int gpus, int64_t n,
-                    int64_t q, const apb_run_opts *base, int profile, int warmup, int reps, const apb_hw *hw,
-                    row *out) {
+static int run_case(const apb_model_config *cfg, int I, apb_method m, int gpus, int64_t n, int64_t q,
+                    const apb_run_opts *base, int profile, int warmup, int reps, const apb_hw *hw, row *out) {
   apb_error err = {0};
   apb_run_opts o = *base;
   o.method = m, o.hosts = m == APB_METHOD_DENSE ? 1 : gpus;
@@ -108,7 +109,7 @@ static int run_case(const apb_model_config *cfg, int I, apb_preset preset, apb_m
     goto done;
   }
   for (int pass = 0; pass < 1 + (profile != 0); pass++) {
-    apb_nccl_opts no = {.backend = "cuda-bf16", .use_preset = 1, .preset = preset, .seed = 1,
+    apb_nccl_opts no = {.backend = "cuda-bf16", .use_preset = 1, .cfg = cfg, .scorer_width = I, .seed = 1,
                         .profile = pass == 1 ? profile : 0, .warmup = warmup, .reps = pass == 1 ? 1 : reps,
                         .comm_timing = pass == 0};
     st = apb_nccl_execute(plan, NULL, &no, doc, query, res, cst, &err);
@@ -197,7 +198,7 @@ int bench_prefill(int argc, char **argv) {
   apb_preset preset = APB_PRESET_LLAMA3_8B;
   const char *json = NULL;
   enum { O_TOK = 256, O_GPUS, O_METHOD, O_PRESET, O_Q, O_PROF, O_JSON, O_BAL, O_OVL, O_LA, O_LP, O_WARM, O_REPS,
-         O_FFNC, O_RATE };
+         O_FFNC, O_RATE, O_SHAPE = O_RATE + CLI_RATE_COUNT };
   static const struct option opts[] = {
       {"tokens", required_argument, 0, O_TOK},     {"gpus", required_argument, 0, O_GPUS},
       {"method", required_argument, 0, O_METHOD},  {"preset", required_argument, 0, O_PRESET},
@@ -212,7 +213,9 @@ int bench_prefill(int argc, char **argv) {
       {"mem-gbs", required_argument, 0, O_RATE + CLI_RATE_MEM},
       {"link-gbs", required_argument, 0, O_RATE + CLI_RATE_LINK},
       {"latency-us", required_argument, 0, O_RATE + CLI_RATE_LAT},
+      CLI_SHAPE_OPTIONS(O_SHAPE),
       {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
+  cli_shape shape = {0};
   int ch;
   while ((ch = cli_getopt(CMD, argc, argv, opts)) != -1) {
     int rc = 0;
@@ -239,18 +242,26 @@ int bench_prefill(int argc, char **argv) {
     case O_JSON: json = optarg; break;
     case O_BAL: base.balance = 1; break;
     case 'h': fputs(help_text, stdout); return CLI_OK;
-    default: return CLI_USAGE;
+    default:
+      if (ch >= O_SHAPE && ch < O_SHAPE + CLI_SHAPE_COUNT) {
+        rc = cli_parse_shape(CMD, ch - O_SHAPE, optarg, &shape);
+        break;
+      }
+      return CLI_USAGE;
     }
     if (rc) return rc;
   }
   if (optind < argc) return cli_usage(CMD, "unexpected argument '%s'", argv[optind]);
+  apb_model_config cfg;
+  int I = 0;
+  char changed[256] = "";
+  apb_preset_config(preset, &cfg, &I);
+  int src = cli_apply_shape(CMD, &shape, &cfg, &I, changed, sizeof changed);
+  if (src) return src;
   if (!apb_nccl_built()) return cli_fail(CMD, "this apb was built without NCCL/CUDA: nothing to benchmark here");
   apb_error err = {0};
   int ndev = 0;
   if (apb_cuda_device_count(&ndev, &err) != APB_OK) return cli_report(CMD, APB_ENODEVICE, &err);
-  apb_model_config cfg;
-  int I = 0;
-  apb_preset_config(preset, &cfg, &I);
   FILE *jf = json ? fopen(json, "w") : NULL, *tf = NULL;
   if (json && !jf) return cli_fail(CMD, "cannot write %s: %m", json);
   if (json) {
@@ -266,9 +277,13 @@ int bench_prefill(int argc, char **argv) {
     if (*c == '"' || *c == '\\' || (unsigned char)*c < 0x20) *c = ' '; /* for the JSON string */
   const char *dev0_json = strncmp(dev0, "device 0: ", 10) ? dev0 : dev0 + 10; /* the key names the device */
   if (jf)
-    fprintf(jf, "{\"preset\": \"%s\", \"layers\": %d, \"gpus_visible\": %d, \"device0\": \"%s\", \"runs\": [",
-            apb_preset_name(preset), cfg.n_layers, ndev, dev0_json);
-  printf("apb bench prefill: preset %s, %d layers, bf16, %d GPU(s) visible; %s\n", apb_preset_name(preset),
+    fprintf(jf,
+            "{\"preset\": \"%s\", \"layers\": %d, \"model\": {\"layers\": %d, \"hidden\": %d, \"ffn\": %d, "
+            "\"q_heads\": %d, \"kv_heads\": %d, \"head_dim\": %d, \"vocab\": %d, \"scorer_width\": %d}, "
+            "\"gpus_visible\": %d, \"device0\": \"%s\", \"runs\": [",
+            apb_preset_name(preset), cfg.n_layers, cfg.n_layers, cfg.hidden, cfg.ffn, cfg.n_heads, cfg.n_kv_heads,
+            cfg.head_dim, cfg.vocab, I, ndev, dev0_json);
+  printf("apb bench prefill: preset %s%s, %d layers, bf16, %d GPU(s) visible; %s\n", apb_preset_name(preset), changed,
          cfg.n_layers, ndev, dev0);
   printf("%-8s %4s %8s %10s %12s %10s %10s %9s %9s %8s", "method", "gpus", "tokens", "prefill s", "tokens/s",
          "model s", "floor s", "peak GiB", "slow/fast", "comm %");
@@ -288,7 +303,7 @@ int bench_prefill(int argc, char **argv) {
         }
         row rw;
         memset(&rw, 0, sizeof rw);
-        int crc = run_case(&cfg, I, preset, ms[mi], g, tokens[ti], q, &base, profile, warmup, reps, &hw, &rw);
+        int crc = run_case(&cfg, I, ms[mi], g, tokens[ti], q, &base, profile, warmup, reps, &hw, &rw);
         if (crc != CLI_OK) {
           /* one case failing (out of memory at this length, say) does not stop the others */
           failed++;

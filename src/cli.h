@@ -117,8 +117,8 @@ typedef struct cli_shape {
   "  --layers L, --hidden E, --ffn F, --q-heads HQ, --kv-heads HKV, --head-dim D, --vocab V,\n"                   \
   "  --scorer-width I    change that size of the preset, each alone (default: the preset's); the\n"             \
   "                      result is checked as a config.json would be (HQ a multiple of HKV, D even).\n"          \
-  "                      E.g. --q-heads 16 --kv-heads 8 --head-dim 32 --hidden 512 gives tiny 8 KV\n"           \
-  "                      heads, so that ulysses runs on 4 or 8 hosts\n"
+  "                      E.g. --preset tiny --q-heads 16 --kv-heads 8 --head-dim 32 --hidden 512:\n"            \
+  "                      tiny with 8 KV heads, so that ulysses runs on 4 or 8 hosts\n"
 int cli_parse_shape(const char *cmd, int which, const char *s, cli_shape *shape);
 /* cfg and *scorer_width (a preset's, changed in place) with the given sizes, checked by
  * apb_config_check; desc [len] receives what changed (" (q-heads 16, kv-heads 8)", or "" when nothing

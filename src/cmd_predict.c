@@ -15,7 +15,7 @@
 #define CMD "predict"
 
 static void help(const apb_hw *hw) {
-  printf("Usage: apb predict [--preset NAME | --model DIR] [--tokens N] [--query-len Q] [--method LIST]\n"
+  printf("Usage: apb predict [--preset NAME [sizes] | --model DIR] [--tokens N] [--query-len Q] [--method LIST]\n"
          "                   [--hosts H] [--anchor A] [--passing P] [--balance] [--overlap 0|1|2] [--act-bytes 2|4]\n"
          "                   [--attn-tflops X] [--gemm-tflops X] [--mem-gbs X] [--link-gbs X] [--latency-us X]\n"
          "                   [--per-host] [--json]\n"
@@ -26,6 +26,7 @@ static void help(const apb_hw *hw) {
          "      + bytes sent / link bw + collectives x latency   (the slowest host is the prefill time)\n\n"
          "  --preset NAME     tiny | small | llama3-8b-shape (default llama3-8b-shape)\n"
          "  --model DIR       read DIR/config.json instead\n"
+         CLI_SHAPE_HELP
          "  --tokens N        document tokens (default 131072)\n"
          "  --query-len Q     query tokens (default 64)\n"
          "  --method LIST     default dense,ring,zigzag,ulysses,star,apb\n"
@@ -89,6 +90,22 @@ static int fit_load(const char *file, int act, const apb_hw *hw, fit_run **runs,
   apb_model_config cfg;
   int I = 0;
   apb_preset_config(preset, &cfg, &I);
+  /* the sizes the runs used (bench prefill writes them; older files: the preset's) */
+  json_t *mj = json_object_get(root, "model");
+  if (mj) {
+    const char *keys[] = {"layers", "hidden", "ffn", "q_heads", "kv_heads", "head_dim", "vocab", "scorer_width"};
+    int *fields[] = {&cfg.n_layers, &cfg.hidden, &cfg.ffn, &cfg.n_heads, &cfg.n_kv_heads, &cfg.head_dim, &cfg.vocab, &I};
+    for (int k = 0; k < 8 && !rc; k++) {
+      json_t *v = json_object_get(mj, keys[k]);
+      if (!json_is_integer(v) || json_integer_value(v) < (k == 7 ? 0 : 1) || json_integer_value(v) > INT32_MAX)
+        rc = cli_fail(CMD, "%s: \"model\".\"%s\" is missing or not a positive integer", file, keys[k]);
+      else
+        *fields[k] = (int)json_integer_value(v);
+    }
+    apb_error cerr = {0};
+    if (!rc && apb_config_check(&cfg, &cerr) != APB_OK) rc = cli_fail(CMD, "%s: \"model\": %s", file, cerr.msg);
+    if (rc) goto done;
+  }
   for (size_t i = 0; i < json_array_size(runs_j) && !rc; i++) {
     json_t *r = json_array_get(runs_j, i);
     const char *mname = json_string_value(json_object_get(r, "method"));
@@ -220,7 +237,7 @@ int cmd_predict(int argc, char **argv) {
   int nm = 0, act = 2, per_host = 0, json = 0;
   for (int i = 0; i < APB_METHOD_COUNT; i++) ms[nm++] = (apb_method)i;
   enum { O_PRESET = 256, O_MODEL, O_TOKENS, O_Q, O_METHOD, O_HOSTS, O_ANCHOR, O_PASSING, O_ACT, O_AT, O_GT, O_MEM,
-         O_LINK, O_LAT, O_PER, O_JSON, O_BAL, O_FIT, O_OVL };
+         O_LINK, O_LAT, O_PER, O_JSON, O_BAL, O_FIT, O_OVL, O_SHAPE };
   static const struct option opts[] = {
       {"preset", required_argument, 0, O_PRESET}, {"model", required_argument, 0, O_MODEL},
       {"tokens", required_argument, 0, O_TOKENS}, {"query-len", required_argument, 0, O_Q},
@@ -231,7 +248,8 @@ int cmd_predict(int argc, char **argv) {
       {"link-gbs", required_argument, 0, O_LINK}, {"latency-us", required_argument, 0, O_LAT},
       {"per-host", no_argument, 0, O_PER}, {"json", no_argument, 0, O_JSON}, {"balance", no_argument, 0, O_BAL},
       {"fit", required_argument, 0, O_FIT}, {"overlap", required_argument, 0, O_OVL}, {"help", no_argument, 0, 'h'},
-      {0, 0, 0, 0}};
+      CLI_SHAPE_OPTIONS(O_SHAPE), {0, 0, 0, 0}};
+  cli_shape shape = {0};
   const char **fits = calloc((size_t)argc + 1, sizeof *fits);
   const char *plan_opt = NULL; /* an option that --fit does not take (the runs carry their own) */
   int nfit = 0;
@@ -265,11 +283,20 @@ int cmd_predict(int argc, char **argv) {
     case O_JSON: json = 1; break;
     case O_FIT: fits[nfit++] = optarg; break;
     case 'h': help(&hw); free(fits); return CLI_OK;
-    default: free(fits); return CLI_USAGE;
+    default:
+      if (ch >= O_SHAPE && ch < O_SHAPE + CLI_SHAPE_COUNT) {
+        rc = cli_parse_shape(CMD, ch - O_SHAPE, optarg, &shape);
+        break;
+      }
+      free(fits);
+      return CLI_USAGE;
     }
     if (rc) return free(fits), rc;
   }
   if (optind < argc) return free(fits), cli_usage(CMD, "unexpected argument '%s'", argv[optind]);
+  if (model_dir && shape.any)
+    return free(fits), cli_usage(CMD, "--layers, --hidden, --q-heads and the other sizes change a preset; a --model "
+                                      "directory has its own config.json");
   if (nfit) {
     int rc = plan_opt ? cli_usage(CMD, "--fit takes each run's own model, method and lengths from its file; "
                                   "drop --%s", plan_opt)
@@ -288,7 +315,10 @@ int cmd_predict(int argc, char **argv) {
     if (st) return cli_report(CMD, st, &err);
     I = 1024; /* the published retaining heads' width */
   } else {
+    char changed[256];
     apb_preset_config(preset, &cfg, &I);
+    int src = cli_apply_shape(CMD, &shape, &cfg, &I, changed, sizeof changed);
+    if (src) return src;
   }
   apb_plan *plan = malloc(sizeof *plan);
   apb_cost *c = malloc(sizeof *c * APB_MAX_HOSTS);

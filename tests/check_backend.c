@@ -1082,6 +1082,47 @@ START_TEST(test_bmodel) {
 }
 END_TEST
 
+/* apb_bmodel_generate_config on a CPU backend: the bmodel owns apb_model_generate_config's model of
+ * that configuration (the same weights, bitwise); a configuration apb_config_check refuses is refused
+ * before anything is allocated; apb_bmodel_generate is the preset's configuration. */
+START_TEST(test_bmodel_generate_config) {
+  apb_backend *be = mk("fast", 0, 0);
+  apb_error e = {0};
+  apb_model_config c;
+  int width;
+  apb_preset_config(APB_PRESET_TINY, &c, &width);
+  c.n_layers = 1, c.hidden = 64, c.ffn = 96, c.n_heads = 8, c.n_kv_heads = 4, c.head_dim = 16, c.vocab = 50;
+  apb_bmodel *bm = NULL;
+  apb_model *ref = NULL;
+  OK(apb_bmodel_generate_config(be, &c, 24, 9, &bm, &e), &e, "bmodel_generate_config");
+  OK(apb_model_generate_config(&c, 24, 9, &ref, &e), &e, "model_generate_config");
+  ck_assert(bm->owned == bm->m && bm->m != NULL);
+  ck_assert_int_eq(bm->m->cfg.n_kv_heads, 4);
+  ck_assert_int_eq(bm->m->scorer_width, 24);
+  const int64_t QKV = (8 + 2 * 4) * 16;
+  ck_assert_int_eq(memcmp(bm->m->embed, ref->embed, sizeof(float) * 50 * 64), 0);
+  ck_assert_int_eq(memcmp(bm->m->layers[0].wqkv, ref->layers[0].wqkv, sizeof(float) * (size_t)(QKV * 64)), 0);
+  ck_assert_int_eq(memcmp(bm->m->layers[0].fc2, ref->layers[0].fc2, sizeof(float) * 4 * 24), 0);
+  shape(bm->layers[0].wqkv, QKV, 64, ref->layers[0].wqkv, 0);
+  shape(bm->layers[0].fc1, 24, QKV, ref->layers[0].fc1, 0);
+  apb_bmodel_destroy(be, bm);
+  apb_model_free(ref);
+  bm = (apb_bmodel *)&c;
+  c.n_kv_heads = 3;
+  FAILS(apb_bmodel_generate_config(be, &c, 24, 9, &bm, &e), APB_EINVAL, &e, "8 query heads", "3 KV heads");
+  ck_assert(bm == NULL);
+  size_t cur, peak;
+  apb_backend_mem(be, &cur, &peak);
+  ck_assert_uint_eq(cur, 0);
+  OK(apb_bmodel_generate(be, APB_PRESET_TINY, 1, &bm, &e), &e, "bmodel_generate tiny");
+  ck_assert_int_eq(bm->m->cfg.n_kv_heads, 2);
+  ck_assert_int_eq(bm->m->scorer_width, 128);
+  apb_bmodel_destroy(be, bm);
+  FAILS(apb_bmodel_generate(be, APB_PRESET_COUNT, 1, &bm, &e), APB_EINVAL, &e, "unknown preset", NULL);
+  apb_backend_destroy(be);
+}
+END_TEST
+
 /* ---------------------------------------------------------------- attention and merge (last) */
 
 typedef struct acase {
@@ -1210,6 +1251,7 @@ int main(void) {
   tcase_add_loop_test(tc, test_memory, 0, 2);
   tcase_add_loop_test(tc, test_marks, 0, 2);
   tcase_add_loop_test(tc, test_bmodel, 0, 8);
+  tcase_add_test(tc, test_bmodel_generate_config);
   suite_add_tcase(s, tc);
 
   tc = tu_tcase("exact ops", 60);

@@ -549,6 +549,36 @@ START_TEST(predict_fit) {
     free(path);
   }
 
+  /* a run file of other sizes ("model", as bench prefill writes it): the fit models those sizes */
+  {
+    const char *big = "--layers 80 --hidden 8192 --ffn 28672 --q-heads 64 --kv-heads 8";
+    char a3[512];
+    snprintf(a3, sizeof a3, "--method ring --hosts 4 %s %s", rates, big);
+    const double ring70 = predicted(a3);
+    snprintf(a3, sizeof a3, "--method apb --hosts 4 --anchor 4096 --passing 2048 %s %s", rates, big);
+    const double apb70 = predicted(a3);
+    ck_assert_msg(apb70 > 1.5 * apb4, "80 layers of 8192 predicted %g s against %g s for the preset", apb70, apb4);
+    char json[2048], *path = tu_tmpname(".json"), *out = NULL;
+    snprintf(json, sizeof json,
+             "{\"preset\": \"llama3-8b-shape\", \"layers\": 80, \"model\": {\"layers\": 80, \"hidden\": 8192, "
+             "\"ffn\": 28672, \"q_heads\": 64, \"kv_heads\": 8, \"head_dim\": 128, \"vocab\": 128256, "
+             "\"scorer_width\": 1024}, \"runs\": ["
+             "{\"method\": \"ring\", \"gpus\": 4, \"tokens\": 131072, \"prefill_s\": %.9g},"
+             "{\"method\": \"apb\", \"gpus\": 4, \"tokens\": 131072, \"prefill_s\": %.9g, \"anchor\": 4096, "
+             "\"passing\": 2048}]}",
+             ring70, apb70);
+    write_text(path, json);
+    ck_assert_int_eq(apb(&out, "predict --fit '%s' --json", path), 0);
+    const char *at = strstr(out, "\"attn_tflops\": "), *gt = strstr(out, "\"gemm_tflops\": ");
+    ck_assert_msg(at && gt, "unexpected output:\n%s", out);
+    const double fa = strtod(at + 15, NULL), fg = strtod(gt + 15, NULL);
+    ck_assert_msg(fabs(fa / 500 - 1) < 1e-3 && fabs(fg / 700 - 1) < 1e-3,
+                  "fit to the 80-layer runs gave attention %g, GEMM %g; want 500, 700:\n%s", fa, fg, out);
+    free(out);
+    remove(path);
+    free(path);
+  }
+
   /* refusals */
   char *path = tu_tmpname(".json");
   expect(1, "predict --fit /nonexistent/prefill.json", "expected the JSON of apb bench prefill --json");
@@ -566,6 +596,10 @@ START_TEST(predict_fit) {
        "run 0 (apb on 4 GPUs, 1000 tokens)"},
       {RUN1(", \"gpus\": 4, \"tokens\": 1000, \"prefill_s\": 1, \"overlap\": 3"), "\"overlap\" is 3"},
       {"not json", "expected the JSON"},
+      {"{\"preset\": \"tiny\", \"model\": {\"layers\": 2, \"hidden\": 256, \"ffn\": 1024, \"q_heads\": 4, "
+       "\"kv_heads\": 3, \"head_dim\": 64, \"vocab\": 4096, \"scorer_width\": 128}, \"runs\": []}",
+       "\"model\": 4 query heads are not a multiple of 3 KV heads"},
+      {"{\"preset\": \"tiny\", \"model\": {\"layers\": 2}, \"runs\": []}", "\"model\".\"hidden\" is missing"},
   };
 #undef RUN1
   char a2[4200];
@@ -576,6 +610,9 @@ START_TEST(predict_fit) {
   }
   snprintf(a2, sizeof a2, "predict --fit '%s' --tokens 1000", path);
   expect(2, a2, "drop --tokens");
+  snprintf(a2, sizeof a2, "predict --fit '%s' --kv-heads 4", path);
+  expect(2, a2, "drop --kv-heads");
+  expect(2, "predict --kv-heads 3", "32 query heads are not a multiple of 3 KV heads");
   remove(path);
   free(path);
 }

@@ -65,6 +65,8 @@ static apb_model *tiny;
 static apb_model *gqa8;    /* tiny with 16 query and 8 KV heads of 32 (E 512): ulysses on H = 2 and 4 with
                               several KV heads per rank, as the llama3-8b shape runs it */
 static apb_model *g_model; /* what run_plan and make_doc use: tiny unless a test says otherwise */
+static const apb_model_config *g_gen_cfg; /* run_plan's use_preset: this configuration (NULL: tiny's) */
+static int g_gen_I;                       /* and its retaining-head width */
 
 static double now_s(void) {
   struct timespec ts;
@@ -832,7 +834,8 @@ static void run_plan(const apb_plan *plan, where_run w, const char *backend, int
                        .timeout_s = 120, .hook = cap ? sel_hook : NULL, .hook_user = cap, .want_hidden = 1};
     st = apb_sim_execute(plan, g_model, &so, doc, query, o->res, o->stats, &err);
   } else {
-    apb_nccl_opts no = {.backend = backend, .use_preset = use_preset, .preset = APB_PRESET_TINY, .seed = 1,
+    apb_nccl_opts no = {.backend = backend, .use_preset = use_preset, .preset = APB_PRESET_TINY,
+                        .cfg = use_preset ? g_gen_cfg : NULL, .scorer_width = g_gen_I, .seed = 1,
                         .timeout_s = 120, .hook = cap ? sel_hook : NULL, .hook_user = cap, .want_hidden = 1,
                         .warmup = g_warmup, .reps = g_reps, .comm_timing = g_timing,
                         .profile = g_profile};
@@ -995,26 +998,33 @@ START_TEST(test_methods_vs_cpu) {
 }
 END_TEST
 
-/* The preset generated on each device (apb_bmodel_generate): not lib/gen.c's numbers, so it is checked
+/* The preset generated on each device (apb_bmodel_generate; for tiny with 16/8 heads, apb_bmodel_generate_config):
+ * not lib/gen.c's numbers, so it is checked
  * for running and for every rank agreeing, not against the CPU. */
 START_TEST(test_preset_on_device) {
-  int H = Hs[_i];
+  int H = Hs[_i / 2];
+  const int sized = _i % 2; /* 1: tiny with other sizes (apb_bmodel_generate_config on each device) */
   arm(300, "preset on device", _i);
   apb_run_opts ro;
   apb_run_opts_default(&ro);
-  ro.method = APB_METHOD_APB, ro.hosts = H, ro.max_new_tokens = 3;
+  ro.method = sized ? APB_METHOD_ULYSSES : APB_METHOD_APB, ro.hosts = H, ro.max_new_tokens = 3;
   apb_model_config cfg;
   int width = 0;
   apb_preset_config(APB_PRESET_TINY, &cfg, &width);
+  if (sized) cfg = gqa8->cfg, width = 64;
   apb_plan *plan = malloc(sizeof *plan);
   apb_error err = {0};
   ck_assert_msg(apb_plan_make(&ro, 1023, 5, &cfg, width, plan, &err) == APB_OK, "%s", err.msg);
   int32_t *doc, *query;
   make_doc(1023, 5, &doc, &query);
   run_out o;
+  g_gen_cfg = sized ? &cfg : NULL, g_gen_I = width;
+  apb_model *saved = g_model;
+  if (sized) g_model = gqa8; /* run_plan reads the sizes (hidden, vocab) from g_model */
   run_plan(plan, ON_GPUS, "cuda-bf16", 1, NULL, doc, query, &o);
+  g_model = saved, g_gen_cfg = NULL, g_gen_I = 0;
   for (int i = 0; i < cfg.vocab; i++) ck_assert_msg(isfinite(o.logits[i]), "logit %d is %g", i, (double)o.logits[i]);
-  print_tokens("apb, preset generated on each GPU", &o);
+  print_tokens(sized ? "ulysses, tiny with 16/8 heads generated on each GPU" : "apb, preset generated on each GPU", &o);
   run_free(&o);
   free(doc), free(query), free(plan);
   disarm();
@@ -1133,7 +1143,7 @@ int main(void) {
   suite_add_tcase(s, tc);
   tc = tu_tcase("end_to_end", 3600);
   tcase_add_loop_test(tc, test_methods_vs_cpu, 0, N_METHODS * n_Hs);
-  tcase_add_loop_test(tc, test_preset_on_device, 0, n_Hs);
+  tcase_add_loop_test(tc, test_preset_on_device, 0, 2 * n_Hs);
   tcase_add_loop_test(tc, test_warmup_reps, 0, 2);
   suite_add_tcase(s, tc);
   int rc = tu_run(s, "check_gpu_nccl");

@@ -212,12 +212,16 @@ void apb_bmodel_destroy(apb_backend *be, apb_bmodel *bm); /* with the creating i
 /* A generated preset model (apb/model.h) in be's memory, owning its apb_model (bm->owned):
  *   - CPU backends: apb_model_generate(p, seed) on the host, then apb_bmodel_create; the weights are
  *     lib/gen.c's, bitwise;
- *   - CUDA (apb_cuda_bmodel_generate, gpu/gen.cu): bm->m holds only the configuration and scorer width
+ *   - CUDA (apb_cuda_bmodel_generate_config, gpu/gen.cu): bm->m holds only the configuration and scorer width
  *     (every weight pointer NULL, nothing on the host) and every weight is drawn on the device from a
  *     counter-based hash with lib/gen.c's distributions and scales, but NOT lib/gen.c's numbers: a run
  *     that compares the GPU with the CPU must use apb_model_generate + apb_bmodel_create instead.
  * Destroy with apb_bmodel_destroy(be, bm). */
 apb_status apb_bmodel_generate(apb_backend *be, apb_preset p, uint64_t seed, apb_bmodel **out, apb_error *err);
+/* The same for any configuration (checked by apb_config_check) and retaining-head width: on the CPU
+ * apb_model_generate_config's weights, on CUDA drawn on the device as above. */
+apb_status apb_bmodel_generate_config(apb_backend *be, const apb_model_config *cfg, int scorer_width, uint64_t seed,
+                                      apb_bmodel **out, apb_error *err);
 
 #ifdef __cplusplus
 }

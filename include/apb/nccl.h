@@ -84,7 +84,8 @@ apb_status apb_nccl_sync(apb_comm *c, apb_error *err);
  * Weights: from the host model m (apb_bmodel_create on every device), or, when use_preset is set (m
  * may then be NULL), generated on every device from the preset and seed (apb_bmodel_generate: the
  * same weights on every device, but not lib/gen.c's numbers, so a comparison with the CPU goes
- * through a host model); the plan must then have been made with apb_preset_config's configuration.
+ * through a host model); the plan must then have been made with apb_preset_config's configuration
+ * (or with opts.cfg when given).
  *
  * Test-only fault injection (docs/nccl.md): with APB_FAULT_RANK=r in the environment (and
  * APB_FAULT_LAYER=l, default 0), rank r fails with APB_EINVAL ("injected fault") at its first
@@ -95,6 +96,9 @@ typedef struct apb_nccl_opts {
   const int *devices;       /* [H]: device of rank r; NULL: rank r on device r */
   int use_preset;           /* 1: weights generated on each device from preset and seed (m unused) */
   apb_preset preset;
+  const apb_model_config *cfg; /* with use_preset: this configuration instead of the preset's (NULL: the
+                                  preset's), with retaining heads of scorer_width (apb_bmodel_generate_config) */
+  int scorer_width;
   uint64_t seed;
   double timeout_s;         /* collective timeout in seconds; 0: APB_NCCL_TIMEOUT_S, else 300 */
   apb_hook_fn hook;         /* called from the H rank threads at once (it must be thread-safe) */
