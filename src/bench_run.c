@@ -22,16 +22,18 @@ typedef struct bopts {
   int hosts, threads, gemm, reps, json, balance;
   apb_method method;
   const char *backend;
+  cli_shape shape; /* sizes changed from the preset's */
+  char changed[256]; /* them, as " (kv-heads 8, ...)", or "" */
 } bopts;
 
 static int parse(const char *cmd, int argc, char **argv, bopts *o, const char *help) {
-  enum { O_PRESET = 256, O_TOKENS, O_HOSTS, O_THREADS, O_GEMM, O_METHOD, O_BACKEND, O_JSON, O_BALANCE };
+  enum { O_PRESET = 256, O_TOKENS, O_HOSTS, O_THREADS, O_GEMM, O_METHOD, O_BACKEND, O_JSON, O_BALANCE, O_SHAPE };
   static const struct option opts[] = {
       {"preset", required_argument, 0, O_PRESET}, {"tokens", required_argument, 0, O_TOKENS},
       {"hosts", required_argument, 0, O_HOSTS},   {"threads", required_argument, 0, O_THREADS},
       {"gemm", required_argument, 0, O_GEMM},     {"method", required_argument, 0, O_METHOD},
       {"backend", required_argument, 0, O_BACKEND}, {"json", no_argument, 0, O_JSON},
-      {"balance", no_argument, 0, O_BALANCE},
+      {"balance", no_argument, 0, O_BALANCE},      CLI_SHAPE_OPTIONS(O_SHAPE),
       {"help", no_argument, 0, 'h'},              {0, 0, 0, 0}};
   int ch;
   while ((ch = cli_getopt(cmd, argc, argv, opts)) != -1) {
@@ -50,8 +52,13 @@ static int parse(const char *cmd, int argc, char **argv, bopts *o, const char *h
     case O_BACKEND: o->backend = optarg; break;
     case O_JSON: o->json = 1; break;
     case O_BALANCE: o->balance = 1; break;
-    case 'h': fputs(help, stdout); return -1;
-    default: return CLI_USAGE;
+    case 'h': fputs(help, stdout); fputs("Sizes:\n" CLI_SHAPE_HELP, stdout); return -1;
+    default:
+      if (ch >= O_SHAPE && ch < O_SHAPE + CLI_SHAPE_COUNT) {
+        rc = cli_parse_shape(cmd, ch - O_SHAPE, optarg, &o->shape);
+        break;
+      }
+      return CLI_USAGE;
     }
     if (rc) return rc;
   }
@@ -86,7 +93,11 @@ static int prepare(const char *cmd, int argc, char **argv, bopts *o, const char 
   if (rc) return rc;
   cli_set_threads(o->threads);
   apb_error err = {0};
-  apb_status st = apb_model_generate(o->preset, 1, m, &err);
+  apb_model_config cfg;
+  int width = 0;
+  apb_preset_config(o->preset, &cfg, &width);
+  if ((rc = cli_apply_shape(cmd, &o->shape, &cfg, &width, o->changed, sizeof o->changed))) return rc;
+  apb_status st = o->shape.any ? apb_model_generate_config(&cfg, width, 1, m, &err) : apb_model_generate(o->preset, 1, m, &err);
   if (st) return cli_report(cmd, st, &err);
   double gemm_s = cli_time_sgemm(o->gemm, 3, 1);
   if (gemm_s <= 0) {
@@ -121,15 +132,15 @@ int bench_forward(int argc, char **argv) {
     double lin_s = s->stage_s[APB_STAGE_QKV] + s->stage_s[APB_STAGE_OPROJ] + s->stage_s[APB_STAGE_FFN];
     double lin = s->linear_flops / lin_s;
     if (o.json) {
-      printf("{\"preset\": \"%s\", \"tokens\": %lld, \"threads\": %d, \"prefill_s\": %.6f, \"tokens_per_s\": %.1f, "
+      printf("{\"preset\": \"%s\", \"sizes\": \"%s\", \"tokens\": %lld, \"threads\": %d, \"prefill_s\": %.6f, \"tokens_per_s\": %.1f, "
              "\"linear_gflops\": %.3f, \"sgemm_gflops\": %.3f, \"linear_over_sgemm\": %.4f, \"stage_s\": {",
-             apb_preset_name(o.preset), (long long)o.tokens, cli_threads(), s->prefill_s, (double)o.tokens / s->prefill_s,
+             apb_preset_name(o.preset), o.changed, (long long)o.tokens, cli_threads(), s->prefill_s, (double)o.tokens / s->prefill_s,
              lin / 1e9, sgemm / 1e9, lin / sgemm);
       for (int k = 0; k < APB_STAGE_COUNT; k++) printf("%s\"%s\": %.6f", k ? ", " : "", apb_stage_name(k), s->stage_s[k]);
       printf("}}\n");
     } else {
-      printf("apb bench forward: preset %s, %lld tokens, dense on one host, backend %s, %d threads\n",
-             apb_preset_name(o.preset), (long long)o.tokens, o.backend, cli_threads());
+      printf("apb bench forward: preset %s%s, %lld tokens, dense on one host, backend %s, %d threads\n",
+             apb_preset_name(o.preset), o.changed, (long long)o.tokens, o.backend, cli_threads());
       printf("  sgemm (OpenBLAS, M=N=K=%d)        %10.1f GFLOP/s\n", o.gemm, sgemm / 1e9);
       printf("  prefill                         %10.3f s   %10.1f tokens/s\n", s->prefill_s,
              (double)o.tokens / s->prefill_s);
@@ -217,15 +228,15 @@ int bench_sim(int argc, char **argv) {
     int worst = 0;
     double worst_ideal = 0;
     if (!o.json)
-      printf("apb bench sim: %s, preset %s, %lld tokens, %d hosts (serialized), backend %s, %d threads\n"
+      printf("apb bench sim: %s, preset %s%s, %lld tokens, %d hosts (serialized), backend %s, %d threads\n"
              "  sgemm (OpenBLAS, M=N=K=%d): %.1f GFLOP/s\n\n"
              "%5s %8s %10s %10s %10s %9s %12s %12s\n",
-             apb_method_name(o.method), apb_preset_name(o.preset), (long long)o.tokens, plan->H, o.backend,
+             apb_method_name(o.method), apb_preset_name(o.preset), o.changed, (long long)o.tokens, plan->H, o.backend,
              cli_threads(), o.gemm, sgemm / 1e9, "host", "rows", "compute s", "GFLOP", "ideal s", "ratio",
              "peak MiB", "est MiB");
     else
-      printf("{\"method\": \"%s\", \"preset\": \"%s\", \"tokens\": %lld, \"hosts\": %d, \"sgemm_gflops\": %.3f, "
-             "\"hosts_detail\": [", apb_method_name(o.method), apb_preset_name(o.preset), (long long)o.tokens, plan->H,
+      printf("{\"method\": \"%s\", \"preset\": \"%s\", \"sizes\": \"%s\", \"tokens\": %lld, \"hosts\": %d, \"sgemm_gflops\": %.3f, "
+             "\"hosts_detail\": [", apb_method_name(o.method), apb_preset_name(o.preset), o.changed, (long long)o.tokens, plan->H,
              sgemm / 1e9);
     for (int r = 0; r < plan->H; r++) {
       const apb_host_stats *s = &res[r].stats;

@@ -634,6 +634,15 @@ START_TEST(bench_and_demo) {
   assert_has(out, "--tokens wants a comma-separated list");
   free(out);
   expect(2, "bench attn --hq 3 --hkv 2", NULL);
+  /* the CPU benchmarks with the preset's sizes changed: ulysses on 4 hosts needs 4 KV heads */
+  ck_assert_int_eq(apb(&out, "bench sim --preset tiny --tokens 512 --hosts 4 --method ulysses --kv-heads 4 --gemm 64 "
+                             "--threads 2 --json"), 0);
+  assert_has(out, "\"sizes\": \" (kv-heads 4)\"");
+  assert_has(out, "\"hosts\": 4");
+  free(out);
+  expect(1, "bench sim --preset tiny --tokens 512 --hosts 4 --method ulysses --gemm 64 --threads 2",
+         "must divide the 2 KV heads");
+  expect(2, "bench forward --kv-heads 3", "8 query heads are not a multiple of 3 KV heads");
   expect(2, "bench", "attn");
   expect(2, "bench nope", "unknown benchmark target 'nope'");
 
@@ -657,6 +666,8 @@ START_TEST(bench_and_demo) {
       {"bench gpu-ops --reps 0", "--reps wants an integer in [1, 10000]"},
       {"bench gpu-ops --tokens 0", "--tokens wants"},
       {"predict --gemm-tflops -3", "--gemm-tflops wants a finite number"},
+      {"bench prefill --kv-heads 5", "32 query heads are not a multiple of 5 KV heads"},
+      {"bench prefill --head-dim 0", "--head-dim wants an integer in [1,"},
   };
   for (size_t i = 0; i < sizeof gpu_usage / sizeof gpu_usage[0]; i++) expect(2, gpu_usage[i].args, gpu_usage[i].msg);
   /* predict: the rates are used (a 10x slower attention rate moves apb's attention time 10x) */
