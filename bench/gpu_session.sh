@@ -7,8 +7,8 @@
 # lack). Packages are unpacked under /tmp, never into /.
 #
 #   bash bench/gpu_session.sh [STAGE ...]      stages: build check gpucheck bench-attn attn-rounds
-#                                              bench-ops sanitize prefill prefill-ab cache-ab
-#                                              torch-prefill
+#                                              bench-ops sanitize prefill prefill-balance prefill-ab
+#                                              cache-ab torch-prefill
 #   bash bench/gpu_session.sh pack             (here) source tarball into .gpudist when make dist fails
 #
 # Default stages: build gpucheck. Logs and results go to $OUT (or ./.out when OUT is unset).
@@ -126,6 +126,12 @@ for st in "${stages[@]}"; do
     ng=$(nvidia-smi -L | wc -l)
     (cd $bld && ./apb bench prefill ${PREFILL_ARGS:---tokens 131072 --gpus $ng} --json "$OUT/prefill.json" 2>&1 \
        | tee "$OUT/prefill.txt") ;;
+  prefill-balance)
+    # apb and star with --balance (two virtual hosts per GPU), the load-balance half of issue 7, at
+    # $PREFILL_BALANCE_ARGS (default: 128K on every GPU with the peer's lengths, warm, unprofiled).
+    ng=$(nvidia-smi -L | wc -l)
+    (cd $bld && ./apb bench prefill ${PREFILL_BALANCE_ARGS:---tokens 131072 --gpus $ng --anchor 4096 --passing 2048 --warmup 1 --reps 2 --profile 0} \
+       --method star,apb --balance --json "$OUT/prefill-balance.json" 2>&1 | tee "$OUT/prefill-balance.txt") ;;
   cache-ab)
     # The CUDA backend's cache of freed blocks against APB_CUDA_CACHE=0, alternating ($CACHE_AB_ROUNDS
     # rounds, default 2): the setup column (work before the first layer) and the total. $CACHE_AB_ARGS
