@@ -157,7 +157,7 @@ __device__ __forceinline__ uint32_t swz(int row, int chunk, int cpr) {
 /* ================================================================ SIMPLE kernel */
 
 constexpr int kSimpleWarps = 4;
-constexpr int kMaxD = 256;
+constexpr int kMaxD = APB_CUDA_MAX_HEAD_DIM;
 
 /* grid: ceil(T * Hq / kSimpleWarps) blocks of kSimpleWarps warps. Warp id -> row T-1 - id/Hq (longest
  * rows first), query head id % Hq: the warps of a block are consecutive heads of one row, so the heads

@@ -452,6 +452,7 @@ struct MergeTable {
 
 /* One warp per (row r, head h); lane j owns columns j, j + 32, ... (D <= 32 * CU_MERGE_COLS). */
 #define CU_MERGE_COLS 8
+static_assert(32 * CU_MERGE_COLS >= APB_CUDA_MAX_HEAD_DIM, "the merge covers every head dimension apb/cuda.h promises");
 template <typename T, typename Parts>
 __global__ void merge_kernel(Parts parts, int n, int64_t nt, int Hq, int D, T *o, float *lse) {
   const int lane = threadIdx.x & 31;

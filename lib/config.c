@@ -405,9 +405,9 @@ apb_status apb_config_check(const apb_model_config *cfg, apb_error *err) {
            {"head dimension (head_dim)", cfg->head_dim, LIMIT_HEAD_DIM},
            {"vocabulary (vocab_size)", cfg->vocab, LIMIT_VOCAB}};
   for (size_t i = 0; i < sizeof f / sizeof *f; i++)
-    if (f[i].v < 1 || f[i].v > f[i].hi)
-      return apb_error_set(err, APB_EINVAL, "%s is %lld; apb takes 1 to %lld", f[i].name, (long long)f[i].v,
-                           (long long)f[i].hi);
+    if (f[i].v < 1 || f[i].v > f[i].hi) /* as the parser: below 1 is invalid, above the limit unsupported */
+      return apb_error_set(err, f[i].v < 1 ? APB_EINVAL : APB_EUNSUPPORTED, "%s is %lld; apb takes 1 to %lld",
+                           f[i].name, (long long)f[i].v, (long long)f[i].hi);
   if (cfg->n_heads % cfg->n_kv_heads != 0)
     return apb_error_set(err, APB_EINVAL, "%d query heads are not a multiple of %d KV heads", cfg->n_heads,
                          cfg->n_kv_heads);
@@ -419,6 +419,32 @@ apb_status apb_config_check(const apb_model_config *cfg, apb_error *err) {
                          "supports (%d)", (long long)(cfg->n_heads + 2 * cfg->n_kv_heads) * cfg->head_dim, LIMIT_QKV);
   if (!(cfg->rms_eps > 0) || !isfinite(cfg->rms_eps))
     return apb_error_set(err, APB_EINVAL, "RMSNorm epsilon %g is not a positive finite number", cfg->rms_eps);
+  if (cfg->max_pos < 1)
+    return apb_error_set(err, APB_EINVAL, "max_position_embeddings %lld is not positive", (long long)cfg->max_pos);
+  int arch_ok = 0;
+  for (int k = 0; k < ARCH_COUNT; k++) arch_ok |= strcmp(cfg->arch, arch_names[k]) == 0;
+  if (!arch_ok)
+    return apb_error_set(err, APB_EUNSUPPORTED, "architecture \"%.40s\"; apb implements %s and %s", cfg->arch,
+                         arch_names[0], arch_names[1]);
+  /* RoPE: the rules parse_rope applies */
+  const apb_rope *r = &cfg->rope;
+  if (!(r->theta > 0) || !isfinite(r->theta))
+    return apb_error_set(err, APB_EINVAL, "RoPE theta %g is not a positive finite number", r->theta);
+  if (r->type != APB_ROPE_DEFAULT && r->type != APB_ROPE_LINEAR && r->type != APB_ROPE_LLAMA3)
+    return apb_error_set(err, APB_EUNSUPPORTED, "RoPE type %d (apb implements default, linear and llama3)",
+                         (int)r->type);
+  if (r->type != APB_ROPE_DEFAULT && (!(r->factor > 0) || !isfinite(r->factor)))
+    return apb_error_set(err, APB_EINVAL, "RoPE factor %g is not a positive finite number", r->factor);
+  if (r->type == APB_ROPE_LLAMA3) {
+    if (!(r->low_freq_factor > 0) || !isfinite(r->low_freq_factor) || !(r->high_freq_factor > r->low_freq_factor) ||
+        !isfinite(r->high_freq_factor))
+      return apb_error_set(err, APB_EINVAL,
+                           "llama3 RoPE: high_freq_factor (%g) must be finite and greater than low_freq_factor (%g) > 0",
+                           r->high_freq_factor, r->low_freq_factor);
+    if (r->original_max_pos < 1)
+      return apb_error_set(err, APB_EINVAL, "llama3 RoPE: original_max_position_embeddings %lld is not positive",
+                           (long long)r->original_max_pos);
+  }
   return APB_OK;
 }
 
@@ -438,6 +464,8 @@ apb_status apb_config_parse(const char *json, size_t len, const char *label, apb
                          je.column);
   apb_status st = parse_root(&c, root, cfg);
   json_decref(root);
+  /* what the parser accepts, the check accepts (it states the same rules for configurations made in code) */
+  if (st == APB_OK && (st = apb_config_check(cfg, err)) != APB_OK) apb_error_set(err, st, "%s", c.L);
   if (st != APB_OK) memset(cfg, 0, sizeof *cfg);
   return st;
 }

@@ -50,6 +50,13 @@ apb_status apb_cost_plan(const apb_plan *p, const apb_model_config *cfg, int sco
   int H = p->H, L = cfg->n_layers, Hq = cfg->n_heads, Hkv = cfg->n_kv_heads, D = cfg->head_dim;
   double E = cfg->hidden, F = cfg->ffn, QKV = (double)(Hq + 2 * Hkv) * D, es = act_bytes;
   if (act_bytes <= 0) return apb_error_set(err, APB_EINVAL, "cost model: act_bytes must be positive");
+  /* the byte counts are int64: refuse sizes whose largest count (every layer moving every row's q, k, v,
+   * o and FFN activations H times) could pass 2^62, rather than wrap silently */
+  const double worst = (double)p->n * (E + QKV + 3 * F + (double)Hq * D + 4.0 * Hq) * es * L * (H + 1) * 4;
+  if (!(worst < 4.6e18))
+    return apb_error_set(err, APB_EUNSUPPORTED,
+                         "cost model: %lld tokens x %d layers at these sizes exceed its 64-bit byte counts",
+                         (long long)p->n, L);
   apb_method m = p->o.method;
   for (int r = 0; r < H; r++) {
     apb_cost *c = &out[r];

@@ -154,7 +154,8 @@ apb_status apb_plan_make(const apb_run_opts *o, int64_t n, int64_t q_len, const 
     return apb_error_set(err, APB_EINVAL, "--pool must be an odd window >= 1, got %d", p->pool);
   if (p->lp > 0 && o->scorer == APB_SCORER_RETAINING && scorer_width <= 0)
     return apb_error_set(err, APB_EINVAL, "the retaining scorer needs retaining heads (fc1/fc2), and this model has "
-                         "none: pass --heads FILE, or --scorer random|uniform");
+                         "none (scorer width 0): load them (apb run --heads FILE), generate them (--scorer-width "
+                         ">= 1), or choose another scorer (apb run --scorer random|uniform)");
   p->excl0 = p->embed_query ? p->la - q_len : p->la;
   for (int v = 0; v < p->V; v++) {
     int64_t len = p->block_start[v + 1] - p->block_start[v];

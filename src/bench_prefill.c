@@ -256,7 +256,10 @@ int bench_prefill(int argc, char **argv) {
   int I = 0;
   char changed[256] = "";
   apb_preset_config(preset, &cfg, &I);
-  int src = cli_apply_shape(CMD, &shape, &cfg, &I, changed, sizeof changed);
+  int apb_in = 0;
+  for (int i = 0; i < nm; i++) apb_in |= ms[i] == APB_METHOD_APB;
+  int src = cli_apply_shape(CMD, &shape, CLI_SHAPE_CUDA | (apb_in ? CLI_SHAPE_NEED_HEADS : 0), &cfg, &I, changed,
+                            sizeof changed);
   if (src) return src;
   if (!apb_nccl_built()) return cli_fail(CMD, "this apb was built without NCCL/CUDA: nothing to benchmark here");
   apb_error err = {0};
@@ -277,12 +280,11 @@ int bench_prefill(int argc, char **argv) {
     if (*c == '"' || *c == '\\' || (unsigned char)*c < 0x20) *c = ' '; /* for the JSON string */
   const char *dev0_json = strncmp(dev0, "device 0: ", 10) ? dev0 : dev0 + 10; /* the key names the device */
   if (jf)
-    fprintf(jf,
-            "{\"preset\": \"%s\", \"layers\": %d, \"model\": {\"layers\": %d, \"hidden\": %d, \"ffn\": %d, "
-            "\"q_heads\": %d, \"kv_heads\": %d, \"head_dim\": %d, \"vocab\": %d, \"scorer_width\": %d}, "
-            "\"gpus_visible\": %d, \"device0\": \"%s\", \"runs\": [",
-            apb_preset_name(preset), cfg.n_layers, cfg.n_layers, cfg.hidden, cfg.ffn, cfg.n_heads, cfg.n_kv_heads,
-            cfg.head_dim, cfg.vocab, I, ndev, dev0_json);
+  {
+    fprintf(jf, "{\"preset\": \"%s\", \"layers\": %d, ", apb_preset_name(preset), cfg.n_layers);
+    cli_json_model(jf, &cfg, I);
+    fprintf(jf, ", \"gpus_visible\": %d, \"device0\": \"%s\", \"runs\": [", ndev, dev0_json);
+  }
   printf("apb bench prefill: preset %s%s, %d layers, bf16, %d GPU(s) visible; %s\n", apb_preset_name(preset), changed,
          cfg.n_layers, ndev, dev0);
   printf("%-8s %4s %8s %10s %12s %10s %10s %9s %9s %8s", "method", "gpus", "tokens", "prefill s", "tokens/s",

@@ -96,7 +96,9 @@ static int prepare(const char *cmd, int argc, char **argv, bopts *o, const char 
   apb_model_config cfg;
   int width = 0;
   apb_preset_config(o->preset, &cfg, &width);
-  if ((rc = cli_apply_shape(cmd, &o->shape, &cfg, &width, o->changed, sizeof o->changed))) return rc;
+  const int flags = (o->method == APB_METHOD_APB ? CLI_SHAPE_NEED_HEADS : 0) |
+                    (strncmp(o->backend, "cuda", 4) == 0 ? CLI_SHAPE_CUDA : 0);
+  if ((rc = cli_apply_shape(cmd, &o->shape, flags, &cfg, &width, o->changed, sizeof o->changed))) return rc;
   apb_status st = o->shape.any ? apb_model_generate_config(&cfg, width, 1, m, &err) : apb_model_generate(o->preset, 1, m, &err);
   if (st) return cli_report(cmd, st, &err);
   double gemm_s = cli_time_sgemm(o->gemm, 3, 1);
@@ -132,9 +134,11 @@ int bench_forward(int argc, char **argv) {
     double lin_s = s->stage_s[APB_STAGE_QKV] + s->stage_s[APB_STAGE_OPROJ] + s->stage_s[APB_STAGE_FFN];
     double lin = s->linear_flops / lin_s;
     if (o.json) {
-      printf("{\"preset\": \"%s\", \"sizes\": \"%s\", \"tokens\": %lld, \"threads\": %d, \"prefill_s\": %.6f, \"tokens_per_s\": %.1f, "
+      printf("{\"preset\": \"%s\", ", apb_preset_name(o.preset));
+      cli_json_model(stdout, &m->cfg, m->scorer_width);
+      printf(", \"tokens\": %lld, \"threads\": %d, \"prefill_s\": %.6f, \"tokens_per_s\": %.1f, "
              "\"linear_gflops\": %.3f, \"sgemm_gflops\": %.3f, \"linear_over_sgemm\": %.4f, \"stage_s\": {",
-             apb_preset_name(o.preset), o.changed, (long long)o.tokens, cli_threads(), s->prefill_s, (double)o.tokens / s->prefill_s,
+             (long long)o.tokens, cli_threads(), s->prefill_s, (double)o.tokens / s->prefill_s,
              lin / 1e9, sgemm / 1e9, lin / sgemm);
       for (int k = 0; k < APB_STAGE_COUNT; k++) printf("%s\"%s\": %.6f", k ? ", " : "", apb_stage_name(k), s->stage_s[k]);
       printf("}}\n");
@@ -235,9 +239,12 @@ int bench_sim(int argc, char **argv) {
              cli_threads(), o.gemm, sgemm / 1e9, "host", "rows", "compute s", "GFLOP", "ideal s", "ratio",
              "peak MiB", "est MiB");
     else
-      printf("{\"method\": \"%s\", \"preset\": \"%s\", \"sizes\": \"%s\", \"tokens\": %lld, \"hosts\": %d, \"sgemm_gflops\": %.3f, "
-             "\"hosts_detail\": [", apb_method_name(o.method), apb_preset_name(o.preset), o.changed, (long long)o.tokens, plan->H,
-             sgemm / 1e9);
+    {
+      printf("{\"method\": \"%s\", \"preset\": \"%s\", ", apb_method_name(o.method), apb_preset_name(o.preset));
+      cli_json_model(stdout, &m->cfg, m->scorer_width);
+      printf(", \"tokens\": %lld, \"hosts\": %d, \"sgemm_gflops\": %.3f, \"hosts_detail\": [", (long long)o.tokens,
+             plan->H, sgemm / 1e9);
+    }
     for (int r = 0; r < plan->H; r++) {
       const apb_host_stats *s = &res[r].stats;
       double comp = s->prefill_s - s->prefill_wait_s, fl = s->attn_flops + s->linear_flops, ideal = fl / sgemm;

@@ -195,8 +195,8 @@ int cli_parse_shape(const char *cmd, int which, const char *s, cli_shape *shape)
   return 0;
 }
 
-int cli_apply_shape(const char *cmd, const cli_shape *shape, apb_model_config *cfg, int *scorer_width, char *desc,
-                    size_t len) {
+int cli_apply_shape(const char *cmd, const cli_shape *shape, int flags, apb_model_config *cfg, int *scorer_width,
+                    char *desc, size_t len) {
   int *field[CLI_SHAPE_COUNT] = {&cfg->n_layers,   &cfg->hidden, &cfg->ffn,   &cfg->n_heads,
                                  &cfg->n_kv_heads, &cfg->head_dim, &cfg->vocab, scorer_width};
   size_t at = 0;
@@ -211,7 +211,20 @@ int cli_apply_shape(const char *cmd, const cli_shape *shape, apb_model_config *c
   apb_error err = {0};
   if (apb_config_check(cfg, &err) != APB_OK) return cli_usage(cmd, "the model's sizes: %s", err.msg);
   if (*scorer_width > (1 << 20)) return cli_usage(cmd, "--scorer-width %d: apb takes 0 to %d", *scorer_width, 1 << 20);
+  if ((flags & CLI_SHAPE_NEED_HEADS) && *scorer_width < 1)
+    return cli_usage(cmd, "--scorer-width 0 leaves the model without retaining heads, and apb %s scores with them "
+                          "(it has no --scorer option): give a width >= 1", cmd);
+  if ((flags & CLI_SHAPE_CUDA) && cfg->head_dim > APB_CUDA_MAX_HEAD_DIM)
+    return cli_usage(cmd, "head dimension %d: the CUDA kernels take at most %d (the CPU backends take any even one)",
+                     cfg->head_dim, APB_CUDA_MAX_HEAD_DIM);
   return 0;
+}
+
+void cli_json_model(FILE *f, const apb_model_config *cfg, int scorer_width) {
+  fprintf(f,
+          "\"model\": {\"layers\": %d, \"hidden\": %d, \"ffn\": %d, \"q_heads\": %d, \"kv_heads\": %d, "
+          "\"head_dim\": %d, \"vocab\": %d, \"scorer_width\": %d}",
+          cfg->n_layers, cfg->hidden, cfg->ffn, cfg->n_heads, cfg->n_kv_heads, cfg->head_dim, cfg->vocab, scorer_width);
 }
 
 int cli_parse_i64_list(const char *cmd, const char *opt, const char *s, int64_t lo, int64_t hi,

@@ -19,6 +19,7 @@
 
 #include <getopt.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <stdint.h>
 
 #include "apb/apb.h"
@@ -91,7 +92,8 @@ int cli_parse_f64(const char *cmd, const char *opt, const char *s, double lo, do
 enum { CLI_RATE_ATTN, CLI_RATE_GEMM, CLI_RATE_MEM, CLI_RATE_LINK, CLI_RATE_LAT, CLI_RATE_COUNT };
 extern const char *const cli_rate_names[CLI_RATE_COUNT]; /* the option names, without "--" */
 int cli_parse_rate(const char *cmd, int which, const char *s, apb_hw *hw);
-/* Sizes of a generated preset as options, shared by `run` and `gen-model`: --layers, --hidden, --ffn,
+/* Sizes of a generated preset as options, shared by every command that makes a model from a preset
+ * (run, gen-model, predict, bench forward, sim and prefill): --layers, --hidden, --ffn,
  * --q-heads, --kv-heads, --head-dim, --vocab, --scorer-width, each changing that size alone (no other
  * size follows it). A command puts CLI_SHAPE_OPTIONS(base) in its option table, calls
  * cli_parse_shape(cmd, val - base, optarg, &shape) for vals base .. base + CLI_SHAPE_COUNT - 1, and
@@ -122,9 +124,15 @@ typedef struct cli_shape {
 int cli_parse_shape(const char *cmd, int which, const char *s, cli_shape *shape);
 /* cfg and *scorer_width (a preset's, changed in place) with the given sizes, checked by
  * apb_config_check; desc [len] receives what changed (" (q-heads 16, kv-heads 8)", or "" when nothing
- * did). 0, or CLI_USAGE after saying what is wrong. */
-int cli_apply_shape(const char *cmd, const cli_shape *shape, apb_model_config *cfg, int *scorer_width, char *desc,
-                    size_t len);
+ * did). flags: CLI_SHAPE_NEED_HEADS (the command has no other scorer than the retaining heads: width 0
+ * refused), CLI_SHAPE_CUDA (the model runs on the CUDA backend: head dimension at most
+ * APB_CUDA_MAX_HEAD_DIM). 0, or CLI_USAGE after saying what is wrong. */
+enum { CLI_SHAPE_NEED_HEADS = 1, CLI_SHAPE_CUDA = 2 };
+int cli_apply_shape(const char *cmd, const cli_shape *shape, int flags, apb_model_config *cfg, int *scorer_width,
+                    char *desc, size_t len);
+/* `"model": {"layers": L, "hidden": E, "ffn": F, "q_heads": Hq, "kv_heads": Hkv, "head_dim": D, "vocab": V,
+ * "scorer_width": I}` (no leading or trailing comma): the sizes a JSON result was computed with. */
+void cli_json_model(FILE *f, const apb_model_config *cfg, int scorer_width);
 /* A comma-separated list of 1..max integers, each in [lo, hi] (suffixes as cli_parse_i64), into
  * out [max]; *n receives the count. */
 int cli_parse_i64_list(const char *cmd, const char *opt, const char *s, int64_t lo, int64_t hi,

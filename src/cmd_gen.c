@@ -86,7 +86,7 @@ int cmd_gen_model(int argc, char **argv) {
   int I = 0;
   char changed[256] = "";
   apb_preset_config((apb_preset)preset, &cfg, &I);
-  if ((rc = cli_apply_shape(cmd, &shape, &cfg, &I, changed, sizeof changed))) return rc;
+  if ((rc = cli_apply_shape(cmd, &shape, 0, &cfg, &I, changed, sizeof changed))) return rc;
   apb_error err = {0};
   apb_model *m = NULL;
   apb_status st = shape.any ? apb_model_generate_config(&cfg, I, (uint64_t)seed, &m, &err)
@@ -101,7 +101,7 @@ int cmd_gen_model(int argc, char **argv) {
     snprintf(hp, sizeof hp, "%s/%s", out, APB_HEADS_FILE);
     if (remove(hp) != 0 && errno != ENOENT) return cli_fail(cmd, "%s: cannot remove the earlier model's file: %s", hp, strerror(errno));
   }
-  printf("apb gen-model: wrote %s%s (seed %lld, %s, %.1f M parameters) to %s: config.json, model.safetensors%s%s\n",
+  printf("apb gen-model: wrote %s%s, seed %lld, %s, %.1f M parameters, to %s: config.json, model.safetensors%s%s\n",
          preset_names[preset], changed, (long long)seed, dtype == 1 ? "BF16" : "F32", (double)params / 1e6, out,
          I > 0 ? ", " : " (no retaining heads: --scorer-width 0)", I > 0 ? APB_HEADS_FILE : "");
   return CLI_OK;

@@ -97,8 +97,10 @@ static int fit_load(const char *file, int act, const apb_hw *hw, fit_run **runs,
     int *fields[] = {&cfg.n_layers, &cfg.hidden, &cfg.ffn, &cfg.n_heads, &cfg.n_kv_heads, &cfg.head_dim, &cfg.vocab, &I};
     for (int k = 0; k < 8 && !rc; k++) {
       json_t *v = json_object_get(mj, keys[k]);
-      if (!json_is_integer(v) || json_integer_value(v) < (k == 7 ? 0 : 1) || json_integer_value(v) > INT32_MAX)
-        rc = cli_fail(CMD, "%s: \"model\".\"%s\" is missing or not a positive integer", file, keys[k]);
+      const int64_t lo = k == 7 ? 0 : 1, hi = k == 7 ? 1 << 20 : INT32_MAX;
+      if (!json_is_integer(v) || json_integer_value(v) < lo || json_integer_value(v) > hi)
+        rc = cli_fail(CMD, "%s: \"model\".\"%s\" is missing or not an integer in [%lld, %lld]", file, keys[k],
+                      (long long)lo, (long long)hi);
       else
         *fields[k] = (int)json_integer_value(v);
     }
@@ -295,7 +297,7 @@ int cmd_predict(int argc, char **argv) {
   }
   if (optind < argc) return free(fits), cli_usage(CMD, "unexpected argument '%s'", argv[optind]);
   if (model_dir && shape.any)
-    return free(fits), cli_usage(CMD, "--layers, --hidden, --q-heads and the other sizes change a preset; a --model "
+    return free(fits), cli_usage(CMD, "the size options (--layers ... --scorer-width) change a preset; a --model "
                                       "directory has its own config.json");
   if (nfit) {
     int rc = plan_opt ? cli_usage(CMD, "--fit takes each run's own model, method and lengths from its file; "
@@ -317,14 +319,20 @@ int cmd_predict(int argc, char **argv) {
   } else {
     char changed[256];
     apb_preset_config(preset, &cfg, &I);
-    int src = cli_apply_shape(CMD, &shape, &cfg, &I, changed, sizeof changed);
+    int apb_in = 0;
+    for (int i = 0; i < nm; i++) apb_in |= ms[i] == APB_METHOD_APB;
+    int src = cli_apply_shape(CMD, &shape, apb_in ? CLI_SHAPE_NEED_HEADS : 0, &cfg, &I, changed, sizeof changed);
     if (src) return src;
   }
   apb_plan *plan = malloc(sizeof *plan);
   apb_cost *c = malloc(sizeof *c * APB_MAX_HOSTS);
   if (!plan || !c) return free(plan), free(c), cli_fail(CMD, "out of memory");
   int rc = CLI_OK;
-  if (json) printf("{\"tokens\": %lld, \"hosts\": %d, \"methods\": [", (long long)n, o.hosts);
+  if (json) {
+    printf("{\"tokens\": %lld, \"hosts\": %d, ", (long long)n, o.hosts);
+    cli_json_model(stdout, &cfg, I);
+    printf(", \"methods\": [");
+  }
   else
     printf("%-8s %4s %10s %10s %10s %10s %10s %10s %12s\n", "method", "host", "total s", "attn s", "linear s",
            "elem s", "comm s", "comm MiB", "attn TFLOP");

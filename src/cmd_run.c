@@ -538,8 +538,10 @@ static void print_table(const run_cfg *c, const apb_model *m, int64_t n, const m
     if (mr[i].m == APB_METHOD_DENSE) ref = &mr[i];
   int V = m->cfg.vocab;
   if (c->json) {
-    printf("{\"document_tokens\": %lld, \"query_tokens\": %lld, \"layers\": %d, \"hidden\": %d, \"methods\": [",
+    printf("{\"document_tokens\": %lld, \"query_tokens\": %lld, \"layers\": %d, \"hidden\": %d, ",
            (long long)n, (long long)c->q_len, m->cfg.n_layers, m->cfg.hidden);
+    cli_json_model(stdout, &m->cfg, m->scorer_width);
+    printf(", \"methods\": [");
     for (int i = 0; i < nm; i++) {
       printf("%s{\"method\": \"%s\", \"hosts\": %d, \"wall_s\": %.6f, \"prefill_s\": %.6f, "
              "\"prefill_compute_s\": %.6f, \"slowest_host_s\": %.6f, \"attn_flops_max\": %.6g, "
@@ -555,9 +557,10 @@ static void print_table(const run_cfg *c, const apb_model *m, int64_t n, const m
     printf("]}\n");
     return;
   }
-  printf("apb run: %lld-token document + %lld-token query, %d layers, hidden %d, heads %d/%d x %d, backend %s\n\n",
+  printf("apb run: %lld-token document + %lld-token query, %d layers, hidden %d, heads %d/%d x %d, ffn %d, vocab "
+         "%d, backend %s\n\n",
          (long long)n, (long long)c->q_len, m->cfg.n_layers, m->cfg.hidden, m->cfg.n_heads, m->cfg.n_kv_heads,
-         m->cfg.head_dim, c->backend ? c->backend : "fast");
+         m->cfg.head_dim, m->cfg.ffn, m->cfg.vocab, c->backend ? c->backend : "fast");
   printf("%-8s %5s %9s %9s %9s %12s %12s %12s %14s %9s\n", "method", "hosts", "wall s", "prefill s", "compute s",
          "attn GF max", "attn GF sum", "comm MiB", "logits relerr", "top-1");
   for (int i = 0; i < nm; i++) {
@@ -684,8 +687,8 @@ int cmd_run(int argc, char **argv) {
   if (c.model_dir && preset_given) return cli_usage(CMD, "--model and --preset are exclusive; give one");
   if (c.heads && !c.model_dir) return cli_usage(CMD, "--heads goes with --model (presets carry their own heads)");
   if (c.model_dir && shape.any)
-    return cli_usage(CMD, "--layers, --hidden, --q-heads and the other sizes change a preset; a --model directory "
-                          "has its own config.json");
+    return cli_usage(CMD, "the size options (--layers ... --scorer-width) change a generated preset; a --model "
+                          "directory has its own config.json and retaining heads");
   if (c.tokens_path && syn_given) return cli_usage(CMD, "--tokens and --synthetic are exclusive; give one");
   if (c.dump_layers && !c.dump) return cli_usage(CMD, "--dump-layers needs --dump FILE");
   if (c.dump && c.n_methods != 1) return cli_usage(CMD, "--dump writes one run: give exactly one --method");
@@ -712,9 +715,11 @@ int cmd_run(int argc, char **argv) {
   else if (shape.any) {
     apb_model_config mc;
     int I = 0, rc2;
-    char changed[256]; /* the header line below prints the sizes */
+    char changed[256]; /* unused: the table's header line and --json print the model's sizes */
     apb_preset_config(c.preset, &mc, &I);
-    if ((rc2 = cli_apply_shape(CMD, &shape, &mc, &I, changed, sizeof changed))) return rc2;
+    const int on_cuda = c.backend && strncmp(c.backend, "cuda", 4) == 0;
+    if ((rc2 = cli_apply_shape(CMD, &shape, on_cuda ? CLI_SHAPE_CUDA : 0, &mc, &I, changed, sizeof changed)))
+      return rc2;
     st = apb_model_generate_config(&mc, I, c.seed, &m, &err);
   } else
     st = apb_model_generate(c.preset, c.seed, &m, &err);

@@ -637,12 +637,16 @@ START_TEST(bench_and_demo) {
   /* the CPU benchmarks with the preset's sizes changed: ulysses on 4 hosts needs 4 KV heads */
   ck_assert_int_eq(apb(&out, "bench sim --preset tiny --tokens 512 --hosts 4 --method ulysses --kv-heads 4 --gemm 64 "
                              "--threads 2 --json"), 0);
-  assert_has(out, "\"sizes\": \" (kv-heads 4)\"");
+  assert_has(out, "\"model\": {\"layers\": 2, \"hidden\": 256, \"ffn\": 1024, \"q_heads\": 4, \"kv_heads\": 4, ");
   assert_has(out, "\"hosts\": 4");
   free(out);
   expect(1, "bench sim --preset tiny --tokens 512 --hosts 4 --method ulysses --gemm 64 --threads 2",
          "must divide the 2 KV heads");
   expect(2, "bench forward --kv-heads 3", "8 query heads are not a multiple of 3 KV heads");
+  /* without apb the retaining heads are not needed; the JSON says what ran */
+  ck_assert_int_eq(apb(&out, "predict --scorer-width 0 --method ring,star --json"), 0);
+  assert_has(out, "\"scorer_width\": 0}");
+  free(out);
   expect(2, "bench", "attn");
   expect(2, "bench nope", "unknown benchmark target 'nope'");
 
@@ -668,6 +672,10 @@ START_TEST(bench_and_demo) {
       {"predict --gemm-tflops -3", "--gemm-tflops wants a finite number"},
       {"bench prefill --kv-heads 5", "32 query heads are not a multiple of 5 KV heads"},
       {"bench prefill --head-dim 0", "--head-dim wants an integer in [1,"},
+      {"bench prefill --head-dim 258", "head dimension 258: the CUDA kernels take at most 256"},
+      {"bench prefill --scorer-width 0", "--scorer-width 0 leaves the model without retaining heads"},
+      {"predict --scorer-width 0", "apb predict scores with them"},
+      {"bench sim --scorer-width 0", "--scorer-width 0 leaves the model without retaining heads"},
   };
   for (size_t i = 0; i < sizeof gpu_usage / sizeof gpu_usage[0]; i++) expect(2, gpu_usage[i].args, gpu_usage[i].msg);
   /* predict: the rates are used (a 10x slower attention rate moves apb's attention time 10x) */

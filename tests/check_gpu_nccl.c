@@ -908,7 +908,8 @@ static const int on_gqa8[] = {0, 0, 0, 0, 0, 0, 0, 0, 1}; /* the last on gqa8: s
 START_TEST(test_methods_vs_cpu) {
   int H = Hs[_i / N_METHODS];
   apb_method m = methods[_i % N_METHODS];
-  g_model = on_gqa8[_i % N_METHODS] ? gqa8 : tiny;
+  /* every test sets what run_plan reads (CK_FORK=no: a failed test does not get to restore it) */
+  g_model = on_gqa8[_i % N_METHODS] ? gqa8 : tiny, g_gen_cfg = NULL, g_gen_I = 0;
   if (m == APB_METHOD_ULYSSES && g_model->cfg.n_kv_heads % H) {
     fprintf(stderr, "  ulysses with H=%d: skipped, H must divide the %d KV heads\n", H, g_model->cfg.n_kv_heads);
     return;
@@ -1002,12 +1003,14 @@ END_TEST
  * not lib/gen.c's numbers, so it is checked
  * for running and for every rank agreeing, not against the CPU. */
 START_TEST(test_preset_on_device) {
-  int H = Hs[_i / 2];
-  const int sized = _i % 2; /* 1: tiny with other sizes (apb_bmodel_generate_config on each device) */
+  int H = Hs[_i / 3];
+  /* 0: the tiny preset, apb; 1 and 2: tiny with 16/8 heads and retaining heads of width 64
+   * (apb_bmodel_generate_config on each device), ulysses and apb */
+  const int sized = _i % 3 != 0;
   arm(300, "preset on device", _i);
   apb_run_opts ro;
   apb_run_opts_default(&ro);
-  ro.method = sized ? APB_METHOD_ULYSSES : APB_METHOD_APB, ro.hosts = H, ro.max_new_tokens = 3;
+  ro.method = _i % 3 == 1 ? APB_METHOD_ULYSSES : APB_METHOD_APB, ro.hosts = H, ro.max_new_tokens = 3;
   apb_model_config cfg;
   int width = 0;
   apb_preset_config(APB_PRESET_TINY, &cfg, &width);
@@ -1018,13 +1021,15 @@ START_TEST(test_preset_on_device) {
   int32_t *doc, *query;
   make_doc(1023, 5, &doc, &query);
   run_out o;
-  g_gen_cfg = sized ? &cfg : NULL, g_gen_I = width;
-  apb_model *saved = g_model;
-  if (sized) g_model = gqa8; /* run_plan reads the sizes (hidden, vocab) from g_model */
+  /* run_plan reads the sizes (hidden, vocab) from g_model and generates g_gen_cfg on each device */
+  g_model = sized ? gqa8 : tiny, g_gen_cfg = sized ? &cfg : NULL, g_gen_I = width;
   run_plan(plan, ON_GPUS, "cuda-bf16", 1, NULL, doc, query, &o);
-  g_model = saved, g_gen_cfg = NULL, g_gen_I = 0;
+  g_model = tiny, g_gen_cfg = NULL, g_gen_I = 0;
   for (int i = 0; i < cfg.vocab; i++) ck_assert_msg(isfinite(o.logits[i]), "logit %d is %g", i, (double)o.logits[i]);
-  print_tokens(sized ? "ulysses, tiny with 16/8 heads generated on each GPU" : "apb, preset generated on each GPU", &o);
+  char what[96];
+  snprintf(what, sizeof what, "%s, %s generated on each GPU", apb_method_name(ro.method),
+           sized ? "tiny with 16/8 heads" : "the preset");
+  print_tokens(what, &o);
   run_free(&o);
   free(doc), free(query), free(plan);
   disarm();
@@ -1035,6 +1040,7 @@ END_TEST
  * bit, with the counts of one run. */
 START_TEST(test_warmup_reps) {
   int H = Hs[0];
+  g_model = tiny, g_gen_cfg = NULL, g_gen_I = 0;
   arm(300, "warmup and reps", _i);
   apb_run_opts ro;
   apb_run_opts_default(&ro);
@@ -1143,7 +1149,7 @@ int main(void) {
   suite_add_tcase(s, tc);
   tc = tu_tcase("end_to_end", 3600);
   tcase_add_loop_test(tc, test_methods_vs_cpu, 0, N_METHODS * n_Hs);
-  tcase_add_loop_test(tc, test_preset_on_device, 0, 2 * n_Hs);
+  tcase_add_loop_test(tc, test_preset_on_device, 0, 3 * n_Hs);
   tcase_add_loop_test(tc, test_warmup_reps, 0, 2);
   suite_add_tcase(s, tc);
   int rc = tu_run(s, "check_gpu_nccl");

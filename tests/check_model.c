@@ -1392,6 +1392,27 @@ START_TEST(config_check) {
   ck_assert_int_eq(apb_config_check(&c, &err), APB_EINVAL);
   c = b, c.vocab = -5;
   ck_assert_int_eq(apb_config_check(&c, &err), APB_EINVAL);
+  c = b, c.vocab = (1 << 24) + 1; /* above the limit: unsupported, as the parser says */
+  ck_assert_int_eq(apb_config_check(&c, &err), APB_EUNSUPPORTED);
+  /* RoPE and architecture: what the parser refuses (a zero theta or factor gives infinite frequencies) */
+  c = b, c.rope.theta = 0;
+  ck_assert_int_eq(apb_config_check(&c, &err), APB_EINVAL);
+  ck_assert_msg(strstr(err.msg, "RoPE theta"), "%s", err.msg);
+  c = b, c.rope.type = APB_ROPE_LINEAR, c.rope.factor = 0;
+  ck_assert_int_eq(apb_config_check(&c, &err), APB_EINVAL);
+  c = b, c.rope.type = (apb_rope_type)7;
+  ck_assert_int_eq(apb_config_check(&c, &err), APB_EUNSUPPORTED);
+  apb_preset_config(APB_PRESET_LLAMA3_8B, &c, &I);
+  expect_ok("llama3 RoPE", apb_config_check(&c, &err), &err);
+  c.rope.high_freq_factor = c.rope.low_freq_factor;
+  ck_assert_int_eq(apb_config_check(&c, &err), APB_EINVAL);
+  apb_preset_config(APB_PRESET_LLAMA3_8B, &c, &I);
+  c.rope.original_max_pos = 0;
+  ck_assert_int_eq(apb_config_check(&c, &err), APB_EINVAL);
+  c = b, strcpy(c.arch, "GPT2LMHeadModel");
+  ck_assert_int_eq(apb_config_check(&c, &err), APB_EUNSUPPORTED);
+  c = b, c.max_pos = 0;
+  ck_assert_int_eq(apb_config_check(&c, &err), APB_EINVAL);
   ck_assert_int_eq(apb_config_check(NULL, &err), APB_EINVAL);
   /* apb_model_generate_config refuses what the check refuses, before allocating */
   apb_model *m = (apb_model *)&b;

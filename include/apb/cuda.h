@@ -29,6 +29,10 @@ apb_status apb_cuda_device_count(int *n, apb_error *err);
 /* One line describing device `dev` (name, SMs, memory, compute capability) into buf. */
 apb_status apb_cuda_device_describe(int dev, char *buf, size_t len, apb_error *err);
 
+/* The largest head dimension the CUDA kernels take (attention, LSE merge); a model with a larger one
+ * runs on the CPU backends only. */
+#define APB_CUDA_MAX_HEAD_DIM 256
+
 /* ---------------------------------------------------------------- attention (gpu/attn.cu)
  *
  * APB's segmented attention for one host (shared/APB.md 3.6) on the GPU: the same function, the same
@@ -38,7 +42,7 @@ apb_status apb_cuda_device_describe(int dev, char *buf, size_t len, apb_error *e
  * three key segments stay separate arrays (never copied into one buffer). Legend as apb/attn.h. */
 typedef struct apb_cuda_attn_args {
   int64_t P, A, B;        /* passing keys, anchor rows/keys, local rows (and local keys if local_keys) */
-  int Hq, Hkv, D;         /* Hq % Hkv == 0; 1 <= D <= 256 */
+  int Hq, Hkv, D;         /* Hq % Hkv == 0; 1 <= D <= APB_CUDA_MAX_HEAD_DIM */
   int local_keys;         /* 1: local rows see local keys causally; 0: P and A only (kb/vb unused) */
   float scale;            /* softmax scale; 0 means 1/sqrt(D) */
   apb_dtype dtype;        /* storage of q, k, v, o: APB_DT_BF16 or APB_DT_F32 (SIMPLE only) */
