@@ -164,8 +164,6 @@ apb_status apb_bmodel_generate(apb_backend *be, apb_preset p, uint64_t seed, apb
   int I = 0;
   apb_preset_config(p, &cfg, &I);
   apb_status st = apb_bmodel_generate_config(be, &cfg, I, seed, out, err);
-  if (st != APB_OK && p == APB_PRESET_LLAMA3_8B && (!be || be->device < 0) && st == APB_ENOMEM)
-    return apb_error_set(err, st, "preset %s is meant for the GPU machines (%.1f GB of fp32 weights)",
-                         apb_preset_name(p), (double)apb_model_param_count(&cfg, I) * 4 / 1e9);
-  return st;
+  /* the allocation's own message says how much memory it needed and found */
+  return st == APB_OK ? st : apb_error_set(err, st, "preset %s", apb_preset_name(p));
 }

@@ -99,7 +99,7 @@ static int prepare(const char *cmd, int argc, char **argv, bopts *o, const char 
   const int flags = (o->method == APB_METHOD_APB ? CLI_SHAPE_NEED_HEADS : 0) |
                     (strncmp(o->backend, "cuda", 4) == 0 ? CLI_SHAPE_CUDA : 0);
   if ((rc = cli_apply_shape(cmd, &o->shape, flags, &cfg, &width, o->changed, sizeof o->changed))) return rc;
-  apb_status st = o->shape.any ? apb_model_generate_config(&cfg, width, 1, m, &err) : apb_model_generate(o->preset, 1, m, &err);
+  apb_status st = apb_model_generate_config(&cfg, width, 1, m, &err);
   if (st) return cli_report(cmd, st, &err);
   double gemm_s = cli_time_sgemm(o->gemm, 3, 1);
   if (gemm_s <= 0) {

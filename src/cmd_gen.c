@@ -2,7 +2,7 @@
  * directory (config.json, model.safetensors, retaining_heads.safetensors) that apb and transformers
  * both load.
  *
- * It parses the options, calls apb_model_generate and apb_model_save, and prints one line saying what
+ * It parses the options, calls apb_model_generate_config and apb_model_save, and prints one line saying what
  * was written. Not here: the presets and how weights are drawn (lib/gen.c), the file formats
  * (lib/model.c). Tested through the program in tests/check_cli.c and, for what it writes, by the
  * round trips of tests/check_model.c.
@@ -31,7 +31,7 @@ static const char help_text[] =
     "  small            L 4   E 512   F 2048   Hq 8  Hkv 2  D 64   V 8192    I 256   (98 MB)\n"
     "  llama3-8b-shape  L 32  E 4096  F 14336  Hq 32 Hkv 8  D 128  V 128256  I 1024  (33 GB; 16 GB bf16)\n"
     "  llama3-8b-shape needs its fp32 weights in memory (33 GB) even for a bf16 file: it is meant\n"
-    "  for the GPU machines, and the command says so when memory is short.\n"
+    "  for the GPU machines, and the command says how much it needs and found when memory is short.\n"
     "\n"
     "Options:\n"
     "  --preset P    tiny, small or llama3-8b-shape (required)\n"
@@ -89,8 +89,7 @@ int cmd_gen_model(int argc, char **argv) {
   if ((rc = cli_apply_shape(cmd, &shape, 0, &cfg, &I, changed, sizeof changed))) return rc;
   apb_error err = {0};
   apb_model *m = NULL;
-  apb_status st = shape.any ? apb_model_generate_config(&cfg, I, (uint64_t)seed, &m, &err)
-                            : apb_model_generate((apb_preset)preset, (uint64_t)seed, &m, &err);
+  apb_status st = apb_model_generate_config(&cfg, I, (uint64_t)seed, &m, &err);
   if (st != APB_OK) return cli_report(cmd, st, &err);
   st = apb_model_save(m, out, dtype == 1, &err);
   int64_t params = apb_model_param_count(&m->cfg, m->scorer_width);

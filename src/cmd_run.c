@@ -712,7 +712,7 @@ int cmd_run(int argc, char **argv) {
   apb_status st;
   if (c.model_dir)
     st = apb_model_load(c.model_dir, c.heads, &m, &err);
-  else if (shape.any) {
+  else { /* the preset, with the sizes the options changed */
     apb_model_config mc;
     int I = 0, rc2;
     char changed[256]; /* unused: the table's header line and --json print the model's sizes */
@@ -721,8 +721,7 @@ int cmd_run(int argc, char **argv) {
     if ((rc2 = cli_apply_shape(CMD, &shape, on_cuda ? CLI_SHAPE_CUDA : 0, &mc, &I, changed, sizeof changed)))
       return rc2;
     st = apb_model_generate_config(&mc, I, c.seed, &m, &err);
-  } else
-    st = apb_model_generate(c.preset, c.seed, &m, &err);
+  }
   if (st) return cli_report(CMD, st, &err);
   int32_t *doc = NULL, *query = NULL;
   int64_t n = 0;

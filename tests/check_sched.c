@@ -118,6 +118,24 @@ static void assert_matches(const char *what, const run_out *a, const run_out *re
   tu_assert_close(buf, a->logits, ref->logits, ref->V, t);
 }
 
+/* the same greedy tokens as ref */
+static void assert_same_tokens(const char *what, const run_out *a, const run_out *ref) {
+  ck_assert_msg(a->n_gen == ref->n_gen, "%s: %lld tokens generated, %lld in the reference", what, (long long)a->n_gen,
+                (long long)ref->n_gen);
+  for (int64_t t = 0; t < ref->n_gen; t++)
+    ck_assert_msg(a->gen[t] == ref->gen[t], "%s: token %lld is %d, %d in the reference", what, (long long)t, a->gen[t],
+                  ref->gen[t]);
+}
+
+/* the same final hidden states and logits as ref, bit for bit */
+static void assert_bitwise_run(const char *what, const run_out *a, const run_out *ref) {
+  char buf[160];
+  snprintf(buf, sizeof buf, "%s: hidden", what);
+  tu_assert_bitwise(buf, a->hidden, ref->hidden, ref->n * ref->E);
+  snprintf(buf, sizeof buf, "%s: logits", what);
+  tu_assert_bitwise(buf, a->logits, ref->logits, ref->V);
+}
+
 static const int64_t lens[] = {1023, 1025};
 static const int hosts[] = {1, 2, 3, 4, 8};
 
@@ -136,7 +154,7 @@ START_TEST(test_exact_methods_equal_dense) {
     snprintf(what, sizeof what, "%s H=%d n=%lld", apb_method_name(ms[k]), H, (long long)n);
     assert_matches(what, &x, &dense);
     ck_assert_int_eq(x.n_gen, 4);
-    for (int t = 0; t < 4; t++) ck_assert_msg(x.gen[t] == dense.gen[t], "%s: token %d %d vs dense %d", what, t, x.gen[t], dense.gen[t]);
+    assert_same_tokens(what, &x, &dense);
     run_free(&x);
   }
   run_free(&dense);
@@ -148,8 +166,7 @@ START_TEST(test_apb_h1_is_dense) {
   apb_run_opts od = opts(APB_METHOD_DENSE, 1), oa = opts(APB_METHOD_APB, 1);
   run(&od, lens[_i], 5, 0, &dense);
   run(&oa, lens[_i], 5, 0, &a);
-  tu_assert_bitwise("apb H=1 hidden vs dense", a.hidden, dense.hidden, lens[_i] * tiny->cfg.hidden);
-  tu_assert_bitwise("apb H=1 logits vs dense", a.logits, dense.logits, tiny->cfg.vocab);
+  assert_bitwise_run("apb H=1 vs dense", &a, &dense);
   run_free(&dense), run_free(&a);
 }
 END_TEST
@@ -163,8 +180,7 @@ START_TEST(test_apb_lp0_is_star) {
   oa.embed_query = 0;
   run(&os, 1025, 5, 0, &s);
   run(&oa, 1025, 5, 0, &a);
-  tu_assert_bitwise("apb l_p=0 hidden vs star", a.hidden, s.hidden, 1025 * tiny->cfg.hidden);
-  tu_assert_bitwise("apb l_p=0 logits vs star", a.logits, s.logits, tiny->cfg.vocab);
+  assert_bitwise_run("apb l_p=0 vs star", &a, &s);
   run_free(&s), run_free(&a);
 }
 END_TEST
@@ -200,7 +216,7 @@ START_TEST(test_apb_overlap_same_function) {
     char what[64];
     snprintf(what, sizeof what, "apb --overlap %d vs 0, H=%d", ovl, hosts[1 + _i]);
     assert_matches(what, &b, &a);
-    for (int t = 0; t < 4; t++) ck_assert_msg(b.gen[t] == a.gen[t], "%s: token %d differs", what, t);
+    assert_same_tokens(what, &b, &a);
     run_free(&b);
   }
   run_free(&a);
@@ -222,9 +238,8 @@ START_TEST(test_ulysses_pipeline_bitwise) {
   ck_assert_int_eq(b.plan.uly_groups, 2);
   char what[64];
   snprintf(what, sizeof what, "ulysses pipelined vs not, H=%d", H);
-  tu_assert_bitwise(what, b.hidden, a.hidden, 1025 * tiny->cfg.hidden);
-  tu_assert_bitwise(what, b.logits, a.logits, tiny->cfg.vocab);
-  for (int t = 0; t < 4; t++) ck_assert_msg(b.gen[t] == a.gen[t], "%s: token %d differs", what, t);
+  assert_bitwise_run(what, &b, &a);
+  assert_same_tokens(what, &b, &a);
   for (int r = 0; r < H; r++) {
     const int64_t ca = a.stats[r].calls[APB_COLL_ALLTOALL], cb = b.stats[r].calls[APB_COLL_ALLTOALL];
     const int64_t sa = a.stats[r].bytes_sent[APB_COLL_ALLTOALL], ra = a.stats[r].bytes_recv[APB_COLL_ALLTOALL];
@@ -261,10 +276,10 @@ START_TEST(test_ulysses_many_heads) {
   char what[80];
   snprintf(what, sizeof what, "ulysses blocking vs dense, 16/8 heads, H=%d", H);
   assert_matches(what, &a, &dense);
-  for (int t = 0; t < 4; t++) ck_assert_msg(a.gen[t] == dense.gen[t], "%s: token %d differs", what, t);
+  assert_same_tokens(what, &a, &dense);
   snprintf(what, sizeof what, "ulysses pipelined (%d groups) vs blocking, 16/8 heads, H=%d", b.plan.uly_groups, H);
-  tu_assert_bitwise(what, b.hidden, a.hidden, n * gqa8->cfg.hidden);
-  tu_assert_bitwise(what, b.logits, a.logits, gqa8->cfg.vocab);
+  assert_bitwise_run(what, &b, &a);
+  assert_same_tokens(what, &b, &a);
   for (int r = 0; r < H; r++)
     ck_assert_msg(a.stats[r].bytes_sent[APB_COLL_ALLTOALL] == b.stats[r].bytes_sent[APB_COLL_ALLTOALL] &&
                       a.stats[r].bytes_recv[APB_COLL_ALLTOALL] == b.stats[r].bytes_recv[APB_COLL_ALLTOALL],
@@ -296,7 +311,7 @@ START_TEST(test_balance_equals_2h_hosts) {
     char what[80];
     snprintf(what, sizeof what, "%s --balance --overlap %d H=%d vs %d hosts", apb_method_name(m), ovl, H, 2 * H);
     assert_matches(what, &b, &u);
-    for (int t = 0; t < 4; t++) ck_assert_msg(b.gen[t] == u.gen[t], "%s: token %d differs", what, t);
+    assert_same_tokens(what, &b, &u);
     run_free(&b);
   }
   run_free(&u);
@@ -309,8 +324,7 @@ START_TEST(test_threads_bitwise) {
   apb_run_opts o = opts(ms[_i], 2);
   run(&o, 1023, 9, 1, &a);
   run(&o, 1023, 9, 2, &b);
-  tu_assert_bitwise("hidden, 1 vs 2 threads", a.hidden, b.hidden, 1023 * tiny->cfg.hidden);
-  tu_assert_bitwise("logits, 1 vs 2 threads", a.logits, b.logits, tiny->cfg.vocab);
+  assert_bitwise_run("1 vs 2 threads", &a, &b);
   run_free(&a), run_free(&b);
 }
 END_TEST
@@ -333,8 +347,7 @@ START_TEST(test_profile_stages) {
     g_profile = 0;
     char what[96];
     snprintf(what, sizeof what, "%s H=2 --profile %d against unprofiled", apb_method_name(m), prof);
-    tu_assert_bitwise(what, a.hidden, ref.hidden, 1025 * tiny->cfg.hidden);
-    tu_assert_bitwise(what, a.logits, ref.logits, tiny->cfg.vocab);
+    assert_bitwise_run(what, &a, &ref);
     for (int r = 0; r < a.H; r++) tu_assert_stages(what, r, &a.res[r].stats);
     if (m == APB_METHOD_APB)
       ck_assert_msg(a.res[0].stats.stage_s[APB_STAGE_SCORE] > 0, "%s: host 0 compresses but its scorer is not timed",
