@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # bench/gpu_session.sh: build, test and benchmark apb on a lent GPU machine in one go.
 #
-# Run from the repository root on the GPU machine, with two folders carried along (both ignored by git,
-# see docs/gpu.md): .gpudist/apb-*.tar.gz (from `make dist` here, so configure and libtool come with
+# Run from the repository root on the GPU machine, with two folders carried along (both ignored by git):
+# .gpudist/apb-*.tar.gz (from `make dist` here, so configure and libtool come with
 # it: the GPU machines have no libtool) and .gpudeps/*.deb (Check and jansson, which the GPU machines
 # lack). Packages are unpacked under /tmp, never into /.
 #

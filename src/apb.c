@@ -24,7 +24,7 @@ static const cli_command commands[] = {
     {"attn", "one host's segmented attention (dense, star, apb) on q/k/v from a safetensors file",
      cmd_attn},
     {"cmp", "compare every tensor of two safetensors files within a tolerance", cmd_cmp},
-    {"bench", "benchmarks: attn (CPU fast path vs sgemm), gpu-attn (CUDA kernels)", cmd_bench},
+    {"bench", "benchmarks against a baseline of the same run: attn, forward, sim (CPU); gpu-attn, gpu-ops, prefill (GPUs)", cmd_bench},
     {"demo", "APB attention for the last host on random data: fast path against the oracle", cmd_demo},
 };
 static const int n_commands = (int)(sizeof commands / sizeof commands[0]);

@@ -262,6 +262,7 @@ int bench_prefill(int argc, char **argv) {
                             sizeof changed);
   if (src) return src;
   if (!apb_nccl_built()) return cli_fail(CMD, "this apb was built without NCCL/CUDA: nothing to benchmark here");
+  setenv("NCCL_NVLS_ENABLE", "0", 0); /* NVLink multicast stays off on shared machines (docs/nccl.md) */
   apb_error err = {0};
   int ndev = 0;
   if (apb_cuda_device_count(&ndev, &err) != APB_OK) return cli_report(CMD, APB_ENODEVICE, &err);

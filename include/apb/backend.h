@@ -210,8 +210,8 @@ apb_status apb_bmodel_create(apb_backend *be, const apb_model *m, apb_bmodel **o
 void apb_bmodel_destroy(apb_backend *be, apb_bmodel *bm); /* with the creating instance; NULL is allowed */
 
 /* A generated preset model (apb/model.h) in be's memory, owning its apb_model (bm->owned):
- *   - CPU backends: apb_model_generate(p, seed) on the host, then apb_bmodel_create; the weights are
- *     lib/gen.c's, bitwise;
+ *   - CPU backends: the preset's configuration through apb_model_generate_config on the host (the
+ *     weights of apb_model_generate(p, seed), bitwise: lib/gen.c's), then apb_bmodel_create;
  *   - CUDA (apb_cuda_bmodel_generate_config, gpu/gen.cu): bm->m holds only the configuration and scorer width
  *     (every weight pointer NULL, nothing on the host) and every weight is drawn on the device from a
  *     counter-based hash with lib/gen.c's distributions and scales, but NOT lib/gen.c's numbers: a run

@@ -15,7 +15,8 @@
  * (bytes a rank copies to itself are not counted), so that the cost model can trust them.
  *
  * Implementations: sim/comm_sim.c (H hosts as threads in one process), sim/comm_mpi.c (one process per
- * host under mpirun), gpu/comm_nccl.c (NCCL). Tested in tests/check_comm.c and tests/check_sim.c.
+ * host under mpirun), gpu/comm_nccl.c (NCCL). Tested in tests/check_comm.c (the simulated hosts),
+ * tests/check_sched.c (MPI runs, bitwise against the simulated ones) and tests/check_gpu_nccl.c (NCCL).
  */
 #ifndef APB_COMM_H
 #define APB_COMM_H

@@ -176,8 +176,8 @@ apb_status apb_cuda_set_mem_limit(int device, size_t bytes, apb_error *err);
 apb_status apb_cuda_mem_held(int device, size_t *held, size_t *limit, apb_error *err);
 
 /* apb_bmodel_generate_config for a CUDA instance (apb/backend.h says what it makes). APB_EINVAL when
- * be is not a CUDA instance or the configuration fails apb_config_check; APB_ENOMEM when the device
- * memory does not suffice. */
+ * be is not a CUDA instance or scorer_width is outside 0 .. 2^20; apb_config_check's error when the
+ * configuration fails it; APB_ENOMEM when the device memory does not suffice. */
 apb_status apb_cuda_bmodel_generate_config(apb_backend *be, const apb_model_config *cfg, int scorer_width,
                                            uint64_t seed, apb_bmodel **out, apb_error *err);
 

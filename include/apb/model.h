@@ -101,8 +101,11 @@ apb_status apb_config_parse(const char *json, size_t len, const char *label, apb
 apb_status apb_config_load(const char *path, apb_model_config *cfg, apb_error *err);
 /* Check a configuration made in code (a preset changed by hand) against what apb_config_parse
  * accepts: every size from 1 to the parser's limit, query heads a multiple of KV heads, an even head
- * dimension, (Hq + 2 Hkv) x D within the limit, a positive finite RMSNorm epsilon. APB_EINVAL or
- * APB_EUNSUPPORTED with a message naming the field. apb_model_generate_config calls it. */
+ * dimension, (Hq + 2 Hkv) x D within the limit, a positive finite RMSNorm epsilon, a positive
+ * max_pos, a known architecture, and the RoPE rules (positive finite theta; default, linear or llama3;
+ * a positive factor; llama3's high > low > 0 and a positive original length). APB_EINVAL (a value out
+ * of its domain) or APB_EUNSUPPORTED (beyond a limit, odd D, another architecture or RoPE type) with a
+ * message naming the field. apb_model_generate_config calls it. */
 apb_status apb_config_check(const apb_model_config *cfg, apb_error *err);
 
 /* Load DIR/config.json and the weights (DIR/model.safetensors, else the shards named by

@@ -21,8 +21,8 @@
  * APB_ETIMEOUT or APB_ECOMM with a message naming the rank, the device and the collective. In one
  * process an abort aborts every communicator of the group; under mpirun `abort` ends the job
  * (MPI_Abort), as the MPI communicator does. docs/nccl.md has the design, the environment variables
- * (APB_NCCL_TIMEOUT_S, APB_NCCL_CHECK, APB_FAULT_RANK, APB_FAULT_LAYER) and how to run on the GPU
- * machines.
+ * (APB_NCCL_TIMEOUT_S, APB_NCCL_CHECK, APB_NCCL_TIMING, APB_FAULT_RANK, APB_FAULT_LAYER) and how to run
+ * on the GPU machines.
  *
  * Without NCCL compiled in (configure found no nccl.h/libnccl or no CUDA) every entry point except
  * apb_nccl_built and apb_nccl_sync returns APB_EUNSUPPORTED and says why.

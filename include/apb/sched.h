@@ -39,7 +39,8 @@ typedef enum apb_method {
 typedef enum apb_scorer {
   APB_SCORER_RETAINING = 0, /* Locret retaining heads (APB.md 3.2), APB's default */
   APB_SCORER_RANDOM,        /* seeded uniform random scores */
-  APB_SCORER_UNIFORM,       /* evenly spaced tokens: stride T / l_p, the rest scored lower */
+  APB_SCORER_UNIFORM,       /* n_sel tokens evenly spaced over the block's eligible ones score 1,
+                               the rest 0 */
   APB_SCORER_COUNT
 } apb_scorer;
 
@@ -57,7 +58,7 @@ typedef struct apb_run_opts {
   int64_t query_offset;     /* s; -1: 0 */
   int embed_query;          /* -1: apb 1, star 0 */
   apb_scorer scorer;        /* default APB_SCORER_RETAINING */
-  int pool;                 /* max-pool window w, odd; -1: 5 */
+  int pool;                 /* max-pool window w, odd; -1: 5 with the retaining scorer, else 1 */
   uint64_t seed;            /* random scorer */
   int64_t max_new_tokens;   /* greedy decode steps after the query (>= 0) */
   int64_t ffn_chunk;        /* rows per FFN chunk; -1: 8192 */

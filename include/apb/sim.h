@@ -66,11 +66,11 @@ typedef struct apb_sim_opts {
 apb_status apb_sim_execute(const apb_plan *plan, const apb_model *m, const apb_sim_opts *o, const int32_t *doc,
                            const int32_t *query, apb_host_result *res, apb_comm_stats *stats, apb_error *err);
 
-/* MPI: 1 when the program runs under mpirun/mpiexec with more than one rank, or MPI is initialised.
- * Without MPI compiled in: 0. */
+/* MPI: 1 when MPI is initialised or a launcher's variable (OMPI_COMM_WORLD_SIZE, PMI_SIZE, PMIX_RANK,
+ * MPI_LOCALNRANKS) is set, i.e. under mpirun/mpiexec, one rank included. Without MPI compiled in: 0. */
 int apb_mpi_detect(void);
 /* Initialise MPI (if needed) and make the world communicator; be is this rank's backend (host memory
- * only). APB_EUNSUPPORTED without MPI. */
+ * only: a backend with device memory is APB_EUNSUPPORTED, GPUs use NCCL). APB_EUNSUPPORTED without MPI. */
 apb_status apb_comm_mpi(apb_backend *be, apb_comm **out, apb_error *err);
 void apb_mpi_finalize(void);
 
