@@ -499,6 +499,8 @@ apb_status apb_model_load(const char *dir, const char *heads_path, apb_model **o
   apb_error_clear(err);
   if (!dir || !out) return apb_error_set(err, APB_EINVAL, "apb_model_load: NULL directory or output");
   *out = NULL;
+  if (!*dir) return apb_error_set(err, APB_EINVAL, "the model directory is empty (\"\"); give the directory "
+                                  "holding config.json");
   apb_model_config cfg;
   char *cfg_path = join(dir, "config.json");
   if (!cfg_path) return apb_error_set(err, APB_ENOMEM, "%s: out of memory", dir);

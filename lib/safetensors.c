@@ -382,6 +382,7 @@ apb_status apb_st_open_mem(const void *buf, size_t size, const char *label, apb_
 apb_status apb_st_open(const char *path, apb_st_file **out, apb_error *err) {
   if (!path || !out) return apb_error_set(err, APB_EINVAL, "apb_st_open: NULL path or output handle");
   *out = NULL;
+  if (!*path) return apb_error_set(err, APB_EIO, "cannot open the file: its path is empty; give a file name");
   int fd = open(path, O_RDONLY | O_CLOEXEC);
   if (fd < 0) return apb_error_set(err, APB_EIO, "%s: cannot open: %s", path, strerror(errno));
   struct stat sb;
@@ -705,6 +706,7 @@ fail:
 apb_status apb_st_write(const char *path, int n, const apb_st_entry *entries, int n_meta,
                         const char *const *meta_keys, const char *const *meta_vals, apb_error *err) {
   if (!path) return apb_error_set(err, APB_EINVAL, "apb_st_write: NULL path");
+  if (!*path) return apb_error_set(err, APB_EINVAL, "the output path is empty; give a file name");
   if (n < 0 || (n > 0 && !entries))
     return apb_error_set(err, APB_EINVAL, "%s: %d tensors given with entries %p", path, n,
                          (const void *)entries);

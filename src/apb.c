@@ -41,7 +41,8 @@ static void usage(void) {
          "Commands:\n",
          APB_VERSION_STRING, default_job[0]);
   cli_list(commands, n_commands);
-  printf("\nExit status: 0 success, 1 failure (bad data, a failed check), 2 usage error.\n");
+  printf("\nWhole-number options take a K, M or G suffix (x 2^10, 2^20, 2^30): --synthetic 128K is 131072 tokens.\n"
+         "Exit status: 0 success, 1 failure (bad data, a failed check), 2 usage error.\n");
 }
 
 static int run(int argc, char **argv) {

@@ -20,6 +20,7 @@ typedef struct bopts {
   apb_preset preset;
   int64_t tokens;
   int hosts, threads, gemm, reps, json, balance;
+  int one_host; /* bench forward: dense on one host, so --hosts, --method and --balance are not its options */
   apb_method method;
   const char *backend;
   cli_shape shape; /* sizes changed from the preset's */
@@ -38,6 +39,9 @@ static int parse(const char *cmd, int argc, char **argv, bopts *o, const char *h
   int ch;
   while ((ch = cli_getopt(cmd, argc, argv, opts)) != -1) {
     int rc = 0;
+    if (o->one_host && (ch == O_HOSTS || ch == O_METHOD || ch == O_BALANCE))
+      return cli_usage(cmd, "--%s: %s runs dense on one host; for hosts and methods use apb bench sim",
+                       ch == O_HOSTS ? "hosts" : ch == O_METHOD ? "method" : "balance", cmd);
     switch (ch) {
     case O_PRESET:
       if (apb_preset_parse(optarg, &o->preset)) return cli_usage(cmd, "--preset: unknown preset '%s'", optarg);
@@ -120,7 +124,7 @@ static const char forward_help[] =
 int bench_forward(int argc, char **argv) {
   const char *cmd = "bench forward";
   bopts o = {.preset = APB_PRESET_SMALL, .tokens = 8192, .hosts = 1, .gemm = 2048, .method = APB_METHOD_DENSE,
-             .backend = "fast"};
+             .backend = "fast", .one_host = 1};
   apb_model *m = NULL;
   double sgemm = 0;
   int rc = prepare(cmd, argc, argv, &o, forward_help, &m, &sgemm);

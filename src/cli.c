@@ -383,19 +383,19 @@ double cli_time_sgemm(int g, int reps, uint64_t seed) {
 }
 
 int cli_parse_methods(const char *cmd, const char *opt, const char *s, apb_method *out, int *n) {
-  char *dup = strdup(s), *save = NULL;
-  if (!dup) return cli_fail(cmd, "out of memory");
-  int rc = CLI_OK;
   *n = 0;
-  for (char *t = strtok_r(dup, ",", &save); t && !rc; t = strtok_r(NULL, ",", &save)) {
-    if (*n == APB_METHOD_COUNT)
-      rc = cli_usage(cmd, "%s: at most %d methods", opt, APB_METHOD_COUNT);
-    else if (apb_method_parse(t, &out[*n]))
-      rc = cli_usage(cmd, "%s: unknown method '%s' (dense, ring, zigzag, ulysses, star, apb)", opt, t);
-    else
-      (*n)++;
+  for (const char *t = s;; t++) {
+    const size_t len = strcspn(t, ",");
+    char name[32];
+    if (len == 0) return cli_usage(cmd, "%s '%s': an empty item; give methods separated by single commas", opt, s);
+    snprintf(name, sizeof name, "%.*s", len < sizeof name ? (int)len : (int)sizeof name - 1, t);
+    apb_method m;
+    if (len >= sizeof name || apb_method_parse(name, &m))
+      return cli_usage(cmd, "%s: unknown method '%.*s' (dense, ring, zigzag, ulysses, star, apb)", opt, (int)len, t);
+    for (int i = 0; i < *n; i++)
+      if (out[i] == m) return cli_usage(cmd, "%s: '%s' is listed twice", opt, name);
+    out[(*n)++] = m; /* distinct, so at most APB_METHOD_COUNT */
+    t += len;
+    if (!*t) return CLI_OK;
   }
-  if (!rc && *n == 0) rc = cli_usage(cmd, "%s: empty list", opt);
-  free(dup);
-  return rc;
 }

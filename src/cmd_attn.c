@@ -278,6 +278,19 @@ int cmd_attn(int argc, char **argv) {
     rc = cli_report(cmd, st, &err);
     goto done;
   }
+  /* Finite inputs can still overflow fp32 in scale * q.k; every row sees at least one key, so a
+   * non-finite o or lse is that overflow, never a result. */
+  int64_t bad_o = cli_first_nonfinite(out, R * Hq * D), bad_l = cli_first_nonfinite(lse, R * Hq);
+  if (bad_o >= 0 || bad_l >= 0) {
+    char idx[128];
+    int64_t shape_o[3] = {R, Hq, D}, shape_l[2] = {Hq, R};
+    if (bad_o >= 0) cli_format_index(idx, sizeof idx, 3, shape_o, bad_o);
+    else cli_format_index(idx, sizeof idx, 2, shape_l, bad_l);
+    rc = cli_fail(cmd, "the output %s is not finite at %s: scale * q.k (scale %g) overflows fp32 for these "
+                  "inputs; scale q and k down (or lower --scale) and run again",
+                  bad_o >= 0 ? "o" : "lse", idx, (double)scale);
+    goto done;
+  }
   rc = write_out(&o, &a, scale, seconds);
 
 done:

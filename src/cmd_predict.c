@@ -16,7 +16,7 @@
 
 static void help(const apb_hw *hw) {
   printf("Usage: apb predict [--preset NAME [sizes] | --model DIR] [--tokens N] [--query-len Q] [--method LIST]\n"
-         "                   [--hosts H] [--anchor A] [--passing P] [--balance] [--overlap 0|1|2] [--act-bytes 2|4]\n"
+         "                   [--hosts H] [--anchor A] [--passing P] [--balance] [--overlap 0|1|2] [--act-bytes B]\n"
          "                   [--attn-tflops X] [--gemm-tflops X] [--mem-gbs X] [--link-gbs X] [--latency-us X]\n"
          "                   [--per-host] [--json]\n"
          "       apb predict --fit FILE.json [--fit FILE.json ...] [--mem-gbs X] [--link-gbs X] [--latency-us X]\n"
@@ -34,7 +34,7 @@ static void help(const apb_hw *hw) {
          "  --balance         apb, star: two virtual hosts per host (h and 2H-1-h), as apb run --balance\n"
          "  --anchor A, --passing P   as in apb run (defaults of shared/APB.md 2)\n"
          "  --overlap 0|1|2   as in apb run (default 2): apb's [P|A] key copies, ulysses' collectives\n"
-         "  --act-bytes B     bytes per activation element (default 2: bf16)\n"
+         "  --act-bytes B     bytes per activation element, 1-8 (default 2: bf16; 4: fp32)\n"
          "  --attn-tflops X   default %.0f\n  --gemm-tflops X   default %.0f\n  --mem-gbs X       default %.0f\n"
          "  --link-gbs X      default %.0f\n  --latency-us X    default %.0f\n"
          "  --per-host        one row per host instead of the slowest host\n"
@@ -226,6 +226,13 @@ static int fit(const char **files, int nfiles, int act, apb_hw *hw, int json) {
   return rc;
 }
 
+/* opts for method m of the list: star keeps no passing block, and only apb and star pair virtual hosts */
+static void method_opts(apb_run_opts *o, apb_method m) {
+  o->method = m;
+  if (m == APB_METHOD_STAR && o->passing > 0) o->passing = -1;
+  o->balance = o->balance > 0 && (m == APB_METHOD_APB || m == APB_METHOD_STAR);
+}
+
 int cmd_predict(int argc, char **argv) {
   apb_hw hw;
   apb_hw_default(&hw);
@@ -236,7 +243,7 @@ int cmd_predict(int argc, char **argv) {
   apb_run_opts_default(&o);
   o.hosts = 4;
   apb_method ms[APB_METHOD_COUNT];
-  int nm = 0, act = 2, per_host = 0, json = 0;
+  int nm = 0, act = 2, per_host = 0, json = 0, methods_given = 0;
   for (int i = 0; i < APB_METHOD_COUNT; i++) ms[nm++] = (apb_method)i;
   enum { O_PRESET = 256, O_MODEL, O_TOKENS, O_Q, O_METHOD, O_HOSTS, O_ANCHOR, O_PASSING, O_ACT, O_AT, O_GT, O_MEM,
          O_LINK, O_LAT, O_PER, O_JSON, O_BAL, O_FIT, O_OVL, O_SHAPE };
@@ -269,7 +276,7 @@ int cmd_predict(int argc, char **argv) {
     case O_MODEL: model_dir = optarg; break;
     case O_TOKENS: rc = cli_parse_i64(CMD, "--tokens", optarg, 1, (int64_t)1 << 40, &n); break;
     case O_Q: rc = cli_parse_i64(CMD, "--query-len", optarg, 1, 1 << 20, &q); break;
-    case O_METHOD: rc = cli_parse_methods(CMD, "--method", optarg, ms, &nm); break;
+    case O_METHOD: rc = cli_parse_methods(CMD, "--method", optarg, ms, &nm), methods_given = 1; break;
     case O_HOSTS: rc = cli_parse_int(CMD, "--hosts", optarg, 1, APB_MAX_HOSTS, &o.hosts); break;
     case O_ANCHOR: rc = cli_parse_i64(CMD, "--anchor", optarg, 0, (int64_t)1 << 40, &o.anchor); break;
     case O_PASSING: rc = cli_parse_i64(CMD, "--passing", optarg, 0, (int64_t)1 << 40, &o.passing); break;
@@ -296,6 +303,7 @@ int cmd_predict(int argc, char **argv) {
     if (rc) return free(fits), rc;
   }
   if (optind < argc) return free(fits), cli_usage(CMD, "unexpected argument '%s'", argv[optind]);
+  if (model_dir && !*model_dir) return free(fits), cli_usage(CMD, "--model wants a directory, got ''");
   if (model_dir && shape.any)
     return free(fits), cli_usage(CMD, "the size options (--layers ... --scorer-width) change a preset; a --model "
                                       "directory has its own config.json");
@@ -328,6 +336,18 @@ int cmd_predict(int argc, char **argv) {
   apb_cost *c = malloc(sizeof *c * APB_MAX_HOSTS);
   if (!plan || !c) return free(plan), free(c), cli_fail(CMD, "out of memory");
   int rc = CLI_OK;
+  /* every method's plan first: a refused one ends the command before any output (no partial JSON) */
+  for (int i = 0; i < nm; i++) {
+    apb_run_opts oi = o;
+    method_opts(&oi, ms[i]);
+    apb_status st = apb_plan_make(&oi, n, q, &cfg, I, plan, &err);
+    if (st) {
+      free(plan), free(c);
+      if (methods_given) return cli_report(CMD, st, &err);
+      return cli_fail(CMD, "%s (%s); the default --method is every method: give --method without %s",
+                      err.msg, apb_status_str(st), apb_method_name(ms[i]));
+    }
+  }
   if (json) {
     printf("{\"tokens\": %lld, \"hosts\": %d, ", (long long)n, o.hosts);
     cli_json_model(stdout, &cfg, I);
@@ -338,9 +358,7 @@ int cmd_predict(int argc, char **argv) {
            "elem s", "comm s", "comm MiB", "attn TFLOP");
   for (int i = 0; i < nm && !rc; i++) {
     apb_run_opts oi = o;
-    oi.method = ms[i];
-    if (ms[i] == APB_METHOD_STAR && o.passing > 0) oi.passing = -1;
-    oi.balance = o.balance > 0 && (ms[i] == APB_METHOD_APB || ms[i] == APB_METHOD_STAR); /* others: no pairs */
+    method_opts(&oi, ms[i]);
     apb_status st = apb_plan_make(&oi, n, q, &cfg, I, plan, &err);
     if (!st) st = apb_cost_plan(plan, &cfg, I, act, &hw, c, &err);
     if (st) {

@@ -10,6 +10,7 @@
  * (end to end, including mpirun) and tests/check_cli.c; the GPU paths (--gpus, and a CUDA backend
  * under mpirun, both through NCCL) by tests/check_gpu_nccl.c.
  */
+#include <errno.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -41,7 +42,8 @@ static void help(void) {
       "(shared/APB.md 3-5), and prints a table against dense.\n\n"
       "Model:\n"
       "  --model DIR         a Hugging Face directory (config.json, model.safetensors[.index.json])\n"
-      "  --heads FILE        retaining heads for --model (model.layers.{i}.self_attn.fc1/fc2.weight)\n"
+      "  --heads FILE        retaining heads for --model (model.layers.{i}.self_attn.fc1/fc2.weight;\n"
+      "                      default DIR/" APB_HEADS_FILE " when that file exists)\n"
       "  --preset NAME       tiny | small | llama3-8b-shape, seeded random weights (default tiny)\n"
       "  --seed S            seed of the preset's weights and of the synthetic document (default 1)\n"
       CLI_SHAPE_HELP
@@ -55,7 +57,7 @@ static void help(void) {
       "                      (default dense,ring,star,apb)\n"
       "  --hosts H           hosts (default 4; dense always uses one); under mpirun, the rank count\n"
       "  --anchor A          l_a (default apb: min(l_b/4, 8192); star: l_b)\n"
-      "  --passing P         l_p, KV pairs each host passes per KV head (default l_a/2)\n"
+      "  --passing P         apb: l_p, KV pairs each host passes per KV head (default l_a/2)\n"
       "  --query-offset S    where the query sits in the anchor (default 0)\n"
       "  --embed-query 0|1   embed the query in the anchor (default apb 1, star 0)\n"
       "  --scorer NAME       retaining (default; needs heads) | random | uniform\n"
@@ -83,7 +85,8 @@ static void help(void) {
       "                      one method only\n"
       "  --dump-layers       with --dump: layer{l}.host{h}.out [T_h, E] and .selected [Hkv, k]\n"
       "  --json              a JSON summary on stdout instead of the table\n"
-      "  --quiet             no progress on stderr\n\n"
+      "  --quiet             no progress on stderr\n"
+      "  -h, --help          this text\n\n"
       "Under mpirun (mpirun -np H apb run ...) each process is one host and rank 0 prints and dumps;\n"
       "with --backend cuda-bf16|cuda-f32 each process takes the GPU of its local rank and the hosts\n"
       "talk through NCCL.\n");
@@ -136,8 +139,9 @@ static int read_tokens(const char *path, int64_t **ids, int64_t *n) {
     const apb_st_tensor *t = apb_st_find(f, "tokens");
     if (!t && f->n == 1) t = &f->tensors[0];
     if (!t) {
+      int nt = f->n;
       apb_st_close(f);
-      return cli_fail(CMD, "%s: no tensor 'tokens' (and more than one tensor); name the token tensor 'tokens'", path);
+      return cli_fail(CMD, "%s: no tensor 'tokens' among its %d tensors; name the token tensor 'tokens'", path, nt);
     }
     *n = apb_st_numel(t);
     *ids = malloc(sizeof(int64_t) * (size_t)(*n ? *n : 1));
@@ -163,11 +167,18 @@ static int read_tokens(const char *path, int64_t **ids, int64_t *n) {
   while (*ids && fgets(line, sizeof line, fp)) {
     lineno++;
     char *s = line, *end;
+    if (!strchr(line, '\n') && ungetc(getc(fp), fp) != EOF) { /* the rest would read as another line */
+      int frc = cli_fail(CMD, "%s:%lld: line longer than %d characters; give one token id per line", path,
+                         (long long)lineno, (int)sizeof line - 2);
+      fclose(fp), free(*ids), *ids = NULL;
+      return frc;
+    }
     while (*s == ' ' || *s == '\t') s++;
     if (*s == '\n' || *s == 0 || *s == '#') continue;
+    errno = 0;
     long long v = strtoll(s, &end, 10);
     while (*end == ' ' || *end == '\t' || *end == '\r' || *end == '\n') end++;
-    if (end == s || *end) {
+    if (end == s || *end || errno == ERANGE) {
       s[strcspn(s, "\r\n")] = 0;
       int frc = cli_fail(CMD, "%s:%lld: '%.40s' is not a token id (one integer per line)", path, (long long)lineno, s);
       fclose(fp), free(*ids), *ids = NULL;
@@ -176,8 +187,14 @@ static int read_tokens(const char *path, int64_t **ids, int64_t *n) {
     if ((size_t)*n == cap) *ids = realloc(*ids, sizeof(int64_t) * (cap *= 2));
     if (*ids) (*ids)[(*n)++] = v;
   }
+  int read_err = ferror(fp) ? (errno ? errno : EIO) : 0;
   fclose(fp);
   if (!*ids) return cli_fail(CMD, "out of memory reading %s", path);
+  if (read_err) {
+    free(*ids), *ids = NULL;
+    return cli_fail(CMD, "cannot read token file %s: %s; give one id per line or a .safetensors file", path,
+                    strerror(read_err));
+  }
   return CLI_OK;
 }
 
@@ -289,7 +306,7 @@ static int collect(const run_cfg *c, const apb_model *m, const apb_plan *plan, a
   mr->gen = malloc(sizeof(int32_t) * (size_t)(mr->n_gen ? mr->n_gen : 1));
   if (!mr->logits || !mr->gen) return cli_fail(CMD, "out of memory");
   memcpy(mr->logits, res[H - 1].logits, sizeof(float) * (size_t)V);
-  memcpy(mr->gen, res[H - 1].generated, sizeof(int32_t) * (size_t)mr->n_gen);
+  if (mr->n_gen) memcpy(mr->gen, res[H - 1].generated, sizeof(int32_t) * (size_t)mr->n_gen); /* none: NULL */
   if (c->dump && res[0].hidden) {
     mr->n_hidden_rows = plan->n;
     mr->hidden = malloc(sizeof(float) * (size_t)plan->n * (size_t)E);
@@ -356,13 +373,35 @@ static void mpi_end_job(const char *why) {
   if (apb_comm_mpi(NULL, &hc, &e) == APB_OK) hc->ops->abort(hc, why);
 }
 
+/* The options of method meth (simulated hosts, --gpus and mpirun alike). */
+static apb_run_opts sim_opts(const run_cfg *c, apb_method meth) {
+  apb_run_opts o = c->o;
+  o.method = meth;
+  /* in a list, --passing is apb's and --balance apb's and star's: the others run as they are */
+  if (c->n_methods > 1 && meth == APB_METHOD_STAR) o.passing = -1;
+  if (c->n_methods > 1 && meth != APB_METHOD_APB && meth != APB_METHOD_STAR) o.balance = 0;
+  return o;
+}
+
+/* Every method's plan before any runs, so that a refused one does not come after minutes of the others. */
+static int check_plans(const run_cfg *c, const apb_model *m, int64_t n) {
+  apb_plan *plan = malloc(sizeof *plan);
+  if (!plan) return cli_fail(CMD, "out of memory");
+  int rc = CLI_OK;
+  for (int i = 0; !rc && i < c->n_methods; i++) {
+    apb_error err = {0};
+    apb_run_opts o = sim_opts(c, c->methods[i]);
+    apb_status st = apb_plan_make(&o, n, c->q_len, &m->cfg, m->scorer_width, plan, &err);
+    if (st) rc = cli_report(CMD, st, &err);
+  }
+  free(plan);
+  return rc;
+}
+
 static int run_sim(const run_cfg *c, const apb_model *m, apb_method meth, const int32_t *doc, int64_t n,
                    const int32_t *query, method_result *mr, dump_list *dl) {
   apb_error err = {0};
-  apb_run_opts o = c->o;
-  o.method = meth;
-  if (meth == APB_METHOD_STAR && c->o.passing <= 0) o.passing = -1;
-  if (c->n_methods > 1 && meth != APB_METHOD_APB && meth != APB_METHOD_STAR) o.balance = 0; /* baselines as they are */
+  apb_run_opts o = sim_opts(c, meth);
   apb_plan *plan = malloc(sizeof *plan);
   if (!plan) return cli_fail(CMD, "out of memory");
   apb_status st = apb_plan_make(&o, n, c->q_len, &m->cfg, m->scorer_width, plan, &err);
@@ -417,9 +456,7 @@ static int run_mpi(const run_cfg *c, const apb_model *m, apb_method meth, const 
     goto done;
   }
   *is_root = comm->rank == 0;
-  apb_run_opts o = c->o;
-  o.method = meth;
-  if (c->n_methods > 1 && meth != APB_METHOD_APB && meth != APB_METHOD_STAR) o.balance = 0;
+  apb_run_opts o = sim_opts(c, meth);
   if (c->hosts_given && c->o.hosts != comm->size && meth != APB_METHOD_DENSE) {
     rc = cli_usage(CMD, "--hosts %d but mpirun started %d ranks; each rank is one host", c->o.hosts, comm->size);
     goto done;
@@ -491,7 +528,7 @@ static int run_mpi(const run_cfg *c, const apb_model *m, apb_method meth, const 
       rc = cli_fail(CMD, "out of memory");
     } else {
       memcpy(mr->logits, res.logits, sizeof(float) * (size_t)m->cfg.vocab);
-      memcpy(mr->gen, res.generated, sizeof(int32_t) * (size_t)res.n_generated);
+      if (res.n_generated) memcpy(mr->gen, res.generated, sizeof(int32_t) * (size_t)res.n_generated);
     }
     if (!rc && c->dump) {
       mr->n_hidden_rows = n;
@@ -615,7 +652,7 @@ int cmd_run(int argc, char **argv) {
   c.methods[3] = APB_METHOD_APB, c.n_methods = 4;
   enum { O_MODEL = 256, O_HEADS, O_PRESET, O_SEED, O_TOKENS, O_SYN, O_QLEN, O_METHOD, O_HOSTS, O_ANCHOR, O_PASSING,
          O_QOFF, O_EMBED, O_SCORER, O_POOL, O_NEW, O_FFNC, O_OVERLAP, O_BALANCE, O_BACKEND, O_THREADS, O_CONC, O_DUMP, O_DUMPL, O_JSON,
-         O_QUIET, O_GPUS, O_HELP, O_SHAPE };
+         O_QUIET, O_GPUS, O_SHAPE };
   static const struct option opts[] = {
       {"model", required_argument, 0, O_MODEL}, {"heads", required_argument, 0, O_HEADS},
       {"preset", required_argument, 0, O_PRESET}, {"seed", required_argument, 0, O_SEED},
@@ -630,7 +667,7 @@ int cmd_run(int argc, char **argv) {
       {"threads", required_argument, 0, O_THREADS}, {"concurrent", no_argument, 0, O_CONC},
       {"dump", required_argument, 0, O_DUMP}, {"dump-layers", no_argument, 0, O_DUMPL},
       {"json", no_argument, 0, O_JSON}, {"quiet", no_argument, 0, O_QUIET}, {"gpus", required_argument, 0, O_GPUS},
-      {"help", no_argument, 0, O_HELP}, CLI_SHAPE_OPTIONS(O_SHAPE),
+      {"help", no_argument, 0, 'h'}, CLI_SHAPE_OPTIONS(O_SHAPE),
       {0, 0, 0, 0}};
   const int64_t BIG = (int64_t)1 << 40;
   int ch, preset_given = 0, syn_given = 0;
@@ -673,7 +710,7 @@ int cmd_run(int argc, char **argv) {
     case O_JSON: c.json = 1; break;
     case O_QUIET: c.quiet = 1; break;
     case O_GPUS: rc = cli_parse_int(CMD, "--gpus", optarg, 1, APB_MAX_HOSTS, &c.gpus); break;
-    case O_HELP: help(); return CLI_OK;
+    case 'h': help(); return CLI_OK;
     default:
       if (ch >= O_SHAPE && ch < O_SHAPE + CLI_SHAPE_COUNT) {
         rc = cli_parse_shape(CMD, ch - O_SHAPE, optarg, &shape);
@@ -690,6 +727,7 @@ int cmd_run(int argc, char **argv) {
     return cli_usage(CMD, "the size options (--layers ... --scorer-width) change a generated preset; a --model "
                           "directory has its own config.json and retaining heads");
   if (c.tokens_path && syn_given) return cli_usage(CMD, "--tokens and --synthetic are exclusive; give one");
+  if (c.dump && !*c.dump) return cli_usage(CMD, "--dump wants a file name, got ''");
   if (c.dump_layers && !c.dump) return cli_usage(CMD, "--dump-layers needs --dump FILE");
   if (c.dump && c.n_methods != 1) return cli_usage(CMD, "--dump writes one run: give exactly one --method");
   if (c.gpus) {
@@ -710,6 +748,11 @@ int cmd_run(int argc, char **argv) {
   apb_error err = {0};
   apb_model *m = NULL;
   apb_status st;
+  char heads_in_dir[4096]; /* --model DIR without --heads: DIR's own retaining heads, as gen-model writes them */
+  if (c.model_dir && !c.heads) {
+    int k = snprintf(heads_in_dir, sizeof heads_in_dir, "%s/%s", c.model_dir, APB_HEADS_FILE);
+    if (k > 0 && (size_t)k < sizeof heads_in_dir && access(heads_in_dir, F_OK) == 0) c.heads = heads_in_dir;
+  }
   if (c.model_dir)
     st = apb_model_load(c.model_dir, c.heads, &m, &err);
   else { /* the preset, with the sizes the options changed */
@@ -758,6 +801,7 @@ int cmd_run(int argc, char **argv) {
   dump_list dl = {0};
   int mpi = apb_mpi_detect(), root = 1, done = 0;
   if (mpi && c.backend && strncmp(c.backend, "cuda", 4) == 0) setenv("NCCL_NVLS_ENABLE", "0", 0);
+  if (!rc && !mpi) rc = check_plans(&c, m, n);
   for (int i = 0; !rc && i < c.n_methods; i++) {
     if (mpi)
       rc = run_mpi(&c, m, c.methods[i], doc, n, query, &mr[i], &root);

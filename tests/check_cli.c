@@ -17,6 +17,7 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "testutil.h"
@@ -53,6 +54,7 @@ typedef struct qkv_spec {
   int k_D;           /* k's and v's head dim when it should differ from q's (0: D) */
   int omit_v;
   int64_t nan_k, inf_q; /* poison k[nan_k - 1] with NaN, q[inf_q - 1] with -Inf; 0: none */
+  float qk_scale;       /* multiply q and k by this (finite values whose q.k overflows fp32); 0: 1 */
 } qkv_spec;
 
 typedef struct qkv {
@@ -86,6 +88,8 @@ static void write_qkv(const char *path, const qkv_spec *spec, uint64_t stream, q
   tu_fill(x->q, (size_t)x->nq, tu_seed(), 3 * stream, 2.0f);
   tu_fill(x->k, (size_t)x->nk, tu_seed(), 3 * stream + 1, 2.0f);
   tu_fill(x->v, (size_t)x->nv, tu_seed(), 3 * stream + 2, 1.0f);
+  for (int64_t i = 0; s->qk_scale && i < x->nq; i++) x->q[i] *= s->qk_scale;
+  for (int64_t i = 0; s->qk_scale && i < x->nk; i++) x->k[i] *= s->qk_scale;
   if (s->nan_k) x->k[s->nan_k - 1] = NAN;
   if (s->inf_q) x->q[s->inf_q - 1] = -INFINITY;
   if (s->dtype == APB_DT_BF16) {
@@ -253,6 +257,11 @@ static const bad_case bad_cases[] = {
      "non-finite value (nan) at [5,1,3]"},
     {"Inf in q", SPEC(6, 9, .inf_q = 1 + 2 * 32 + 7), APB_IO, 1, "tensor 'q'",
      "non-finite value (-inf) at [2,0,7]"},
+    {"q.k overflows fp32 (fast)", SPEC(6, 9, .qk_scale = 1e20f), APB_IO, 1, "is not finite at",
+     "overflows fp32"},
+    {"q.k overflows fp32 (naive)", SPEC(6, 9, .qk_scale = 1e20f), APB_IO " --impl naive", 1, "is not finite at",
+     "overflows fp32"},
+    {"empty --out", SPEC(6, 9), "--method apb --in @IN --out ''", 1, "output path is empty", NULL},
     {"dense with a passing block", SPEC(6, 9), "--method dense " IO, 1,
      "--method dense needs as many keys", "use --method apb"},
     {"star with a passing block", SPEC(6, 9), "--method star --anchor 2 " IO, 1, "--method star", NULL},
@@ -695,6 +704,102 @@ START_TEST(bench_and_demo) {
 }
 END_TEST
 
+/* run, predict and bench forward on inputs they used to mishandle: each is refused with the reason (or,
+ * for --max-new-tokens 0 and -h, accepted) instead of a sanitizer report, a partial output or a silently
+ * different document. */
+START_TEST(run_inputs) {
+  const char *run = "run --preset tiny --threads 1 --quiet";
+  char a[4200], *out = NULL;
+  expect(0, "run -h", "Usage: apb run");
+  snprintf(a, sizeof a, "%s --synthetic 256 --method dense,apb --anchor 32 --max-new-tokens 0 --json", run);
+  expect(0, a, "\"generated\": []");
+
+  /* --passing is apb's: star in a list runs without it (it used to refuse every run of the default list),
+   * star alone refuses it */
+  snprintf(a, sizeof a, "%s --synthetic 256 --method dense,star,apb --anchor 32 --passing 4 --max-new-tokens 1", run);
+  expect(0, a, "apb ");
+  snprintf(a, sizeof a, "%s --synthetic 256 --method star --anchor 32 --passing 4", run);
+  expect(1, a, "star has no passing block");
+
+  /* token files: a line too long for one read is not split into two ids; an id beyond int64 is not
+   * clamped; a directory is not an empty file; a safetensors file without tensors is described as such */
+  char *path = tu_tmpname(".txt");
+  char text[1200] = "";
+  for (int i = 0; i < 40; i++) strcat(text, "7\n");
+  memset(text + strlen(text), '0', 300);
+  strcpy(text + 80 + 300, "5\n7\n");
+  write_text(path, text);
+  snprintf(a, sizeof a, "%s --method dense --tokens '%s'", run, path);
+  expect(1, a, ":41: line longer than 254 characters");
+  write_text(path, "1\n2\n99999999999999999999999\n");
+  expect(1, a, ":3: '99999999999999999999999' is not a token id");
+  remove(path);
+  ck_assert(mkdir(path, 0700) == 0);
+  expect(1, a, "Is a directory");
+  rmdir(path);
+  free(path);
+  path = tu_tmpname(".safetensors");
+  apb_error err = {0};
+  ck_assert_int_eq(apb_st_write(path, 0, NULL, 0, NULL, NULL, &err), APB_OK);
+  snprintf(a, sizeof a, "%s --method dense --tokens '%s'", run, path);
+  expect(1, a, "no tensor 'tokens' among its 0 tensors");
+  remove(path);
+  free(path);
+
+  /* a method the plan refuses ends the run before the others start (dense on 4M tokens would take hours) */
+  snprintf(a, sizeof a, "%s --synthetic 4M --method dense,ulysses --hosts 3", run);
+  expect(1, a, "3 hosts must divide the 2 KV heads");
+  snprintf(a, sizeof a, "%s --synthetic 256 --method dense --dump ''", run);
+  expect(2, a, "--dump wants a file name");
+  expect(1, "run --model '' --quiet", "the model directory is empty");
+  expect(2, "cmp '' ''", "path is empty");
+
+  /* bench forward is dense on one host: --hosts overflowed its one-host result */
+  expect(2, "bench forward --preset tiny --tokens 256 --hosts 4", "use apb bench sim");
+  /* predict: every plan is checked before any output, so a refused default method leaves no partial JSON */
+  ck_assert_int_eq(apb(&out, "predict --hosts 3 --json"), 1);
+  assert_has(out, "give --method without ulysses");
+  ck_assert_msg(strstr(out, "\"methods\"") == NULL, "partial JSON printed:\n%s", out);
+  free(out);
+  expect(0, "predict --hosts 3 --method dense,ring,zigzag,star,apb --json", "\"methods\"");
+  expect(2, "predict --model ''", "--model wants a directory");
+
+  /* method lists: an empty item or a method named twice is a typo, not a shorter list */
+  expect(2, "run --method ,dense", "an empty item");
+  expect(2, "run --method dense,,apb", "an empty item");
+  expect(2, "run --method dense,apb,", "an empty item");
+  expect(2, "predict --method apb,ring,apb", "'apb' is listed twice");
+  expect(2, "predict --method ring,nope", "unknown method 'nope'");
+}
+END_TEST
+
+/* gen-model's directory runs as it is: run --model DIR reads DIR's retaining heads without --heads (apb
+ * needs them), and the model is the preset's with the same seed, so the greedy tokens are the same. */
+START_TEST(model_dir_heads) {
+  char *dir = tu_tmpname(".model"), a[4400], *from_dir = NULL, *from_preset = NULL;
+  remove(dir);
+  snprintf(a, sizeof a, "gen-model --preset tiny --seed 3 --out '%s'", dir);
+  expect(0, a, "retaining_heads.safetensors");
+  const char *job = "--synthetic 1024 --method dense,apb --max-new-tokens 4 --threads 1 --quiet --json";
+  ck_assert_int_eq(apb(&from_dir, "run --model '%s' --seed 3 %s", dir, job), 0); /* the document's seed */
+  ck_assert_int_eq(apb(&from_preset, "run --preset tiny --seed 3 %s", job), 0);
+  const char *g1 = strstr(from_dir, "\"generated\""), *g2 = strstr(from_preset, "\"generated\"");
+  ck_assert_msg(g1 && g2, "no generated tokens in:\n%s\n%s", from_dir, from_preset);
+  ck_assert_msg(strncmp(g1, g2, strcspn(g2, "]")) == 0, "--model %s and the preset differ:\n%s\n%s", dir, from_dir,
+                from_preset);
+  free(from_dir), free(from_preset);
+  /* without the file, apb's refusal names --heads */
+  snprintf(a, sizeof a, "%s/retaining_heads.safetensors", dir);
+  ck_assert_int_eq(remove(a), 0);
+  snprintf(a, sizeof a, "run --model '%s' --method apb --synthetic 1024 --quiet", dir);
+  expect(1, a, "--heads FILE");
+  const char *files[] = {"config.json", "model.safetensors"};
+  for (int i = 0; i < 2; i++) snprintf(a, sizeof a, "%s/%s", dir, files[i]), remove(a);
+  rmdir(dir);
+  free(dir);
+}
+END_TEST
+
 static Suite *cli_suite(void) {
   Suite *s = suite_create("cli");
   TCase *tc = tu_tcase("attn_round_trip", 60);
@@ -711,6 +816,8 @@ static Suite *cli_suite(void) {
   tcase_add_test(tc, dispatcher);
   tcase_add_test(tc, bench_and_demo);
   tcase_add_test(tc, predict_fit);
+  tcase_add_test(tc, run_inputs);
+  tcase_add_test(tc, model_dir_heads);
   suite_add_tcase(s, tc);
   return s;
 }

@@ -692,6 +692,13 @@ START_TEST(malformed_on_disk) {
   expect_error("directory", st, &err, f, APB_EIO, path, "not a regular file");
   rmdir(path);
   free(path);
+
+  /* an empty path (an option given as ''): said so, rather than ": cannot open" */
+  f = (apb_st_file *)&err;
+  apb_error_clear(&err);
+  st = apb_st_open("", &f, &err);
+  ck_assert_msg(st == APB_EIO && f == NULL && strstr(err.msg, "path is empty") != NULL,
+                "empty path: status %s, handle %p, message: %s", apb_status_str(st), (void *)f, err.msg);
 }
 END_TEST
 
@@ -829,6 +836,12 @@ START_TEST(write_errors) {
   st = apb_st_write(missing, 1, &ok, 0, NULL, NULL, &err);
   expect_error("missing directory", st, &err, NULL, APB_EIO, missing, "cannot create");
   free(missing);
+
+  /* An empty path: said so (it used to fail renaming ".tmp.<pid>" into place). */
+  apb_error_clear(&err);
+  st = apb_st_write("", 1, &ok, 0, NULL, NULL, &err);
+  ck_assert_msg(st == APB_EINVAL && strstr(err.msg, "output path is empty") != NULL,
+                "empty path: status %s, message: %s", apb_status_str(st), err.msg);
   free(path);
 }
 END_TEST
