@@ -111,8 +111,9 @@ apb_status apb_bc_rmsnorm(apb_error *err, float eps, int64_t T, const void *x, c
   const char *op = "rmsnorm";
   apb_status st = apb_bc_len(err, op, "T", T, 0);
   if (st) return st;
-  if (!isfinite(eps) || eps < 0)
-    return apb_error_set(err, APB_EINVAL, "%s: eps=%g must be finite and >= 0", op, (double)eps);
+  /* eps = 0 would turn an all-zero row into 0 * inf = NaN (apb_config_check asks for a positive one too) */
+  if (!isfinite(eps) || !(eps > 0))
+    return apb_error_set(err, APB_EINVAL, "%s: eps=%g must be finite and > 0", op, (double)eps);
   if (T == 0) return APB_OK;
   if ((st = apb_bc_need(err, op, "x", x))) return st;
   return apb_bc_need(err, op, "y", y);
@@ -122,6 +123,8 @@ apb_status apb_bc_swiglu(apb_error *err, int64_t T, int64_t F, const void *gu, c
   const char *op = "swiglu";
   apb_status st;
   if ((st = apb_bc_len(err, op, "T", T, 0)) || (st = apb_bc_len(err, op, "F", F, 1)) || T == 0) return st;
+  if (F > INT64_MAX / 8 || T > INT64_MAX / 8 / F)
+    return apb_error_set(err, APB_EINVAL, "%s: shape too large (T=%lld, F=%lld)", op, (long long)T, (long long)F);
   if ((st = apb_bc_need(err, op, "gu", gu)) || (st = apb_bc_need(err, op, "out", out))) return st;
   return apb_bc_disjoint(err, op, "out", out, (size_t)(T * F) * es, "gu", gu, (size_t)(T * 2 * F) * es);
 }
@@ -144,6 +147,12 @@ apb_status apb_bc_split_rope(apb_error *err, const void *qkv, int64_t T, int Hq,
     return st;
   if (D < 2 || D % 2)
     return apb_error_set(err, APB_EINVAL, "%s: head dim D=%d must be even and >= 2 (rotate-half)", op, D);
+  if (rope->type != APB_ROPE_DEFAULT && rope->type != APB_ROPE_LINEAR && rope->type != APB_ROPE_LLAMA3)
+    return apb_error_set(err, APB_EINVAL, "%s: rope type %d is not default (0), linear (1) or llama3 (2)", op,
+                         (int)rope->type);
+  /* (Hq + 2 Hkv) < 2^33 and D < 2^31: the product fits below 2^64 only when checked */
+  if (((int64_t)Hq + 2 * (int64_t)Hkv) > INT64_MAX / 4 / D)
+    return apb_error_set(err, APB_EINVAL, "%s: shape too large (Hq=%d, Hkv=%d, D=%d)", op, Hq, Hkv, D);
   const int64_t QKV = ((int64_t)Hq + 2 * (int64_t)Hkv) * D;
   if (T > INT64_MAX / 4 / QKV)
     return apb_error_set(err, APB_EINVAL, "%s: shape too large (T=%lld, Hq=%d, Hkv=%d, D=%d)", op, (long long)T,

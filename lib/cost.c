@@ -47,6 +47,28 @@ static int64_t chunk(const apb_plan *p, int c) { return p->chunk_start[c + 1] - 
 
 apb_status apb_cost_plan(const apb_plan *p, const apb_model_config *cfg, int scorer_width, int act_bytes,
                          const apb_hw *hw, apb_cost *out, apb_error *err) {
+  if (!p || !cfg || !hw || !out)
+    return apb_error_set(err, APB_EINVAL, "cost model: %s is NULL", !p ? "plan" : !cfg ? "cfg" : !hw ? "hw" : "out");
+  apb_status cst = apb_config_check(cfg, err);
+  if (cst != APB_OK) return apb_error_set(err, cst, "cost model");
+  if (scorer_width < 0)
+    return apb_error_set(err, APB_EINVAL, "cost model: scorer_width=%d must be >= 0", scorer_width);
+  if (p->H < 1 || p->H > APB_MAX_HOSTS || (unsigned)p->o.method >= APB_METHOD_COUNT)
+    return apb_error_set(err, APB_EINVAL, "cost model: the plan (H=%d, method %d) was not made by apb_plan_make",
+                         p->H, (int)p->o.method);
+  const struct {
+    const char *name;
+    double v;
+  } rate[] = {{"attn_flops_s", hw->attn_flops_s},
+              {"gemm_flops_s", hw->gemm_flops_s},
+              {"mem_bytes_s", hw->mem_bytes_s},
+              {"link_bytes_s", hw->link_bytes_s}};
+  for (size_t i = 0; i < sizeof rate / sizeof rate[0]; i++) /* a zero or NaN rate would give inf or NaN times */
+    if (!isfinite(rate[i].v) || !(rate[i].v > 0))
+      return apb_error_set(err, APB_EINVAL, "cost model: hw %s=%g must be finite and > 0", rate[i].name, rate[i].v);
+  if (!isfinite(hw->link_latency_s) || !(hw->link_latency_s >= 0))
+    return apb_error_set(err, APB_EINVAL, "cost model: hw link_latency_s=%g must be finite and >= 0",
+                         hw->link_latency_s);
   int H = p->H, L = cfg->n_layers, Hq = cfg->n_heads, Hkv = cfg->n_kv_heads, D = cfg->head_dim;
   double E = cfg->hidden, F = cfg->ffn, QKV = (double)(Hq + 2 * Hkv) * D, es = act_bytes;
   if (act_bytes <= 0) return apb_error_set(err, APB_EINVAL, "cost model: act_bytes must be positive");

@@ -90,7 +90,19 @@ static apb_status arena_alloc(model_priv *p, size_t n, const char *what, apb_err
   return APB_OK;
 }
 
-static int64_t qkv_rows(const apb_model_config *c) { return (int64_t)(c->n_heads + 2 * c->n_kv_heads) * c->head_dim; }
+static int64_t qkv_rows(const apb_model_config *c) {
+  return ((int64_t)c->n_heads + 2 * (int64_t)c->n_kv_heads) * c->head_dim;
+}
+
+/* An upper bound of layout()'s count (every bias included), in double: 1 when the int64 count of a
+ * configuration with positive sizes cannot overflow (below 2^62), else 0. */
+static int layout_fits(const apb_model_config *c, int I) {
+  const double E = c->hidden, F = c->ffn, V = c->vocab, QD = (double)c->n_heads * c->head_dim;
+  const double QKV = ((double)c->n_heads + 2.0 * c->n_kv_heads) * c->head_dim;
+  const double per = 3 * E + QKV * E + QKV + E * QD + E + 2 * F * E + 2 * F + E * F + E +
+                     (I > 0 ? (double)I * QKV + (double)c->n_kv_heads * I : 0);
+  return 2 * V * E + E + (double)c->n_layers * per < 0x1p62;
+}
 
 /* Walk every tensor of a model of configuration c in one fixed order, adding its size to the offset
  * and, when m is given, pointing its field at base + offset. Returns the total element count. */
@@ -135,6 +147,9 @@ static int64_t layout(const apb_model_config *c, int I, apb_model *m, float *bas
 
 int64_t apb_model_param_count(const apb_model_config *cfg, int scorer_width) {
   if (!cfg) return 0;
+  if (cfg->n_layers < 0 || cfg->hidden < 1 || cfg->ffn < 1 || cfg->n_heads < 1 || cfg->n_kv_heads < 1 ||
+      cfg->head_dim < 1 || cfg->vocab < 1 || !layout_fits(cfg, scorer_width))
+    return -1;
   return layout(cfg, scorer_width > 0 ? scorer_width : 0, NULL, NULL);
 }
 
@@ -178,6 +193,9 @@ apb_status apb_model_create(const apb_model_config *cfg, int scorer_width, apb_m
                          "I %d)",
                          cfg->n_layers, cfg->hidden, cfg->ffn, cfg->n_heads, cfg->n_kv_heads, cfg->head_dim,
                          cfg->vocab, scorer_width);
+  if (!layout_fits(cfg, scorer_width))
+    return apb_error_set(err, APB_ENOMEM, "apb_model_create: %s has more than 2^62 parameters",
+                         cfg->arch[0] ? cfg->arch : "the model");
   apb_model *m;
   apb_status st = model_shell(cfg, &m, err);
   if (st != APB_OK) return st;

@@ -290,6 +290,11 @@ apb_status apb_attn_fast(const apb_attn_args *a, apb_error *err) {
    * longer of the anchor and the block, keys per tile at most the longest segment. */
   const int64_t maxrows = A > B ? A : B, maxseg = a->P > maxrows ? a->P : maxrows;
   const int rt = maxrows < pl.R ? (int)maxrows : pl.R, kt = maxseg < APB_KT ? (int)maxseg : APB_KT;
+  /* tile rows (G heads x rt rows) and padded head dims are BLAS ints */
+  if ((int64_t)pl.G * rt > INT32_MAX / 2 || a->D > INT32_MAX / 2)
+    return apb_error_set(err, APB_EINVAL,
+                         "attn_fast: a tile of %d query heads per KV head x %d rows of dim %d exceeds the BLAS "
+                         "int range", pl.G, rt, a->D);
   pl.ldq = pl.ldo = pad16(a->D);
   pl.lds = pad16(kt);
   pl.kstride = (int64_t)a->Hkv * a->D;

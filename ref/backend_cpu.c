@@ -282,6 +282,7 @@ apb_status apb_cpu_sync(apb_backend *be, apb_error *err) {
 
 apb_status apb_cpu_mark(apb_backend *be, void **m, apb_error *err) {
   (void)be;
+  if (!m) return apb_error_set(err, APB_EINVAL, "mark: m is NULL");
   double *t = malloc(sizeof *t);
   if (!t) return apb_error_set(err, APB_ENOMEM, "mark: out of host memory");
   struct timespec ts;
@@ -294,6 +295,7 @@ apb_status apb_cpu_mark(apb_backend *be, void **m, apb_error *err) {
 apb_status apb_cpu_mark_elapsed(apb_backend *be, void *a, void *b, double *seconds, apb_error *err) {
   (void)be;
   if (!a || !b) return apb_error_set(err, APB_EINVAL, "mark_elapsed: %s mark is NULL", !a ? "the first" : "the second");
+  if (!seconds) return apb_error_set(err, APB_EINVAL, "mark_elapsed: seconds is NULL");
   *seconds = *(const double *)b - *(const double *)a;
   return APB_OK;
 }

@@ -7,7 +7,7 @@
  *   - retaining scorer (APB.md 3.2): per chunk of APB_FAST_MB rows (one task each), h = qkv fc1^T by
  *     sgemm, SiLU in place, s = h fc2^T by sgemm, written transposed into scores [Hkv, T]. Chunks bound
  *     the scratch to a chunk x I floats per thread instead of T x I (512 MiB at T = 128K, I = 1024);
- *   - RMSNorm (fp32 sum of squares, HF's order: (x * inv) * w), SwiGLU (expf), residual add, embedding
+ *   - RMSNorm (sum of squares in double, as naive; HF's order: (x * inv) * w), SwiGLU (expf), residual add, embedding
  *     lookup: OpenMP loops over rows with this instance's team size;
  *   - RoPE: per token a table of cos/sin of D/2 angles computed in double (as the oracle), shared by
  *     the token's Hq + Hkv heads, and the rotation in double; so it agrees with the oracle to the last
@@ -86,10 +86,12 @@ static apb_status fast_rmsnorm(apb_backend *be, const apb_bweight *w, float eps,
   for (int64_t t = 0; t < T; t++) {
     const float *xr = xs + t * E;
     float *yr = ys + t * E;
-    float ss = 0.0f;
+    /* the sum of squares in double, as the oracle: in fp32 it overflows for |x| beyond about 1.8e19
+     * (y = 0) and underflows for tiny rows (y = inf when eps is tiny too) */
+    double ss = 0.0;
 #pragma omp simd reduction(+ : ss)
-    for (int64_t e = 0; e < E; e++) ss += xr[e] * xr[e];
-    const float inv = 1.0f / sqrtf(ss / (float)E + eps);
+    for (int64_t e = 0; e < E; e++) ss += (double)xr[e] * (double)xr[e];
+    const float inv = (float)(1.0 / sqrt(ss / (double)E + (double)eps));
     for (int64_t e = 0; e < E; e++) yr[e] = (xr[e] * inv) * wv[e];
     if (c->emulate_bf16) apb_bf16_round_array(yr, (size_t)E);
   }
@@ -116,6 +118,9 @@ static apb_status fast_linear(apb_backend *be, const apb_bweight *w, const void 
   if ((st = apb_cpu_weight(err, op, "w", w, -1, -1)) || (st = apb_bc_len(err, op, "T", T, 0))) return st;
   if (T == 0) return APB_OK;
   const int64_t N = w->N, K = w->K;
+  if (T > INT64_MAX / 8 / (N > K ? N : K))
+    return apb_error_set(err, APB_EINVAL, "%s: shape too large (T=%lld, weight [%lld, %lld])", op, (long long)T,
+                         (long long)N, (long long)K);
   if ((st = apb_bc_need(err, op, "x", x)) || (st = apb_bc_need(err, op, "y", y)) ||
       (st = apb_bc_disjoint(err, op, "y", y, (size_t)(T * N) * sizeof(float), "x", x,
                              (size_t)(T * K) * sizeof(float))) ||

@@ -19,6 +19,7 @@
 #include "apb/attn.h"
 
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 
 apb_status apb_attn_merge(int n, const float *const *o_parts, const float *const *lse_parts, int64_t T,
@@ -29,6 +30,8 @@ apb_status apb_attn_merge(int n, const float *const *o_parts, const float *const
                          "attn_merge: bad shape T=%lld, Hq=%d, D=%d (need T >= 0, Hq, D >= 1)", (long long)T,
                          Hq, D);
   if (T == 0) return APB_OK;
+  if (T > INT64_MAX / 4 / ((int64_t)Hq * D))
+    return apb_error_set(err, APB_EINVAL, "attn_merge: shape too large (T=%lld, Hq=%d, D=%d)", (long long)T, Hq, D);
   if (!o_parts || !lse_parts || !o)
     return apb_error_set(err, APB_EINVAL, "attn_merge: %s is NULL",
                          !o_parts     ? "o_parts"

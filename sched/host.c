@@ -412,6 +412,10 @@ apb_status apb_host_run(const apb_host_args *a, apb_host_result *res, apb_error 
   if (a->comm->size != p->H || a->comm->rank < 0 || a->comm->rank >= p->H)
     return apb_error_set(err, APB_EINVAL, "apb_host_run: the communicator has %d hosts (rank %d) but the plan "
                          "needs %d", a->comm->size, a->comm->rank, p->H);
+  if (p->n + p->q_len + p->o.max_new_tokens > (int64_t)INT32_MAX + 1)
+    return apb_error_set(err, APB_EUNSUPPORTED,
+                         "apb_host_run: %lld document + %lld query + %lld new tokens: positions are int32 (at most "
+                         "2^31 tokens in all)", (long long)p->n, (long long)p->q_len, (long long)p->o.max_new_tokens);
   const apb_model_config *cfg = &a->bm->m->cfg;
   for (int64_t t = 0; t < p->n; t++)
     if (a->doc[t] < 0 || a->doc[t] >= cfg->vocab)

@@ -7,6 +7,7 @@
  * H-1's compressed block is needed by no one and is not computed. Every violation is an APB_EINVAL
  * naming the option and the numbers. Tested in tests/check_sched.c.
  */
+#include <stdint.h>
 #include <string.h>
 
 #include "apb/sched.h"
@@ -73,6 +74,8 @@ static void split_even(int64_t n, int parts, int64_t *start) {
 
 apb_status apb_plan_make(const apb_run_opts *o, int64_t n, int64_t q_len, const apb_model_config *cfg,
                          int scorer_width, apb_plan *p, apb_error *err) {
+  if (!o || !p || !cfg)
+    return apb_error_set(err, APB_EINVAL, "apb_plan_make: %s is NULL", !o ? "opts" : !p ? "plan" : "cfg");
   memset(p, 0, sizeof *p);
   p->o = *o;
   if ((unsigned)o->method >= APB_METHOD_COUNT)
@@ -84,6 +87,21 @@ apb_status apb_plan_make(const apb_run_opts *o, int64_t n, int64_t q_len, const 
                                       (long long)q_len);
   if (o->max_new_tokens < 0)
     return apb_error_set(err, APB_EINVAL, "--max-new-tokens must be >= 0, got %lld", (long long)o->max_new_tokens);
+  /* token counts and positions are added up later: keep every sum far from overflowing */
+  if (n > INT64_MAX / 8 || q_len > INT64_MAX / 8 || o->max_new_tokens > INT64_MAX / 8)
+    return apb_error_set(err, APB_EINVAL, "%lld document, %lld query and %lld new tokens: too many", (long long)n,
+                         (long long)q_len, (long long)o->max_new_tokens);
+  /* -1 selects a default (apb_run_opts); other negative values are errors */
+  const struct {
+    const char *name;
+    int64_t v;
+  } neg[] = {{"--anchor", o->anchor},           {"--passing", o->passing},     {"--query-offset", o->query_offset},
+             {"--embed-query", o->embed_query}, {"--pool", o->pool},           {"--ffn-chunk", o->ffn_chunk},
+             {"--balance", o->balance}};
+  for (size_t i = 0; i < sizeof neg / sizeof neg[0]; i++)
+    if (neg[i].v < -1)
+      return apb_error_set(err, APB_EINVAL, "%s must not be negative (-1 selects the default), got %lld", neg[i].name,
+                           (long long)neg[i].v);
   int H = o->method == APB_METHOD_DENSE ? 1 : o->hosts;
   if (H < 1 || H > APB_MAX_HOSTS)
     return apb_error_set(err, APB_EINVAL, "--hosts must be in [1, %d], got %d", APB_MAX_HOSTS, o->hosts);

@@ -19,6 +19,7 @@
  */
 #include "testutil.h"
 
+#include <limits.h>
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
@@ -671,6 +672,19 @@ START_TEST(test_validation) {
   apb_error_clear(&err);
   ck_assert(apb_attn_merge(1, parts, parts, -1, 1, 8, buf, buf, &err) == APB_EINVAL &&
             strstr(err.msg, "T=-1"));
+  apb_error_clear(&err);
+  ck_assert_msg(apb_attn_merge(1, parts, parts, INT64_MAX / 2, 4, 8, buf, buf, &err) == APB_EINVAL &&
+                    strstr(err.msg, "too large"),
+                "merge of 2^62 rows: %s", err.msg);
+
+  /* fast: shapes that pass validation but whose tiles exceed BLAS's int (G x rows, padded D) are refused
+   * before any index is formed (the buffers here are far too small: nothing may be read) */
+  apb_attn_args wide = {.B = 16, .Hq = 1 << 30, .Hkv = 1, .D = 1, .q = buf, .o = buf};
+  apb_error_clear(&err);
+  ck_assert_msg(apb_attn_fast(&wide, &err) == APB_EINVAL && strstr(err.msg, "BLAS"), "G = 2^30: %s", err.msg);
+  apb_attn_args deep = {.B = 1, .Hq = 1, .Hkv = 1, .D = INT_MAX, .q = buf, .o = buf};
+  apb_error_clear(&err);
+  ck_assert_msg(apb_attn_fast(&deep, &err) == APB_EINVAL && strstr(err.msg, "BLAS"), "D = INT_MAX: %s", err.msg);
 }
 END_TEST
 

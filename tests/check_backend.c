@@ -25,6 +25,7 @@
 #include "testutil.h"
 
 #include <cblas.h>
+#include <limits.h>
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
@@ -175,6 +176,10 @@ START_TEST(test_marks) {
   ck_assert_msg(b >= 0.019, "%s: 20 ms sleep measured as %g s", name, b);
   double c = 0;
   FAILS(op->mark_elapsed(be, NULL, m1, &c, &e), APB_EINVAL, &e, "NULL", NULL);
+  apb_error_clear(&e);
+  FAILS(op->mark_elapsed(be, m0, m1, NULL, &e), APB_EINVAL, &e, "seconds is NULL", NULL);
+  apb_error_clear(&e);
+  FAILS(op->mark(be, NULL, &e), APB_EINVAL, &e, "mark: m is NULL", NULL);
   op->mark_free(be, m0), op->mark_free(be, m1), op->mark_free(be, m2), op->mark_free(be, NULL);
   apb_backend_destroy(be);
 }
@@ -934,6 +939,24 @@ START_TEST(test_validation) {
   apb_error_clear(&e);
   FAILS(op->swiglu(be, x, 2, 0, y, &e), APB_EINVAL, &e, "swiglu", "F=0");
   apb_error_clear(&e);
+  /* shapes whose element counts overflow int64: refused before any product is formed */
+  FAILS(op->linear(be, w2, x, INT64_MAX / 4, y, &e), APB_EINVAL, &e, "linear", "too large");
+  apb_error_clear(&e);
+  FAILS(op->swiglu(be, x, INT64_MAX / 2, 4, y, &e), APB_EINVAL, &e, "swiglu", "too large");
+  apb_error_clear(&e);
+  /* rmsnorm: eps must be > 0 (with 0 an all-zero row is 0 * inf = NaN) */
+  FAILS(op->rmsnorm(be, w1, 0.0f, x, 4, y, &e), APB_EINVAL, &e, "rmsnorm", "eps=0");
+  apb_error_clear(&e);
+  /* rmsnorm of huge rows: the sum of squares (1e60) must not overflow (fp32 gave y = 0) */
+  {
+    const float one = 1.0f;
+    apb_bweight *w1s = mkw(be, &one, 1, 1, NULL);
+    float xb[2] = {1e30f, -1e30f}, yb[2];
+    OK(op->rmsnorm(be, w1s, 1e-5f, xb, 2, yb, &e), &e, "rmsnorm of 1e30");
+    ck_assert_msg(fabsf(yb[0] - 1.0f) < 1e-5f && fabsf(yb[1] + 1.0f) < 1e-5f, "%s: rmsnorm of +-1e30 gave %g, %g",
+                  be->name, (double)yb[0], (double)yb[1]);
+    op->weight_destroy(be, w1s);
+  }
   /* embed: out-of-vocabulary ids, named; nothing written */
   int32_t ids[4] = {0, 1, 2, 2};
   OK(op->embed(be, w2, ids, 2, y, &e), &e, "embed");
@@ -952,6 +975,14 @@ START_TEST(test_validation) {
   FAILS(op->split_rope(be, x, 1, 1, 1, 8, pos, NULL, y, y + 16, y + 32, &e), APB_EINVAL, &e, "rope is NULL", NULL);
   apb_error_clear(&e);
   FAILS(op->split_rope(be, x, 1, 1, 1, 8, pos, &rope, y, y + 4, y + 32, &e), APB_EINVAL, &e, "q", "overlaps");
+  apb_error_clear(&e);
+  FAILS(op->split_rope(be, x, 1, INT_MAX, INT_MAX, INT_MAX - 1, pos, &rope, y, y + 16, y + 32, &e), APB_EINVAL, &e,
+        "split_rope", "too large");
+  apb_error_clear(&e);
+  apb_rope rope_bad = rope;
+  rope_bad.type = (apb_rope_type)77;
+  FAILS(op->split_rope(be, x, 1, 1, 1, 8, pos, &rope_bad, y, y + 16, y + 32, &e), APB_EINVAL, &e, "split_rope",
+        "rope type 77");
   apb_error_clear(&e);
   /* scorer: fc2's K must be fc1's N; no biases */
   apb_bweight *wb = mkw(be, w, 2, 64, w), *w12 = mkw(be, w, 1, 2, NULL);

@@ -22,6 +22,7 @@
  */
 #include <errno.h>
 #include <jansson.h>
+#include <limits.h>
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
@@ -1194,6 +1195,16 @@ START_TEST(preset_shapes) {
   ck_assert_int_eq(apb_model_param_count(&c, 0), INT64_C(8030261248));
   ck_assert_int_eq(apb_model_param_count(&c, I) - apb_model_param_count(&c, 0),
                    INT64_C(32) * (1024 * 6144 + 8 * 1024));
+  /* sizes whose count overflows int64 (or is not positive): -1 and APB_ENOMEM, never a wrapped count */
+  apb_model_config huge = c;
+  huge.n_layers = huge.hidden = huge.ffn = huge.n_heads = huge.n_kv_heads = huge.head_dim = huge.vocab = INT_MAX;
+  ck_assert_int_eq(apb_model_param_count(&huge, INT_MAX), -1);
+  apb_model *m = NULL;
+  apb_error err = {0};
+  ck_assert_int_eq(apb_model_create(&huge, 0, &m, &err), APB_ENOMEM);
+  ck_assert_msg(m == NULL && strstr(err.msg, "2^62"), "%s", err.msg);
+  huge = c, huge.hidden = -4;
+  ck_assert_int_eq(apb_model_param_count(&huge, 0), -1);
 }
 END_TEST
 

@@ -10,6 +10,7 @@
  * Also: the cost model's FLOP and byte counts equal what the simulator counted, and bad input to
  * `apb run` gets a clear error and a non-zero exit. Document lengths include 1023 and 1025.
  */
+#include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -397,6 +398,58 @@ START_TEST(test_cost_model_counts) {
 }
 END_TEST
 
+/* bad input to apb_plan_make, apb_cost_plan and apb_host_run: an error naming it, never a crash, an
+ * overflow, a silent default or inf/NaN times */
+START_TEST(test_plan_cost_validation) {
+  setup_model();
+  apb_error err = {0};
+  apb_run_opts o;
+  apb_run_opts_default(&o);
+  o.hosts = 2;
+  apb_plan plan;
+  ck_assert_int_eq(apb_plan_make(NULL, 64, 2, &tiny->cfg, tiny->scorer_width, &plan, &err), APB_EINVAL);
+  ck_assert_int_eq(apb_plan_make(&o, 64, 2, &tiny->cfg, tiny->scorer_width, NULL, &err), APB_EINVAL);
+  ck_assert_int_eq(apb_plan_make(&o, 64, 2, NULL, tiny->scorer_width, &plan, &err), APB_EINVAL);
+  apb_run_opts b = o;
+  b.passing = -5; /* -1 is the default; -5 is no length */
+  apb_error_clear(&err);
+  ck_assert_int_eq(apb_plan_make(&b, 64, 2, &tiny->cfg, tiny->scorer_width, &plan, &err), APB_EINVAL);
+  ck_assert_msg(strstr(err.msg, "--passing"), "%s", err.msg);
+  b = o, b.max_new_tokens = INT64_MAX;
+  ck_assert_int_eq(apb_plan_make(&b, 64, 2, &tiny->cfg, tiny->scorer_width, &plan, &err), APB_EINVAL);
+  /* positions are int32: a run beyond 2^31 tokens is refused before anything is allocated */
+  b = o, b.max_new_tokens = (int64_t)1 << 40;
+  ck_assert_int_eq(apb_plan_make(&b, 64, 2, &tiny->cfg, tiny->scorer_width, &plan, &err), APB_OK);
+  int32_t *doc, *query;
+  make_doc(64, 2, &doc, &query);
+  apb_host_result res[2];
+  apb_sim_opts so = {.backend = "naive", .timeout_s = 60};
+  apb_error_clear(&err);
+  ck_assert_int_eq(apb_sim_execute(&plan, tiny, &so, doc, query, res, NULL, &err), APB_EUNSUPPORTED);
+  ck_assert_msg(strstr(err.msg, "int32"), "%s", err.msg);
+  free(doc), free(query);
+  /* the cost model: rates must be finite and positive, the configuration valid */
+  ck_assert_int_eq(apb_plan_make(&o, 64, 2, &tiny->cfg, tiny->scorer_width, &plan, &err), APB_OK);
+  apb_hw hw, h0;
+  apb_hw_default(&hw);
+  apb_cost c[2];
+  ck_assert_int_eq(apb_cost_plan(&plan, &tiny->cfg, tiny->scorer_width, 2, &hw, c, &err), APB_OK);
+  h0 = hw, h0.attn_flops_s = 0;
+  ck_assert_int_eq(apb_cost_plan(&plan, &tiny->cfg, tiny->scorer_width, 2, &h0, c, &err), APB_EINVAL);
+  h0 = hw, h0.link_bytes_s = NAN;
+  apb_error_clear(&err);
+  ck_assert_int_eq(apb_cost_plan(&plan, &tiny->cfg, tiny->scorer_width, 2, &h0, c, &err), APB_EINVAL);
+  ck_assert_msg(strstr(err.msg, "link_bytes_s"), "%s", err.msg);
+  ck_assert_int_eq(apb_cost_plan(&plan, &tiny->cfg, tiny->scorer_width, 2, NULL, c, &err), APB_EINVAL);
+  ck_assert_int_eq(apb_cost_plan(&plan, &tiny->cfg, -5, 2, &hw, c, &err), APB_EINVAL);
+  apb_model_config bad = tiny->cfg;
+  bad.n_layers = -3;
+  ck_assert_int_ne(apb_cost_plan(&plan, &bad, tiny->scorer_width, 2, &hw, c, &err), APB_OK);
+  bad = tiny->cfg, bad.n_heads = INT_MAX;
+  ck_assert_int_ne(apb_cost_plan(&plan, &bad, tiny->scorer_width, 2, &hw, c, &err), APB_OK);
+}
+END_TEST
+
 /* apb_cost_fit on hand-made counts: exact rates come back; a rate no run depends on ends on a bound
  * and is flagged; bad measurements and rates are refused */
 START_TEST(test_cost_fit) {
@@ -632,6 +685,7 @@ int main(void) {
   tcase_add_loop_test(ti, test_profile_stages, 0, 2);
   tcase_add_loop_test(ti, test_cost_model_counts, 0, 3 * APB_METHOD_COUNT);
   tcase_add_test(ti, test_cost_fit);
+  tcase_add_test(ti, test_plan_cost_validation);
   suite_add_tcase(s, ti);
   TCase *tc = tu_tcase("program", 300);
   tcase_add_test(tc, test_cli_bad_input);

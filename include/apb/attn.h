@@ -16,6 +16,9 @@
  *   apb_attn_naive: the oracle. Plain loops, double accumulation, two-pass softmax. The definition.
  *   apb_attn_fast:  OpenMP over (KV head, row tile), OpenBLAS on tiles, online softmax in fp32, never a
  *                   [rows x keys] buffer. Bitwise identical for any thread count and on every run.
+ *                   Its scaled queries and scores are fp32: where scale * q or a score exceeds FLT_MAX
+ *                   (about 3.4e38) the row comes out NaN, as for a score of +inf, while the oracle (double)
+ *                   may still be finite.
  * Tested in tests/check_attn.c (hand-worked cases, sweeps against the oracle, invariants).
  */
 #ifndef APB_ATTN_H

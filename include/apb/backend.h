@@ -99,7 +99,8 @@ typedef struct apb_backend_ops {
   apb_status (*embed)(apb_backend *be, const apb_bweight *table, const int32_t *ids, int64_t T, void *out,
                       apb_error *err);
   /* y [T, E] = x * (1 / sqrt(mean(x^2) + eps)) * w, w [1, E] (a weight with N = 1), as HF's
-   * LlamaRMSNorm; mean over E in fp32 (double: naive). eps finite and >= 0. */
+   * LlamaRMSNorm; mean over E in fp32 (CUDA) or double (the CPU backends). eps finite and > 0 (with
+   * eps = 0 an all-zero row would be 0 * inf = NaN; apb_config_check asks for a positive one too). */
   apb_status (*rmsnorm)(apb_backend *be, const apb_bweight *w, float eps, const void *x, int64_t T, void *y,
                         apb_error *err);
   /* y [T, N] = x [T, K] w^T + bias; N, K from w. Naive: each output one double dot product. */
@@ -109,7 +110,8 @@ typedef struct apb_backend_ops {
    * v [T, Hkv, D] copied. HF rotate-half convention: for i < D/2, with a = pos[t] * f_i and
    * f = apb_rope_inv_freq(rope, D),
    *   out[i] = x[i] cos a - x[i + D/2] sin a,   out[i + D/2] = x[i + D/2] cos a + x[i] sin a.
-   * The CPU backends compute f, a, cos and sin in double. D even >= 2. */
+   * The CPU backends compute f, a, cos and sin in double. D even >= 2; rope->type default, linear or
+   * llama3 (another value is APB_EINVAL). */
   apb_status (*split_rope)(apb_backend *be, const void *qkv, int64_t T, int Hq, int Hkv, int D,
                            const int32_t *pos, const apb_rope *rope, void *q, void *k, void *v,
                            apb_error *err);

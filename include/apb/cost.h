@@ -43,7 +43,9 @@ typedef struct apb_cost {
 } apb_cost;
 
 /* Fill out[0..H-1] for plan p of a model with config cfg (scorer width I) and activations of act_bytes
- * bytes per element. */
+ * bytes per element. APB_EINVAL (or apb_config_check's status) for a NULL argument, a configuration
+ * apb_config_check refuses, I < 0, act_bytes < 1, or a rate of hw that is not finite and positive (the
+ * latency: finite and >= 0). */
 apb_status apb_cost_plan(const apb_plan *p, const apb_model_config *cfg, int scorer_width, int act_bytes,
                          const apb_hw *hw, apb_cost *out, apb_error *err);
 

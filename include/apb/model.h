@@ -127,7 +127,8 @@ apb_status apb_model_create(const apb_model_config *cfg, int scorer_width, apb_m
 #define APB_HEADS_FILE "retaining_heads.safetensors"
 
 /* Parameters (elements) of a model of this configuration: every weight and bias, lm_head counted
- * once more unless tied, plus the retaining heads when scorer_width > 0. Times 4 for fp32 bytes. */
+ * once more unless tied, plus the retaining heads when scorer_width > 0. Times 4 for fp32 bytes.
+ * -1 when a size of cfg is not positive (L may be 0) or the count would reach 2^62. */
 int64_t apb_model_param_count(const apb_model_config *cfg, int scorer_width);
 
 /* Presets for generated models (docs/model.md has every size and how the weights are drawn). */
