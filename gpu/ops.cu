@@ -214,7 +214,7 @@ apb_status cu_rmsnorm(apb_backend *be, const apb_bweight *w, float eps, const vo
   const char *op = "rmsnorm";
   cu_be *c = cu_of(be);
   apb_status st;
-  if ((st = cu_weight_check(c, err, op, "w", w, 1, -1)) || (st = apb_bc_rmsnorm(err, eps, T, x, y)) || T == 0)
+  if ((st = cu_weight_check(c, err, op, "w", w, 1, -1)) || (st = apb_bc_rmsnorm(err, eps, T, w->K, apb_act_size(be), x, y)) || T == 0)
     return st;
   if ((st = cu_enter(c, err))) return st;
   const unsigned g = T < 65535 * 16 ? (unsigned)T : 65535u * 16u;

@@ -107,16 +107,21 @@ apb_status apb_bc_embed(apb_error *err, int64_t T, const void *ids, const void *
   return apb_bc_need(err, op, "out", out);
 }
 
-apb_status apb_bc_rmsnorm(apb_error *err, float eps, int64_t T, const void *x, const void *y) {
+apb_status apb_bc_rmsnorm(apb_error *err, float eps, int64_t T, int64_t E, size_t es, const void *x, const void *y) {
   const char *op = "rmsnorm";
   apb_status st = apb_bc_len(err, op, "T", T, 0);
   if (st) return st;
+  if (E < 1 || T > INT64_MAX / 8 / E)
+    return apb_error_set(err, APB_EINVAL, "%s: shape too large or empty (T=%lld, E=%lld)", op, (long long)T,
+                         (long long)E);
   /* eps = 0 would turn an all-zero row into 0 * inf = NaN (apb_config_check asks for a positive one too) */
   if (!isfinite(eps) || !(eps > 0))
     return apb_error_set(err, APB_EINVAL, "%s: eps=%g must be finite and > 0", op, (double)eps);
   if (T == 0) return APB_OK;
-  if ((st = apb_bc_need(err, op, "x", x))) return st;
-  return apb_bc_need(err, op, "y", y);
+  if ((st = apb_bc_need(err, op, "x", x)) || (st = apb_bc_need(err, op, "y", y))) return st;
+  if (x == y) return APB_OK; /* in place */
+  const size_t bytes = (size_t)(T * E) * es;
+  return apb_bc_disjoint(err, op, "y", y, bytes, "x", x, bytes);
 }
 
 apb_status apb_bc_swiglu(apb_error *err, int64_t T, int64_t F, const void *gu, const void *out, size_t es) {

@@ -40,10 +40,10 @@ apb_status apb_bc_topk(apb_error *err, const float *s, int R, int64_t T, int64_t
 apb_status apb_bc_maxpool(apb_error *err, const float *s, int R, int64_t T, int w, const float *out);
 /* The elementwise ops' arguments after their weight check (elements of es bytes): T (n) >= 0, and when
  * there is anything to do the pointers present and, where the op requires it, output and input disjoint.
- * embed: ids and out; rmsnorm: also eps finite and >= 0, x and y (may alias); swiglu: F >= 1, out
+ * embed: ids and out; rmsnorm: also eps finite and > 0, x and y [T, E] (the same or apart); swiglu: F >= 1, out
  * [T, F] apart from gu [T, 2F]; add: y and x (may alias). */
 apb_status apb_bc_embed(apb_error *err, int64_t T, const void *ids, const void *out);
-apb_status apb_bc_rmsnorm(apb_error *err, float eps, int64_t T, const void *x, const void *y);
+apb_status apb_bc_rmsnorm(apb_error *err, float eps, int64_t T, int64_t E, size_t es, const void *x, const void *y);
 apb_status apb_bc_swiglu(apb_error *err, int64_t T, int64_t F, const void *gu, const void *out, size_t es);
 apb_status apb_bc_add(apb_error *err, size_t n, const void *y, const void *x);
 /* split_rope's arguments (elements of es bytes): T >= 0, Hq, Hkv >= 1, D even >= 2, rope present, the

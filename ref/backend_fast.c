@@ -76,7 +76,7 @@ static apb_status fast_rmsnorm(apb_backend *be, const apb_bweight *w, float eps,
                                apb_error *err) {
   const char *op = "rmsnorm";
   apb_status st;
-  if ((st = apb_cpu_weight(err, op, "w", w, 1, -1)) || (st = apb_bc_rmsnorm(err, eps, T, x, y)) || T == 0) return st;
+  if ((st = apb_cpu_weight(err, op, "w", w, 1, -1)) || (st = apb_bc_rmsnorm(err, eps, T, w->K, sizeof(float), x, y)) || T == 0) return st;
   const apb_cpu *c = apb_cpu_of(be);
   const int64_t E = w->K;
   const float *xs = x, *wv = w->w;

@@ -947,6 +947,11 @@ START_TEST(test_validation) {
   /* rmsnorm: eps must be > 0 (with 0 an all-zero row is 0 * inf = NaN) */
   FAILS(op->rmsnorm(be, w1, 0.0f, x, 4, y, &e), APB_EINVAL, &e, "rmsnorm", "eps=0");
   apb_error_clear(&e);
+  /* rmsnorm in place is allowed, a y that overlaps x without being x is not (later rows would read
+   * normalised values) */
+  FAILS(op->rmsnorm(be, w1, 1e-5f, x, 2, x + 64, &e), APB_EINVAL, &e, "rmsnorm", "overlaps");
+  apb_error_clear(&e);
+  OK(op->rmsnorm(be, w1, 1e-5f, y, 4, y, &e), &e, "rmsnorm in place");
   /* rmsnorm of huge rows: the sum of squares (1e60) must not overflow (fp32 gave y = 0) */
   {
     const float one = 1.0f;
