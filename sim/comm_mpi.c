@@ -83,7 +83,7 @@ static apb_status mpi_iallgatherv(apb_comm *c, const void *send, void *recv, con
 
 static apb_status mpi_sendrecv(apb_comm *c, const void *send, size_t sbytes, int dst, void *recv, size_t rbytes,
                                int src, apb_error *err) {
-  if (dst >= c->size || src >= c->size)
+  if (dst >= c->size || src >= c->size || dst < -1 || src < -1) /* -1: no peer */
     return apb_error_set(err, APB_EINVAL, "sendrecv: rank %d names peer %d/%d of %d", c->rank, dst, src, c->size);
   double t0 = now_s();
   size_t done_s = 0, done_r = 0;

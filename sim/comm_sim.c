@@ -194,9 +194,9 @@ static apb_status sim_iallgatherv(apb_comm *c, const void *send, void *recv, con
 static apb_status sim_sendrecv(apb_comm *c, const void *send, size_t sbytes, int dst, void *recv, size_t rbytes,
                                int src, apb_error *err) {
   apb_sim_group *g = ((sim_comm *)c->impl)->g;
-  if (dst >= g->H || src >= g->H)
-    return apb_error_set(err, APB_EINVAL, "sendrecv: host %d names peer %d/%d of %d hosts", c->rank, dst, src,
-                         g->H);
+  if (dst >= g->H || src >= g->H || dst < -1 || src < -1) /* -1: no peer */
+    return apb_error_set(err, APB_EINVAL, "sendrecv: host %d names peer %d/%d of %d hosts (-1: none)", c->rank, dst,
+                         src, g->H);
   apb_status st = sync_be(c, err);
   if (st) return st;
   lock_if_concurrent(g);

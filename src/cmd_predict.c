@@ -226,11 +226,12 @@ static int fit(const char **files, int nfiles, int act, apb_hw *hw, int json) {
   return rc;
 }
 
-/* opts for method m of the list: star keeps no passing block, and only apb and star pair virtual hosts */
-static void method_opts(apb_run_opts *o, apb_method m) {
+/* opts for method m of a list of nm, as apb run has them: in a list star keeps no passing block and only
+ * apb and star pair virtual hosts; a method alone gets the options as given (the plan refuses misfits) */
+static void method_opts(apb_run_opts *o, apb_method m, int nm) {
   o->method = m;
-  if (m == APB_METHOD_STAR && o->passing > 0) o->passing = -1;
-  o->balance = o->balance > 0 && (m == APB_METHOD_APB || m == APB_METHOD_STAR);
+  if (nm > 1 && m == APB_METHOD_STAR && o->passing > 0) o->passing = -1;
+  if (nm > 1 && m != APB_METHOD_APB && m != APB_METHOD_STAR) o->balance = 0;
 }
 
 int cmd_predict(int argc, char **argv) {
@@ -339,7 +340,7 @@ int cmd_predict(int argc, char **argv) {
   /* every method's plan first: a refused one ends the command before any output (no partial JSON) */
   for (int i = 0; i < nm; i++) {
     apb_run_opts oi = o;
-    method_opts(&oi, ms[i]);
+    method_opts(&oi, ms[i], nm);
     apb_status st = apb_plan_make(&oi, n, q, &cfg, I, plan, &err);
     if (st) {
       free(plan), free(c);
@@ -358,7 +359,7 @@ int cmd_predict(int argc, char **argv) {
            "elem s", "comm s", "comm MiB", "attn TFLOP");
   for (int i = 0; i < nm && !rc; i++) {
     apb_run_opts oi = o;
-    method_opts(&oi, ms[i]);
+    method_opts(&oi, ms[i], nm);
     apb_status st = apb_plan_make(&oi, n, q, &cfg, I, plan, &err);
     if (!st) st = apb_cost_plan(plan, &cfg, I, act, &hw, c, &err);
     if (st) {

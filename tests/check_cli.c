@@ -763,6 +763,9 @@ START_TEST(run_inputs) {
   free(out);
   expect(0, "predict --hosts 3 --method dense,ring,zigzag,star,apb --json", "\"methods\"");
   expect(2, "predict --model ''", "--model wants a directory");
+  /* --balance: dropped for the baselines of a list, refused for a baseline alone (as apb run does) */
+  expect(0, "predict --method ring,apb --balance", "apb ");
+  expect(1, "predict --method ring --balance", "--balance pairs virtual hosts");
 
   /* method lists: an empty item or a method named twice is a typo, not a shorter list */
   expect(2, "run --method ,dense", "an empty item");

@@ -248,6 +248,14 @@ START_TEST(test_bad_args) {
   ck_assert_int_eq(apb_sim_group_create(0, be, 1, 0, &g, c, &err), APB_EINVAL);
   ck_assert_int_eq(apb_sim_group_create(2, be, 1, 0, &g, c, &err), APB_EINVAL);
   ck_assert_ptr_nonnull(strstr(err.msg, "no backend"));
+  /* sendrecv's peers: a rank, or -1 for none; -2 is neither (refused before any host waits) */
+  group gr;
+  group_make(&gr, 1, 1, 0);
+  char b[4] = {0};
+  ck_assert_int_eq(gr.c[0]->ops->sendrecv(gr.c[0], b, 4, -2, b, 4, -1, &err), APB_EINVAL);
+  ck_assert_msg(strstr(err.msg, "names peer -2/-1 of 1 hosts") != NULL, "%s", err.msg);
+  ck_assert_int_eq(gr.c[0]->ops->sendrecv(gr.c[0], b, 4, -1, b, 4, 1, &err), APB_EINVAL);
+  group_free(&gr);
 }
 END_TEST
 
