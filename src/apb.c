@@ -37,9 +37,10 @@ static void usage(void) {
          "Usage: apb [COMMAND [ARGS...]]\n"
          "       apb help [COMMAND]      the same as apb COMMAND --help\n"
          "       apb --help | --version\n\n"
-         "With no command, apb runs `apb %s` with its defaults.\n\n"
+         "With no command, apb runs `apb %s` with its defaults; options without a command are its\n"
+         "options (apb --synthetic 4096 --json is apb %s --synthetic 4096 --json).\n\n"
          "Commands:\n",
-         APB_VERSION_STRING, default_job[0]);
+         APB_VERSION_STRING, default_job[0], default_job[0]);
   cli_list(commands, n_commands);
   printf("\nWhole-number options take a K, M or G suffix (x 2^10, 2^20, 2^30): --synthetic 128K is 131072 tokens.\n"
          "Exit status: 0 success, 1 failure (bad data, a failed check), 2 usage error.\n");
@@ -75,10 +76,9 @@ int main(int argc, char **argv) {
     char *sub[] = {argv[2], help, NULL};
     return run(2, sub);
   }
-  if (a[0] == '-') {
-    fprintf(stderr, "apb: unknown option '%s' before the command\n"
-            "Try 'apb --help' for the list of commands.\n", a);
-    return CLI_USAGE;
+  if (a[0] == '-') { /* options without a command are the default job's: apb --json is apb run --json */
+    argv[0] = default_job[0];
+    return run(argc, argv);
   }
   return run(argc - 1, argv + 1);
 }

@@ -442,8 +442,18 @@ START_TEST(dispatcher) {
   assert_has(out, "unknown command 'frobnicate'");
   assert_has(out, "apb --help");
   free(out);
-  ck_assert_int_eq(apb(&out, "--frobnicate"), 2);
+  ck_assert_int_eq(apb(&out, "--frobnicate"), 2); /* the default job's option parser refuses it */
+  assert_has(out, "apb run: unknown or ambiguous option '--frobnicate'");
   free(out);
+  /* options without a command go to the default job */
+  ck_assert_int_eq(apb(&out, "--synthetic 512 --method dense,apb --anchor 64 --threads 1 --quiet --json"), 0);
+  ck_assert_int_eq(apb(&out2, "run --synthetic 512 --method dense,apb --anchor 64 --threads 1 --quiet --json"), 0);
+  assert_has(out, "\"generated\"");
+  const char *g1 = strstr(out, "\"apb\""), *g2 = strstr(out2, "\"apb\""); /* apb's relerr and tokens */
+  ck_assert_msg(g1 && g2, "no apb run in:\n%s\n%s", out, out2);
+  g1 = strstr(g1, "\"logits_rel_err\""), g2 = strstr(g2, "\"logits_rel_err\"");
+  ck_assert_msg(g1 && g2 && strcmp(g1, g2) == 0, "apb OPTIONS and apb run OPTIONS differ:\n%s\n%s", out, out2);
+  free(out), free(out2);
 
   ck_assert_int_eq(apb(&out, "--help"), 0);
   const char *cmds[] = {"attn", "cmp", "bench", "demo"};
