@@ -1282,6 +1282,10 @@ START_TEST(test_validation) {
   apb_error_clear(&e);
   FAILS(op->rmsnorm(be, w1, -1.0f, x, 1, y, &e), APB_EINVAL, &e, "rmsnorm", "eps=-1");
   apb_error_clear(&e);
+  FAILS(op->rmsnorm(be, w1, 0.0f, x, 1, y, &e), APB_EINVAL, &e, "rmsnorm", "eps=0");
+  apb_error_clear(&e);
+  FAILS(op->rmsnorm(be, w1, 1e-5f, x, 1, (char *)x + 32 * esz(be), &e), APB_EINVAL, &e, "rmsnorm", "overlaps");
+  apb_error_clear(&e);
   FAILS(op->rmsnorm(be, NULL, 1e-5f, x, 1, y, &e), APB_EINVAL, &e, "rmsnorm", "w is NULL");
   apb_error_clear(&e);
   FAILS(op->linear(be, w2, NULL, 1, y, &e), APB_EINVAL, &e, "linear: x is NULL", NULL);
@@ -1354,8 +1358,8 @@ END_TEST
 
 /* ---------------------------------------------------------------- weights generated on the GPU */
 
-/* A weight's values through the ops (the weight is opaque): norms as rmsnorm of a row of ones (times
- * sqrt(1 + eps), exact enough for statistics), matrices [N, K] as linear of the identity [K, K] (one
+/* A weight's values through the ops (the weight is opaque): norms as rmsnorm of a row of ones with eps
+ * 1e-30 (1 + eps rounds to 1 in fp32: the weight itself; rmsnorm refuses eps = 0), matrices [N, K] as linear of the identity [K, K] (one
  * product per output: exact), the embedding as embed of every id. Returns [rows, cols] fp32. */
 static float *weight_values(apb_backend *be, const apb_bweight *w, int kind, int64_t N, int64_t K) {
   apb_error e = {0};
@@ -1364,7 +1368,7 @@ static float *weight_values(apb_backend *be, const apb_bweight *w, int kind, int
     float *ones = fbuf((size_t)K);
     for (int64_t i = 0; i < K; i++) ones[i] = 1.0f;
     void *dx = d_in(be, ones, (size_t)K), *dy = d_out(be, (size_t)K * esz(be));
-    OK(be->ops->rmsnorm(be, w, 0.0f, dx, 1, dy, &e), &e, "rmsnorm (norm weight)");
+    OK(be->ops->rmsnorm(be, w, 1e-30f, dx, 1, dy, &e), &e, "rmsnorm (norm weight)");
     d_get_act(be, dy, (size_t)K, out, "norm weight");
     d_free(be, dx), d_free(be, dy), free(ones);
   } else if (kind == 1) { /* embedding [N, K] */
