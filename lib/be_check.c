@@ -19,6 +19,9 @@ apb_status apb_bc_disjoint(apb_error *err, const char *op, const char *an, const
                            const void *b, size_t nb) {
   if (!a || !b || na == 0 || nb == 0) return APB_OK;
   uintptr_t a0 = (uintptr_t)a, b0 = (uintptr_t)b;
+  if (na > UINTPTR_MAX - a0 || nb > UINTPTR_MAX - b0) /* no buffer runs past the end of memory */
+    return apb_error_set(err, APB_EINVAL, "%s: %s [%p, +%zu bytes) or %s [%p, +%zu bytes) runs past the end of the "
+                         "address space", op, an, a, na, bn, b, nb);
   if (a0 < b0 + nb && b0 < a0 + na)
     return apb_error_set(err, APB_EINVAL, "%s: %s [%p, +%zu bytes) overlaps %s [%p, +%zu bytes)", op, an, a, na, bn,
                          b, nb);

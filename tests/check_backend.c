@@ -234,6 +234,9 @@ START_TEST(test_memory) {
   apb_error_clear(&e);
   FAILS(op->copy(be, (char *)a + 10, a, 100, &e), APB_EINVAL, &e, "copy", "overlaps");
   apb_error_clear(&e);
+  /* a size no buffer can have: refused, not wrapped around into "no overlap" */
+  FAILS(op->copy(be, c, a, SIZE_MAX - 8, &e), APB_EINVAL, &e, "copy", "past the end of the address space");
+  apb_error_clear(&e);
   FAILS(op->copy(be, NULL, a, 100, &e), APB_EINVAL, &e, "copy: dst is NULL", NULL);
   apb_error_clear(&e);
   OK(op->copy(be, NULL, NULL, 0, &e), &e, "empty copy");
