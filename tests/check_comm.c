@@ -85,6 +85,7 @@ static void ring_host(int r, void *arg) {
   ctx *x = arg;
   int H = x->gr->H;
   int32_t send[16], recv[16];
+  memset(recv, 0xFF, sizeof recv); /* -1: no value sent is negative */
   size_t n_send = (size_t)(r % 3 + 1), n_recv = (size_t)(((r - 1 + H) % H) % 3 + 1);
   for (size_t i = 0; i < n_send; i++) send[i] = r * 100 + (int32_t)i;
   apb_error err = {0};
@@ -92,20 +93,24 @@ static void ring_host(int r, void *arg) {
   x->st[r] = c->ops->sendrecv(c, send, n_send * 4, (r + 1) % H, recv, n_recv * 4, (r - 1 + H) % H, &err);
   for (size_t i = 0; i < n_recv; i++)
     if (recv[i] != ((r - 1 + H) % H) * 100 + (int32_t)i) x->bad[r]++;
+  if (recv[n_recv] != -1) x->bad[r]++; /* nothing written past what was received */
 }
 
 START_TEST(test_sendrecv_ring) {
-  group gr;
-  group_make(&gr, Hs[_i], 1, 30);
-  ctx x = {&gr, {0}, {0}};
-  apb_error err = {0};
-  ck_assert_int_eq(apb_sim_run(gr.H, gr.c, ring_host, &x, &err), APB_OK);
-  for (int r = 0; r < gr.H; r++) {
-    ck_assert_msg(x.st[r] == APB_OK && x.bad[r] == 0, "H=%d host %d: status %d bad %d", gr.H, r, x.st[r], x.bad[r]);
-    int64_t expect = gr.H == 1 ? 0 : (int64_t)(r % 3 + 1) * 4;
-    ck_assert_int_eq(gr.c[r]->stats.bytes_sent[APB_COLL_SENDRECV], expect);
+  for (int serialized = 0; serialized <= 1; serialized++) {
+    group gr;
+    group_make(&gr, Hs[_i], serialized, 30);
+    ctx x = {&gr, {0}, {0}};
+    apb_error err = {0};
+    ck_assert_int_eq(apb_sim_run(gr.H, gr.c, ring_host, &x, &err), APB_OK);
+    for (int r = 0; r < gr.H; r++) {
+      ck_assert_msg(x.st[r] == APB_OK && x.bad[r] == 0, "H=%d serialized %d host %d: status %d bad %d", gr.H,
+                    serialized, r, x.st[r], x.bad[r]);
+      int64_t expect = gr.H == 1 ? 0 : (int64_t)(r % 3 + 1) * 4;
+      ck_assert_int_eq(gr.c[r]->stats.bytes_sent[APB_COLL_SENDRECV], expect);
+    }
+    group_free(&gr);
   }
-  group_free(&gr);
 }
 END_TEST
 
@@ -113,7 +118,8 @@ static void a2a_host(int r, void *arg) {
   ctx *x = arg;
   int H = x->gr->H;
   /* rank r sends (r + d + 1) int32 to rank d, each value r*1000 + d*10 + i */
-  int32_t send[256] = {0}, recv[256] = {0};
+  int32_t send[256] = {0}, recv[256];
+  memset(recv, 0xFF, sizeof recv); /* -1: no value sent is negative (0 is one: rank 0's to itself) */
   size_t sb[8] = {0}, rb[8] = {0}, off = 0;
   for (int d = 0; d < H; d++) {
     sb[d] = (size_t)(r + d + 1) * 4;
@@ -127,22 +133,26 @@ static void a2a_host(int r, void *arg) {
   for (int s = 0; s < H; s++)
     for (int i = 0; i < s + r + 1; i++)
       if (recv[off++] != s * 1000 + r * 10 + i) x->bad[r]++;
+  if (recv[off] != -1) x->bad[r]++; /* nothing written past the end */
 }
 
 START_TEST(test_alltoallv) {
-  group gr;
-  group_make(&gr, Hs[_i], 0, 30);
-  ctx x = {&gr, {0}, {0}};
-  apb_error err = {0};
-  ck_assert_int_eq(apb_sim_run(gr.H, gr.c, a2a_host, &x, &err), APB_OK);
-  for (int r = 0; r < gr.H; r++) {
-    ck_assert_msg(x.st[r] == APB_OK && x.bad[r] == 0, "H=%d host %d: status %d bad %d", gr.H, r, x.st[r], x.bad[r]);
-    int64_t sent = 0;
-    for (int d = 0; d < gr.H; d++)
-      if (d != r) sent += (r + d + 1) * 4;
-    ck_assert_int_eq(gr.c[r]->stats.bytes_sent[APB_COLL_ALLTOALL], sent);
+  for (int serialized = 0; serialized <= 1; serialized++) {
+    group gr;
+    group_make(&gr, Hs[_i], serialized, 30);
+    ctx x = {&gr, {0}, {0}};
+    apb_error err = {0};
+    ck_assert_int_eq(apb_sim_run(gr.H, gr.c, a2a_host, &x, &err), APB_OK);
+    for (int r = 0; r < gr.H; r++) {
+      ck_assert_msg(x.st[r] == APB_OK && x.bad[r] == 0, "H=%d serialized %d host %d: status %d bad %d", gr.H,
+                    serialized, r, x.st[r], x.bad[r]);
+      int64_t sent = 0;
+      for (int d = 0; d < gr.H; d++)
+        if (d != r) sent += (r + d + 1) * 4;
+      ck_assert_int_eq(gr.c[r]->stats.bytes_sent[APB_COLL_ALLTOALL], sent);
+    }
+    group_free(&gr);
   }
-  group_free(&gr);
 }
 END_TEST
 
@@ -158,14 +168,17 @@ static void bcast_host(int r, void *arg) {
 }
 
 START_TEST(test_bcast_barrier) {
-  group gr;
-  group_make(&gr, Hs[_i], 1, 30);
-  ctx x = {&gr, {0}, {0}};
-  apb_error err = {0};
-  ck_assert_int_eq(apb_sim_run(gr.H, gr.c, bcast_host, &x, &err), APB_OK);
-  for (int r = 0; r < gr.H; r++) ck_assert_msg(x.st[r] == APB_OK && x.bad[r] == 0, "H=%d host %d", gr.H, r);
-  ck_assert_int_eq(gr.c[gr.H - 1]->stats.bytes_sent[APB_COLL_BCAST], (int64_t)24 * (gr.H - 1));
-  group_free(&gr);
+  for (int serialized = 0; serialized <= 1; serialized++) {
+    group gr;
+    group_make(&gr, Hs[_i], serialized, 30);
+    ctx x = {&gr, {0}, {0}};
+    apb_error err = {0};
+    ck_assert_int_eq(apb_sim_run(gr.H, gr.c, bcast_host, &x, &err), APB_OK);
+    for (int r = 0; r < gr.H; r++)
+      ck_assert_msg(x.st[r] == APB_OK && x.bad[r] == 0, "H=%d serialized %d host %d", gr.H, serialized, r);
+    ck_assert_int_eq(gr.c[gr.H - 1]->stats.bytes_sent[APB_COLL_BCAST], (int64_t)24 * (gr.H - 1));
+    group_free(&gr);
+  }
 }
 END_TEST
 

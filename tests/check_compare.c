@@ -107,14 +107,19 @@ START_TEST(test_elementwise_guard) {
   const int64_t n = 1000000;
   float *ref = tu_alloc((size_t)n), *got = tu_alloc((size_t)n);
   for (int64_t i = 0; i < n; i++) ref[i] = got[i] = 1.0f;
-  apb_tol t = apb_tolerance(APB_PREC_F32, n); /* rel_fro 1e-5 (clamped), elementwise 4u*1000 */
+  /* rel_fro 1e-5 (clamped); elementwise 4u*1000 = 2.4e-4 capped at 8 x 1e-5 for both atol_rms and
+   * rtol, so |got - ref| <= 8e-5 * rms(ref) + 8e-5 * |ref| = 1.6e-4 here */
+  apb_tol t = apb_tolerance(APB_PREC_F32, n);
   got[123456] = 1.005f;                       /* rel_fro 5e-6: hidden by the norm */
   apb_cmp c;
   ck_assert_int_eq(apb_cmp_within(got, ref, n, &t, &c), 0);
   ck_assert_msg(c.rel_fro < t.rel_fro, "rel_fro %g should pass %g", c.rel_fro, t.rel_fro);
   ck_assert_int_eq(c.max_abs_idx, 123456);
-  got[123456] = 1.0f + 1e-4f; /* within 4u*sqrt(k) = 2.4e-4 */
+  got[123456] = 1.0f + 1e-4f; /* within 1.6e-4 */
   ck_assert_int_eq(apb_cmp_within(got, ref, n, &t, &c), 1);
+  got[123456] = 1.0f + 2e-4f; /* within the uncapped 4u*sqrt(k) = 2.4e-4, beyond the capped 1.6e-4 */
+  ck_assert_int_eq(apb_cmp_within(got, ref, n, &t, &c), 0);
+  ck_assert_int_eq(c.max_abs_idx, 123456);
   tu_free(ref), tu_free(got);
 }
 END_TEST
@@ -146,11 +151,25 @@ START_TEST(test_table) {
                     "%s: table decreases at k=%lld", apb_prec_name(ps[i]), (long long)k);
       ck_assert_msg(t.rel_fro > 0 && t.rel_fro <= contract[i], "%s: rel_fro %g at k=%lld outside (0, %g]",
                     apb_prec_name(ps[i]), t.rel_fro, (long long)k, contract[i]);
+      ck_assert_msg(t.rtol == t.atol_rms && t.rtol > 0 && t.rtol <= 8 * contract[i] && t.atol == 0,
+                    "%s: elementwise terms (atol %g, atol_rms %g, rtol %g) at k=%lld, cap %g", apb_prec_name(ps[i]),
+                    t.atol, t.atol_rms, t.rtol, (long long)k, 8 * contract[i]);
       prev = t;
     }
-    ck_assert_msg(apb_tolerance(ps[i], (int64_t)1 << 40).rel_fro == contract[i], "%s: not clamped to %g",
-                  apb_prec_name(ps[i]), contract[i]);
+    const apb_tol top = apb_tolerance(ps[i], (int64_t)1 << 40);
+    ck_assert_msg(top.rel_fro == contract[i], "%s: not clamped to %g", apb_prec_name(ps[i]), contract[i]);
+    ck_assert_msg(top.rtol == 8 * contract[i], "%s: elementwise bound %g not capped at %g", apb_prec_name(ps[i]),
+                  top.rtol, 8 * contract[i]);
   }
+  /* the cap binds where docs/tolerances.md's values say: fp32 once 4u sqrt(k) > 8e-5 (k > 112590), so
+   * k = 8100 is still 4u * 90 and k = 1e6 is capped ... */
+  ck_assert_double_eq_tol(apb_tolerance(APB_PREC_F32, 8100).rtol, 360 * u32, 1e-20);
+  ck_assert_msg(apb_tolerance(APB_PREC_F32, 1000000).rtol == 8e-5, "fp32 k=1e6: rtol %g, want the cap 8e-5",
+                apb_tolerance(APB_PREC_F32, 1000000).rtol);
+  /* ... and bf16 once 4u sqrt(k) > 0.08 (k > 26.2): k = 16 is 4u * 4, k = 64 is capped */
+  ck_assert_double_eq_tol(apb_tolerance(APB_PREC_BF16, 16).rtol, 16 * u16b, 1e-20);
+  ck_assert_msg(apb_tolerance(APB_PREC_BF16, 64).rtol == 0.08, "bf16 k=64: rtol %g, want the cap 0.08",
+                apb_tolerance(APB_PREC_BF16, 64).rtol);
   /* fp32 by hand: 16u sqrt(k) until the clamp, elementwise 4u sqrt(k) */
   apb_tol t = apb_tolerance(APB_PREC_F32, 1);
   ck_assert_double_eq_tol(t.rel_fro, 16 * u32, 1e-20);
