@@ -787,6 +787,64 @@ START_TEST(run_inputs) {
 }
 END_TEST
 
+/* --dump-layers writes every layer's output per host and the selected indices of every host that passes
+ * a block; --concurrent (hosts as threads at once) computes what the serialized hosts compute. */
+START_TEST(dump_layers_and_concurrent) {
+  char *path = tu_tmpname(".safetensors"), a[4400], *o1 = NULL, *o2 = NULL;
+  const char *job = "run --preset tiny --synthetic 1024 --method apb --hosts 2 --anchor 64 --threads 1 --quiet";
+  snprintf(a, sizeof a, "%s --dump '%s' --dump-layers", job, path);
+  expect(0, a, NULL);
+  apb_st_file *f = NULL;
+  apb_error err = {0};
+  ck_assert_msg(apb_st_open(path, &f, &err) == APB_OK, "%s", err.msg);
+  for (int l = 0; l < 2; l++) {
+    int64_t rows = 0;
+    for (int h = 0; h < 2; h++) {
+      char name[64];
+      snprintf(name, sizeof name, "layer%d.host%d.out", l, h);
+      const apb_st_tensor *t = apb_st_find(f, name);
+      ck_assert_msg(t && t->dtype == APB_DT_F32 && t->ndim == 2 && t->shape[1] == 256, "%s: missing or not [T_h, 256]",
+                    name);
+      rows += t->shape[0];
+      float *x = malloc(sizeof(float) * (size_t)apb_st_numel(t));
+      ck_assert_msg(apb_st_read_f32(f, t, x, &err) == APB_OK, "%s", err.msg);
+      for (int64_t i = 0; i < apb_st_numel(t); i++) ck_assert_msg(isfinite(x[i]), "%s[%lld] is not finite", name, (long long)i);
+      free(x);
+      /* host 0 passes l_p = 32 indices per KV head of its 512-token block; the last host passes none */
+      snprintf(name, sizeof name, "layer%d.host%d.selected", l, h);
+      t = apb_st_find(f, name);
+      if (h == 1) {
+        ck_assert_msg(t == NULL, "%s: the last host passes no block", name);
+        continue;
+      }
+      ck_assert_msg(t && t->ndim == 2 && t->shape[0] == 2 && t->shape[1] == 32, "%s: missing or not [2, 32]", name);
+      int64_t idx[64];
+      ck_assert_msg(apb_st_read_i64(f, t, idx, &err) == APB_OK, "%s", err.msg);
+      for (int g = 0; g < 2; g++)
+        for (int i = 0; i < 32; i++) {
+          const int64_t v = idx[g * 32 + i];
+          ck_assert_msg(v >= 0 && v < 512 && (i == 0 || v > idx[g * 32 + i - 1]),
+                        "%s[%d][%d] = %lld: not an increasing index into the 512-token block", name, g, i, (long long)v);
+        }
+    }
+    ck_assert_msg(rows >= 1024, "layer %d: %lld rows over both hosts, the document has 1024", l, (long long)rows);
+  }
+  apb_st_close(f);
+  remove(path);
+  free(path);
+
+  /* the serialized and the concurrent run's dumps (hidden states, logits, tokens): equal bit for bit */
+  char *d1 = tu_tmpname(".safetensors"), *d2 = tu_tmpname(".safetensors");
+  ck_assert_int_eq(apb(&o1, "%s --hosts 4 --dump '%s'", job, d1), 0);
+  ck_assert_int_eq(apb(&o2, "%s --hosts 4 --concurrent --dump '%s'", job, d2), 0);
+  free(o1), free(o2);
+  snprintf(a, sizeof a, "cmp --prec exact '%s' '%s'", d1, d2);
+  expect(0, a, NULL);
+  remove(d1), remove(d2);
+  free(d1), free(d2);
+}
+END_TEST
+
 /* gen-model's directory runs as it is: run --model DIR reads DIR's retaining heads without --heads (apb
  * needs them), and the model is the preset's with the same seed, so the greedy tokens are the same. */
 START_TEST(model_dir_heads) {
@@ -832,6 +890,7 @@ static Suite *cli_suite(void) {
   tcase_add_test(tc, predict_fit);
   tcase_add_test(tc, run_inputs);
   tcase_add_test(tc, model_dir_heads);
+  tcase_add_test(tc, dump_layers_and_concurrent);
   suite_add_tcase(s, tc);
   return s;
 }
