@@ -40,6 +40,18 @@ typedef struct ctx {
   int bad[8];
 } ctx;
 
+/* Run host on H simulated hosts (serialized or concurrent) in gr: every host must return APB_OK with no
+ * wrong value. The caller checks gr's counters, then frees it. */
+static void run_mode(group *gr, int H, int serialized, void (*host)(int, void *)) {
+  group_make(gr, H, serialized, 30);
+  ctx x = {gr, {0}, {0}};
+  apb_error err = {0};
+  ck_assert_int_eq(apb_sim_run(gr->H, gr->c, host, &x, &err), APB_OK);
+  for (int r = 0; r < gr->H; r++)
+    ck_assert_msg(x.st[r] == APB_OK && x.bad[r] == 0, "H=%d serialized %d host %d: status %d, %d wrong values", gr->H,
+                  serialized, r, x.st[r], x.bad[r]);
+}
+
 static void allgather_host(int r, void *arg) {
   ctx *x = arg;
   int H = x->gr->H;
@@ -61,14 +73,9 @@ static void allgather_host(int r, void *arg) {
 START_TEST(test_allgatherv) {
   for (int serialized = 0; serialized <= 1; serialized++) {
     group gr;
-    group_make(&gr, Hs[_i], serialized, 30);
-    ctx x = {&gr, {0}, {0}};
-    apb_error err = {0};
-    ck_assert_int_eq(apb_sim_run(gr.H, gr.c, allgather_host, &x, &err), APB_OK);
+    run_mode(&gr, Hs[_i], serialized, allgather_host);
     int H = gr.H;
     for (int r = 0; r < H; r++) {
-      ck_assert_msg(x.st[r] == APB_OK && x.bad[r] == 0, "H=%d host %d: status %d, %d wrong bytes", H, r, x.st[r],
-                    x.bad[r]);
       size_t others = 0;
       for (int s = 0; s < H; s++)
         if (s != r) others += contrib(s, H);
@@ -99,13 +106,8 @@ static void ring_host(int r, void *arg) {
 START_TEST(test_sendrecv_ring) {
   for (int serialized = 0; serialized <= 1; serialized++) {
     group gr;
-    group_make(&gr, Hs[_i], serialized, 30);
-    ctx x = {&gr, {0}, {0}};
-    apb_error err = {0};
-    ck_assert_int_eq(apb_sim_run(gr.H, gr.c, ring_host, &x, &err), APB_OK);
+    run_mode(&gr, Hs[_i], serialized, ring_host);
     for (int r = 0; r < gr.H; r++) {
-      ck_assert_msg(x.st[r] == APB_OK && x.bad[r] == 0, "H=%d serialized %d host %d: status %d bad %d", gr.H,
-                    serialized, r, x.st[r], x.bad[r]);
       int64_t expect = gr.H == 1 ? 0 : (int64_t)(r % 3 + 1) * 4;
       ck_assert_int_eq(gr.c[r]->stats.bytes_sent[APB_COLL_SENDRECV], expect);
     }
@@ -139,13 +141,8 @@ static void a2a_host(int r, void *arg) {
 START_TEST(test_alltoallv) {
   for (int serialized = 0; serialized <= 1; serialized++) {
     group gr;
-    group_make(&gr, Hs[_i], serialized, 30);
-    ctx x = {&gr, {0}, {0}};
-    apb_error err = {0};
-    ck_assert_int_eq(apb_sim_run(gr.H, gr.c, a2a_host, &x, &err), APB_OK);
+    run_mode(&gr, Hs[_i], serialized, a2a_host);
     for (int r = 0; r < gr.H; r++) {
-      ck_assert_msg(x.st[r] == APB_OK && x.bad[r] == 0, "H=%d serialized %d host %d: status %d bad %d", gr.H,
-                    serialized, r, x.st[r], x.bad[r]);
       int64_t sent = 0;
       for (int d = 0; d < gr.H; d++)
         if (d != r) sent += (r + d + 1) * 4;
@@ -170,12 +167,7 @@ static void bcast_host(int r, void *arg) {
 START_TEST(test_bcast_barrier) {
   for (int serialized = 0; serialized <= 1; serialized++) {
     group gr;
-    group_make(&gr, Hs[_i], serialized, 30);
-    ctx x = {&gr, {0}, {0}};
-    apb_error err = {0};
-    ck_assert_int_eq(apb_sim_run(gr.H, gr.c, bcast_host, &x, &err), APB_OK);
-    for (int r = 0; r < gr.H; r++)
-      ck_assert_msg(x.st[r] == APB_OK && x.bad[r] == 0, "H=%d serialized %d host %d", gr.H, serialized, r);
+    run_mode(&gr, Hs[_i], serialized, bcast_host);
     ck_assert_int_eq(gr.c[gr.H - 1]->stats.bytes_sent[APB_COLL_BCAST], (int64_t)24 * (gr.H - 1));
     group_free(&gr);
   }
