@@ -651,13 +651,11 @@ static apb_status cu_linear(apb_backend *be, const apb_bweight *w, const void *x
   const char *op = "linear";
   cu_be *c = cu_of(be);
   apb_status st;
-  if ((st = cu_weight_check(c, err, op, "w", w, -1, -1)) || (st = apb_bc_len(err, op, "T", T, 0))) return st;
-  if (T == 0) return APB_OK;
+  if ((st = cu_weight_check(c, err, op, "w", w, -1, -1)) ||
+      (st = apb_bc_linear(err, T, w->N, w->K, apb_act_size(be), x, y)) || T == 0)
+    return st;
   const int64_t N = w->N, K = w->K;
   const size_t es = apb_act_size(be);
-  if ((st = apb_bc_need(err, op, "x", x)) || (st = apb_bc_need(err, op, "y", y)) ||
-      (st = apb_bc_disjoint(err, op, "y", y, (size_t)(T * N) * es, "x", x, (size_t)(T * K) * es)))
-    return st;
   if ((st = cu_enter(c, err))) return st;
   void *tmp = NULL;
   int64_t chunk = 0;

@@ -127,6 +127,17 @@ apb_status apb_bc_rmsnorm(apb_error *err, float eps, int64_t T, int64_t E, size_
   return apb_bc_disjoint(err, op, "y", y, bytes, "x", x, bytes);
 }
 
+apb_status apb_bc_linear(apb_error *err, int64_t T, int64_t N, int64_t K, size_t es, const void *x, const void *y) {
+  const char *op = "linear";
+  apb_status st;
+  if ((st = apb_bc_len(err, op, "T", T, 0)) || T == 0) return st;
+  if (T > INT64_MAX / 8 / (N > K ? N : K))
+    return apb_error_set(err, APB_EINVAL, "%s: shape too large (T=%lld, weight [%lld, %lld])", op, (long long)T,
+                         (long long)N, (long long)K);
+  if ((st = apb_bc_need(err, op, "x", x)) || (st = apb_bc_need(err, op, "y", y))) return st;
+  return apb_bc_disjoint(err, op, "y", y, (size_t)(T * N) * es, "x", x, (size_t)(T * K) * es);
+}
+
 apb_status apb_bc_swiglu(apb_error *err, int64_t T, int64_t F, const void *gu, const void *out, size_t es) {
   const char *op = "swiglu";
   apb_status st;

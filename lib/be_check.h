@@ -44,6 +44,9 @@ apb_status apb_bc_maxpool(apb_error *err, const float *s, int R, int64_t T, int 
  * [T, F] apart from gu [T, 2F]; add: y and x (may alias). */
 apb_status apb_bc_embed(apb_error *err, int64_t T, const void *ids, const void *out);
 apb_status apb_bc_rmsnorm(apb_error *err, float eps, int64_t T, int64_t E, size_t es, const void *x, const void *y);
+/* linear's arguments after its weight check (w [N, K], N, K >= 1): T >= 0 and, when T > 0, the sizes
+ * within int64, x [T, K] and y [T, N] present and apart. */
+apb_status apb_bc_linear(apb_error *err, int64_t T, int64_t N, int64_t K, size_t es, const void *x, const void *y);
 apb_status apb_bc_swiglu(apb_error *err, int64_t T, int64_t F, const void *gu, const void *out, size_t es);
 apb_status apb_bc_add(apb_error *err, size_t n, const void *y, const void *x);
 /* split_rope's arguments (elements of es bytes): T >= 0, Hq, Hkv >= 1, D even >= 2, rope present, the

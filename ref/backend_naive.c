@@ -70,16 +70,10 @@ static apb_status naive_linear(apb_backend *be, const apb_bweight *w, const void
                                apb_error *err) {
   const char *op = "linear";
   apb_status st;
-  if ((st = apb_cpu_weight(err, op, "w", w, -1, -1)) || (st = apb_bc_len(err, op, "T", T, 0))) return st;
-  if (T == 0) return APB_OK;
-  const int64_t N = w->N, K = w->K;
-  if (T > INT64_MAX / 8 / (N > K ? N : K))
-    return apb_error_set(err, APB_EINVAL, "%s: shape too large (T=%lld, weight [%lld, %lld])", op, (long long)T,
-                         (long long)N, (long long)K);
-  if ((st = apb_bc_need(err, op, "x", x)) || (st = apb_bc_need(err, op, "y", y)) ||
-      (st = apb_bc_disjoint(err, op, "y", y, (size_t)(T * N) * sizeof(float), "x", x,
-                             (size_t)(T * K) * sizeof(float))))
+  if ((st = apb_cpu_weight(err, op, "w", w, -1, -1)) ||
+      (st = apb_bc_linear(err, T, w->N, w->K, sizeof(float), x, y)) || T == 0)
     return st;
+  const int64_t N = w->N, K = w->K;
   const apb_cpu *c = apb_cpu_of(be);
   const float *xs = x;
   float *ys = y;

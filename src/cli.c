@@ -382,6 +382,14 @@ double cli_time_sgemm(int g, int reps, uint64_t seed) {
   return med;
 }
 
+apb_run_opts cli_method_opts(const apb_run_opts *o, apb_method m, int n_methods) {
+  apb_run_opts r = *o;
+  r.method = m;
+  if (n_methods > 1 && m == APB_METHOD_STAR) r.passing = -1;
+  if (n_methods > 1 && m != APB_METHOD_APB && m != APB_METHOD_STAR) r.balance = 0;
+  return r;
+}
+
 int cli_parse_methods(const char *cmd, const char *opt, const char *s, apb_method *out, int *n) {
   *n = 0;
   for (const char *t = s;; t++) {

@@ -226,14 +226,6 @@ static int fit(const char **files, int nfiles, int act, apb_hw *hw, int json) {
   return rc;
 }
 
-/* opts for method m of a list of nm, as apb run has them: in a list star keeps no passing block and only
- * apb and star pair virtual hosts; a method alone gets the options as given (the plan refuses misfits) */
-static void method_opts(apb_run_opts *o, apb_method m, int nm) {
-  o->method = m;
-  if (nm > 1 && m == APB_METHOD_STAR && o->passing > 0) o->passing = -1;
-  if (nm > 1 && m != APB_METHOD_APB && m != APB_METHOD_STAR) o->balance = 0;
-}
-
 int cmd_predict(int argc, char **argv) {
   apb_hw hw;
   apb_hw_default(&hw);
@@ -339,8 +331,7 @@ int cmd_predict(int argc, char **argv) {
   int rc = CLI_OK;
   /* every method's plan first: a refused one ends the command before any output (no partial JSON) */
   for (int i = 0; i < nm; i++) {
-    apb_run_opts oi = o;
-    method_opts(&oi, ms[i], nm);
+    apb_run_opts oi = cli_method_opts(&o, ms[i], nm);
     apb_status st = apb_plan_make(&oi, n, q, &cfg, I, plan, &err);
     if (st) {
       free(plan), free(c);
@@ -358,8 +349,7 @@ int cmd_predict(int argc, char **argv) {
     printf("%-8s %4s %10s %10s %10s %10s %10s %10s %12s\n", "method", "host", "total s", "attn s", "linear s",
            "elem s", "comm s", "comm MiB", "attn TFLOP");
   for (int i = 0; i < nm && !rc; i++) {
-    apb_run_opts oi = o;
-    method_opts(&oi, ms[i], nm);
+    apb_run_opts oi = cli_method_opts(&o, ms[i], nm);
     apb_status st = apb_plan_make(&oi, n, q, &cfg, I, plan, &err);
     if (!st) st = apb_cost_plan(plan, &cfg, I, act, &hw, c, &err);
     if (st) {

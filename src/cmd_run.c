@@ -373,16 +373,6 @@ static void mpi_end_job(const char *why) {
   if (apb_comm_mpi(NULL, &hc, &e) == APB_OK) hc->ops->abort(hc, why);
 }
 
-/* The options of method meth (simulated hosts, --gpus and mpirun alike). */
-static apb_run_opts sim_opts(const run_cfg *c, apb_method meth) {
-  apb_run_opts o = c->o;
-  o.method = meth;
-  /* in a list, --passing is apb's and --balance apb's and star's: the others run as they are */
-  if (c->n_methods > 1 && meth == APB_METHOD_STAR) o.passing = -1;
-  if (c->n_methods > 1 && meth != APB_METHOD_APB && meth != APB_METHOD_STAR) o.balance = 0;
-  return o;
-}
-
 /* Every method's plan before any runs, so that a refused one does not come after minutes of the others. */
 static int check_plans(const run_cfg *c, const apb_model *m, int64_t n) {
   apb_plan *plan = malloc(sizeof *plan);
@@ -390,7 +380,7 @@ static int check_plans(const run_cfg *c, const apb_model *m, int64_t n) {
   int rc = CLI_OK;
   for (int i = 0; !rc && i < c->n_methods; i++) {
     apb_error err = {0};
-    apb_run_opts o = sim_opts(c, c->methods[i]);
+    apb_run_opts o = cli_method_opts(&c->o, c->methods[i], c->n_methods);
     apb_status st = apb_plan_make(&o, n, c->q_len, &m->cfg, m->scorer_width, plan, &err);
     if (st) rc = cli_report(CMD, st, &err);
   }
@@ -401,7 +391,7 @@ static int check_plans(const run_cfg *c, const apb_model *m, int64_t n) {
 static int run_sim(const run_cfg *c, const apb_model *m, apb_method meth, const int32_t *doc, int64_t n,
                    const int32_t *query, method_result *mr, dump_list *dl) {
   apb_error err = {0};
-  apb_run_opts o = sim_opts(c, meth);
+  apb_run_opts o = cli_method_opts(&c->o, meth, c->n_methods);
   apb_plan *plan = malloc(sizeof *plan);
   if (!plan) return cli_fail(CMD, "out of memory");
   apb_status st = apb_plan_make(&o, n, c->q_len, &m->cfg, m->scorer_width, plan, &err);
@@ -456,7 +446,7 @@ static int run_mpi(const run_cfg *c, const apb_model *m, apb_method meth, const 
     goto done;
   }
   *is_root = comm->rank == 0;
-  apb_run_opts o = sim_opts(c, meth);
+  apb_run_opts o = cli_method_opts(&c->o, meth, c->n_methods);
   if (c->hosts_given && c->o.hosts != comm->size && meth != APB_METHOD_DENSE) {
     rc = cli_usage(CMD, "--hosts %d but mpirun started %d ranks; each rank is one host", c->o.hosts, comm->size);
     goto done;

@@ -1044,6 +1044,8 @@ START_TEST(test_memory) {
   apb_error_clear(&e);
   FAILS(op->copy(be, (char *)a + 10, a, 100, &e), APB_EINVAL, &e, "copy", "overlaps");
   apb_error_clear(&e);
+  FAILS(op->copy(be, c, a, SIZE_MAX - 8, &e), APB_EINVAL, &e, "copy", "past the end of the address space");
+  apb_error_clear(&e);
   FAILS(op->copy(be, NULL, a, 100, &e), APB_EINVAL, &e, "copy: dst is NULL", NULL);
   apb_error_clear(&e);
   OK(op->copy(be, NULL, NULL, 0, &e), &e, "empty copy");
@@ -1293,6 +1295,8 @@ START_TEST(test_validation) {
   FAILS(op->linear(be, w2, x, -1, y, &e), APB_EINVAL, &e, "linear", "T=-1");
   apb_error_clear(&e);
   FAILS(op->linear(be, w2, x, 2, (char *)x + 8, &e), APB_EINVAL, &e, "linear", "overlaps");
+  apb_error_clear(&e);
+  FAILS(op->linear(be, w2, x, INT64_MAX / 4, y, &e), APB_EINVAL, &e, "linear", "too large");
   apb_error_clear(&e);
   FAILS(op->swiglu(be, x, 2, 0, y, &e), APB_EINVAL, &e, "swiglu", "F=0");
   apb_error_clear(&e);
