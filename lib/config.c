@@ -445,6 +445,17 @@ apb_status apb_config_check(const apb_model_config *cfg, apb_error *err) {
       return apb_error_set(err, APB_EINVAL, "llama3 RoPE: original_max_position_embeddings %lld is not positive",
                            (long long)r->original_max_pos);
   }
+  /* Each rule above can hold while the frequencies still overflow: theta^(-2i/D) is infinite for a
+   * subnormal theta, and f/factor for a subnormal factor. Every backend refuses such a RoPE at run
+   * time (apb_bc_split_rope); refuse it here, where the configuration is read. */
+  double inv[LIMIT_HEAD_DIM / 2];
+  apb_rope_inv_freq(r, cfg->head_dim, inv);
+  for (int i = 0; i < cfg->head_dim / 2; i++)
+    if (!isfinite(inv[i]) || inv[i] < 0)
+      return apb_error_set(err, APB_EINVAL,
+                           "RoPE inverse frequency %d of %d is %g (theta %g, factor %g): choose a theta and factor "
+                           "whose frequencies are finite",
+                           i, cfg->head_dim / 2, inv[i], r->theta, r->factor);
   return APB_OK;
 }
 

@@ -312,6 +312,10 @@ static const cfg_case cfg_cases[] = {
      NULL, NULL, APB_EFORMAT, "\"rope_scaling.original_max_position_embeddings\" is a string"},
     {NULL, "rope_theta", "\"big\"", NULL, NULL, APB_EFORMAT, "\"rope_theta\" is a string"},
     {NULL, "rope_theta", "-1", NULL, NULL, APB_EINVAL, "\"rope_theta\" is -1"},
+    /* positive and finite, yet theta^(-2i/D) or f/factor overflows: caught by the fuzzer in CI */
+    {NULL, "rope_theta", "5e-324", "head_dim", "64", APB_EINVAL, "RoPE inverse frequency 31 of 32 is inf"},
+    {NULL, "rope_scaling", "{\"rope_type\": \"linear\", \"factor\": 1e-310}", NULL, NULL, APB_EINVAL,
+     "RoPE inverse frequency 0 of 4 is inf"},
     {NULL, "partial_rotary_factor", "0.5", NULL, NULL, APB_EUNSUPPORTED, "\"partial_rotary_factor\" is 0.5"},
     {NULL, "rope_parameters", "{\"full_attention\": {\"rope_type\": \"default\"}, \"sliding_attention\": {}}", NULL,
      NULL, APB_EUNSUPPORTED, "layer type \"sliding_attention\""},
