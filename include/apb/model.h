@@ -103,7 +103,8 @@ apb_status apb_config_load(const char *path, apb_model_config *cfg, apb_error *e
  * accepts: every size from 1 to the parser's limit, query heads a multiple of KV heads, an even head
  * dimension, (Hq + 2 Hkv) x D within the limit, a positive finite RMSNorm epsilon, a positive
  * max_pos, a known architecture, and the RoPE rules (positive finite theta; default, linear or llama3;
- * a positive factor; llama3's high > low > 0 and a positive original length). APB_EINVAL (a value out
+ * a positive factor; llama3's high > low > 0 and a positive original length; every inverse frequency
+ * finite, which a subnormal theta or factor breaks). APB_EINVAL (a value out
  * of its domain) or APB_EUNSUPPORTED (beyond a limit, odd D, another architecture or RoPE type) with a
  * message naming the field. apb_model_generate_config calls it. */
 apb_status apb_config_check(const apb_model_config *cfg, apb_error *err);
