@@ -13,7 +13,9 @@
  * Every run generates max_new_tokens (4) tokens on every host; the comparisons cover those tokens and
  *   the logits of every decode pass (the "logits" hook), not only the prefill.
  * Also: the cost model's FLOP and byte counts equal what the simulator counted, and bad input to
- * `apb run` gets a clear error and a non-zero exit. Document lengths include 1023 and 1025.
+ * `apb run` gets a clear error and a non-zero exit, and a NaN or Inf logit (poisoned weights) is
+ * APB_ENONFINITE on every host rather than a token picked silently. Document lengths include 1023
+ * and 1025.
  */
 #include <limits.h>
 #include <math.h>
@@ -395,6 +397,61 @@ START_TEST(test_threads_bitwise) {
   run(&o, 1023, 9, 2, &b);
   assert_bitwise_run("1 vs 2 threads", &a, &b);
   run_free(&a), run_free(&b);
+}
+END_TEST
+
+/* A NaN or Inf logit is APB_ENONFINITE, naming the logit, on every host alike, never a token picked
+ * silently. _i: H = 1 or 3 (apb). Two ways in: an Inf in lm_head row 7 (the query's logits, also with
+ * max_new_tokens 0, where no token is picked), and a NaN in the embedding row of the first generated
+ * token, which neither the document nor the query holds (the query's logits are finite; decode step
+ * 1's are not). */
+static void expect_nonfinite(const apb_model *m, const apb_run_opts *o, const int32_t *doc, int64_t n,
+                             const int32_t *query, int64_t q, const char *want) {
+  apb_plan plan;
+  apb_host_result res[8];
+  apb_error err = {0};
+  ck_assert_msg(apb_plan_make(o, n, q, &m->cfg, m->scorer_width, &plan, &err) == APB_OK, "%s", err.msg);
+  apb_sim_opts so = {.backend = "fast", .timeout_s = 120};
+  apb_status st = apb_sim_execute(&plan, m, &so, doc, query, res, NULL, &err);
+  ck_assert_msg(st == APB_ENONFINITE && strstr(err.msg, want), "H=%d, max_new_tokens %lld: status %d, \"%s\"; "
+                "expected APB_ENONFINITE with \"%s\"", o->hosts, (long long)o->max_new_tokens, (int)st, err.msg, want);
+}
+
+START_TEST(test_nonfinite_logits) {
+  apb_model *m = NULL;
+  apb_error err = {0};
+  ck_assert_msg(apb_model_generate(APB_PRESET_TINY, 1, &m, &err) == APB_OK, "%s", err.msg);
+  const int64_t n = 301, q = 5, E = m->cfg.hidden;
+  apb_run_opts o = opts(APB_METHOD_APB, _i ? 3 : 1);
+  o.anchor = 32, o.passing = 16;
+  /* the clean run's first token g; then a document and query without it */
+  int32_t *doc = malloc(sizeof(int32_t) * (size_t)n), query[5];
+  for (int64_t i = 0; i < n; i++) doc[i] = (int32_t)((i * 7 + 1) % m->cfg.vocab);
+  for (int i = 0; i < q; i++) query[i] = 11 + i;
+  apb_plan plan;
+  apb_host_result res[8];
+  ck_assert(apb_plan_make(&o, n, q, &m->cfg, m->scorer_width, &plan, &err) == APB_OK);
+  apb_sim_opts so = {.backend = "fast", .timeout_s = 120};
+  ck_assert_msg(apb_sim_execute(&plan, m, &so, doc, query, res, NULL, &err) == APB_OK, "%s", err.msg);
+  const int32_t g = res[0].generated[0];
+  for (int r = 0; r < plan.H; r++) apb_host_result_free(&res[r]);
+  for (int64_t i = 0; i < n; i++)
+    if (doc[i] == g) doc[i] = (g + 1) % (int32_t)m->cfg.vocab;
+  for (int i = 0; i < q; i++)
+    if (query[i] == g) query[i] = (g + 1) % (int32_t)m->cfg.vocab;
+  /* the generated model's weights live in memory it owns: poisoned here, then freed with it */
+  float *emb = (float *)m->embed + (size_t)g * (size_t)E;
+  const float keep = emb[0];
+  emb[0] = NAN;
+  expect_nonfinite(m, &o, doc, n, query, q, "decode step 1: logit 0 of 4096 is ");
+  emb[0] = keep;
+  float *lm = (float *)m->lm_head + (size_t)7 * (size_t)E;
+  for (int64_t e = 0; e < E; e++) lm[e] = INFINITY;
+  expect_nonfinite(m, &o, doc, n, query, q, "the query's logits: logit 7 of 4096 is ");
+  o.max_new_tokens = 0;
+  expect_nonfinite(m, &o, doc, n, query, q, "the query's logits: logit 7 of 4096 is ");
+  free(doc);
+  apb_model_free(m);
 }
 END_TEST
 
@@ -816,6 +873,7 @@ int main(void) {
   tcase_add_loop_test(ti, test_balance_equals_2h_hosts, 0, 6);
   tcase_add_loop_test(ti, test_threads_bitwise, 0, 3);
   tcase_add_loop_test(ti, test_ffn_chunk, 0, 6);
+  tcase_add_loop_test(ti, test_nonfinite_logits, 0, 2);
   tcase_add_test(ti, test_bf16_emulation);
   tcase_add_loop_test(ti, test_profile_stages, 0, 2);
   tcase_add_loop_test(ti, test_cost_model_counts, 0, 3 * APB_METHOD_COUNT);
