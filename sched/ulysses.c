@@ -34,6 +34,9 @@ static apb_status uly_setup(host_ctx *h, apb_error *err) {
   if (!s) return apb_error_set(err, APB_ENOMEM, "ulysses: out of memory");
   h->mstate = s;
   int H = h->H, hq = h->Hq / H, hkv = h->Hkv / H;
+  if (h->Hkv % H) /* apb_plan_make refuses this; a plan made for another model's heads gets here */
+    return apb_error_set(err, APB_EINVAL, "ulysses: %d hosts do not divide this model's %d KV heads (was the plan "
+                         "made for another model?)", H, h->Hkv);
   s->G = h->p->uly_groups;
   s->Gk = s->G < hkv ? s->G : hkv;
   if (s->G < 1 || hq % s->G || hkv % s->Gk || s->G % s->Gk)

@@ -359,6 +359,27 @@ START_TEST(test_ulysses_many_heads) {
 }
 END_TEST
 
+/* A ulysses plan made for gqa8's 8 KV heads (H = 4) run on tiny's 2: APB_EINVAL naming the heads, not
+ * a division by zero (4 hosts hold no KV head each). _i: overlap 0 (one group) and 1 (pipelined). */
+START_TEST(test_ulysses_plan_of_another_model) {
+  setup_model();
+  apb_run_opts o = opts(APB_METHOD_ULYSSES, 4);
+  o.overlap = _i;
+  const int64_t n = 33, q = 3;
+  apb_plan plan;
+  apb_error err = {0};
+  ck_assert_msg(apb_plan_make(&o, n, q, &gqa8->cfg, gqa8->scorer_width, &plan, &err) == APB_OK, "%s", err.msg);
+  int32_t *doc, *query;
+  make_doc(n, q, &doc, &query);
+  apb_host_result res[8];
+  apb_sim_opts so = {.backend = "fast", .timeout_s = 120};
+  apb_status st = apb_sim_execute(&plan, tiny, &so, doc, query, res, NULL, &err);
+  ck_assert_msg(st == APB_EINVAL && strstr(err.msg, "4 hosts do not divide this model's 2 KV heads"),
+                "seed %llu, overlap %d: status %d, \"%s\"", (unsigned long long)tu_seed(), _i, (int)st, err.msg);
+  free(doc), free(query);
+}
+END_TEST
+
 /* --balance: H hosts holding virtual hosts h and 2H-1-h compute what 2H hosts compute */
 START_TEST(test_balance_equals_2h_hosts) {
   int H = _i % 3 + 1; /* 1, 2, 4 */
@@ -870,6 +891,7 @@ int main(void) {
   tcase_add_loop_test(ti, test_apb_overlap_same_function, 0, 4);
   tcase_add_loop_test(ti, test_ulysses_pipeline_bitwise, 0, 2);
   tcase_add_loop_test(ti, test_ulysses_many_heads, 0, 4);
+  tcase_add_loop_test(ti, test_ulysses_plan_of_another_model, 0, 2);
   tcase_add_loop_test(ti, test_balance_equals_2h_hosts, 0, 6);
   tcase_add_loop_test(ti, test_threads_bitwise, 0, 3);
   tcase_add_loop_test(ti, test_ffn_chunk, 0, 6);
