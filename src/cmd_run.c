@@ -84,6 +84,7 @@ static void help(void) {
       "                      logits [V] of the last query token, generated [N] (I32), positions;\n"
       "                      one method only\n"
       "  --dump-layers       with --dump: layer{l}.host{h}.out [T_h, E] and .selected [Hkv, k]\n"
+      "                      (--balance: .selected_v2 for the host's second block)\n"
       "  --json              a JSON summary on stdout instead of the table\n"
       "  --quiet             no progress on stderr\n"
       "  -h, --help          this text\n\n"
@@ -245,12 +246,13 @@ typedef struct hook_state {
 static void hook_fn(void *user, const apb_hook_info *in) {
   hook_state *hs = user;
   if (strcmp(in->phase, "prefill") != 0) return;
-  int is_out = strcmp(in->stage, "layer_out") == 0, is_sel = strcmp(in->stage, "selected") == 0;
+  /* selected_v2: a balanced host's second virtual block (apb_hook_info) */
+  int is_out = strcmp(in->stage, "layer_out") == 0, is_sel = strncmp(in->stage, "selected", 8) == 0;
   if (hs->progress && is_out)
     fprintf(stderr, "\r  host %d: layer %d/%d ", in->host, in->layer + 1, hs->n_layers);
   if (!hs->dl || !(is_out || is_sel)) return;
   char name[96];
-  snprintf(name, sizeof name, "layer%d.host%d.%s", in->layer, in->host, is_out ? "out" : "selected");
+  snprintf(name, sizeof name, "layer%d.host%d.%s", in->layer, in->host, is_out ? "out" : in->stage);
   size_t n = 1;
   for (int i = 0; i < in->ndim; i++) n *= (size_t)in->shape[i];
   if (is_sel) {

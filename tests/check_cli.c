@@ -830,6 +830,31 @@ START_TEST(dump_layers_and_concurrent) {
     ck_assert_msg(rows >= 1024, "layer %d: %lld rows over both hosts, the document has 1024", l, (long long)rows);
   }
   apb_st_close(f);
+
+  /* --balance: host 0 holds virtual hosts 0 and 3 (the last, which passes nothing), host 1 holds 1 and 2,
+   * each passing l_p = 32 per KV head of its 256-token block: .selected and .selected_v2 */
+  snprintf(a, sizeof a, "%s --balance --dump '%s' --dump-layers", job, path);
+  expect(0, a, NULL);
+  ck_assert_msg(apb_st_open(path, &f, &err) == APB_OK, "%s", err.msg);
+  for (int l = 0; l < 2; l++)
+    for (int h = 0; h < 2; h++)
+      for (int second = 0; second < 2; second++) {
+        char name[64];
+        snprintf(name, sizeof name, "layer%d.host%d.selected%s", l, h, second ? "_v2" : "");
+        const apb_st_tensor *t = apb_st_find(f, name);
+        if (h == 0 && second) {
+          ck_assert_msg(t == NULL, "%s: the last virtual host passes no block", name);
+          continue;
+        }
+        ck_assert_msg(t && t->ndim == 2 && t->shape[0] == 2 && t->shape[1] == 32, "--balance: %s missing or not [2, 32]",
+                      name);
+        int64_t idx[64];
+        ck_assert_msg(apb_st_read_i64(f, t, idx, &err) == APB_OK, "%s", err.msg);
+        for (int i = 0; i < 64; i++)
+          ck_assert_msg(idx[i] >= 0 && idx[i] < 256, "%s[%d] = %lld: not an index into the 256-token block", name, i,
+                        (long long)idx[i]);
+      }
+  apb_st_close(f);
   remove(path);
   free(path);
 

@@ -120,7 +120,8 @@ apb_status apb_plan_make(const apb_run_opts *o, int64_t n, int64_t q_len, const 
  * Stages: "input" [T, E], "qkv" [T, (Hq+2Hkv)D] (pre-RoPE), "q" [T,Hq,D], "k" "v" [T,Hkv,D]
  * (post-RoPE), "scores" [Hkv, B] (after pooling), "selected" [Hkv, k] (int32 as float), "passing_k"
  * "passing_v" [P, Hkv, D], "attn_o" [T, Hq, D], "attn_lse" [Hq, T], "layer_out" [T, E],
- * "final_hidden" [T, E] (layer -1), "logits" [V] (layer -1, phase query/decode).
+ * "final_hidden" [T, E] (layer -1), "logits" [V] (layer -1, phase query/decode). A balanced host's
+ * second virtual block reports its scores and selection as "scores_v2" and "selected_v2".
  * `rows` names the host's rows: T and the position of each row are in the call. */
 typedef struct apb_hook_info {
   const char *stage;
