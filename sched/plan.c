@@ -107,8 +107,10 @@ apb_status apb_plan_make(const apb_run_opts *o, int64_t n, int64_t q_len, const 
     return apb_error_set(err, APB_EINVAL, "--hosts must be in [1, %d], got %d", APB_MAX_HOSTS, o->hosts);
   int64_t min_tokens = o->method == APB_METHOD_ZIGZAG ? 2 * (int64_t)H : H;
   if (n < min_tokens)
-    return apb_error_set(err, APB_EINVAL, "%d hosts need at least %lld document tokens for %s; the document has %lld",
-                         H, (long long)min_tokens, apb_method_name(o->method), (long long)n);
+    return apb_error_set(err, APB_EINVAL, "--hosts %d: %d hosts need at least %lld document tokens for %s (%s); the "
+                         "document has %lld: lower --hosts or give a longer document", H, H, (long long)min_tokens,
+                         apb_method_name(o->method), o->method == APB_METHOD_ZIGZAG ? "two chunks per host" :
+                         "one per host", (long long)n);
   p->H = H;
   p->n = n;
   p->q_len = q_len;
@@ -127,8 +129,8 @@ apb_status apb_plan_make(const apb_run_opts *o, int64_t n, int64_t q_len, const 
     return apb_error_set(err, APB_EINVAL, "--balance with %d hosts needs %d virtual hosts; at most %d", H, 2 * H,
                          APB_MAX_HOSTS);
   if (p->balance && n < 2 * (int64_t)H)
-    return apb_error_set(err, APB_EINVAL, "--balance: %d hosts hold %d virtual blocks, more than the %lld tokens",
-                         H, 2 * H, (long long)n);
+    return apb_error_set(err, APB_EINVAL, "--balance: %d hosts hold %d virtual blocks, more than the %lld tokens: "
+                         "lower --hosts, give a longer document or drop --balance", H, 2 * H, (long long)n);
   p->V = p->balance ? 2 * H : H;
   p->last_rank = p->balance ? 0 : H - 1;
   split_even(n, p->V, p->block_start);
@@ -137,7 +139,8 @@ apb_status apb_plan_make(const apb_run_opts *o, int64_t n, int64_t q_len, const 
 
   if (o->method == APB_METHOD_ULYSSES && (cfg->n_kv_heads % H != 0))
     return apb_error_set(err, APB_EINVAL, "ulysses splits heads over hosts: %d hosts must divide the %d KV heads "
-                         "(and %d query heads)", H, cfg->n_kv_heads, cfg->n_heads);
+                         "(and %d query heads): give --hosts a divisor of %d", H, cfg->n_kv_heads, cfg->n_heads,
+                         cfg->n_kv_heads);
   p->uly_groups = 1;
   if (o->method == APB_METHOD_ULYSSES && p->overlap) {
     int hq = cfg->n_heads / H, hkv = cfg->n_kv_heads / H;
@@ -150,8 +153,9 @@ apb_status apb_plan_make(const apb_run_opts *o, int64_t n, int64_t q_len, const 
   int is_apb = o->method == APB_METHOD_APB;
   p->la = o->anchor >= 0 ? o->anchor : is_apb ? (p->lb / 4 < 8192 ? p->lb / 4 : 8192) : p->lb;
   if (p->la > p->lb)
-    return apb_error_set(err, APB_EINVAL, "--anchor %lld exceeds the block length l_b = %lld (APB.md 3: l_a <= l_b)",
-                         (long long)p->la, (long long)p->lb);
+    return apb_error_set(err, APB_EINVAL, "--anchor %lld exceeds the block length l_b = %lld (APB.md 3: l_a <= l_b; "
+                         "%lld tokens in %d blocks%s): lower --anchor or --hosts", (long long)p->la, (long long)p->lb,
+                         (long long)n, p->V, p->balance ? ", two per host with --balance" : "");
   p->embed_query = o->embed_query >= 0 ? o->embed_query : is_apb;
   p->s = o->query_offset >= 0 ? o->query_offset : 0;
   if (!p->embed_query && o->query_offset > 0)
@@ -160,11 +164,12 @@ apb_status apb_plan_make(const apb_run_opts *o, int64_t n, int64_t q_len, const 
   if (p->embed_query && !(q_len < p->la - p->s))
     return apb_error_set(err, APB_EINVAL,
                          "the query (%lld tokens) does not fit in the anchor: APB.md 3 needs q_len < l_a - s "
-                         "(l_a %lld, s %lld); raise --anchor, lower --query-offset, or pass --embed-query 0",
-                         (long long)q_len, (long long)p->la, (long long)p->s);
+                         "(l_a %lld, at most l_b = %lld; s %lld); raise --anchor, lower --query-offset, or pass "
+                         "--embed-query 0", (long long)q_len, (long long)p->la, (long long)p->lb, (long long)p->s);
   if (!is_apb) {
     if (o->passing > 0)
-      return apb_error_set(err, APB_EINVAL, "--passing %lld: star has no passing block", (long long)o->passing);
+      return apb_error_set(err, APB_EINVAL, "--passing %lld: star has no passing block (drop --passing, or use "
+                           "--method apb)", (long long)o->passing);
     return APB_OK;
   }
   p->lp = o->passing >= 0 ? o->passing : p->la / 2;

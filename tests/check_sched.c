@@ -758,6 +758,18 @@ START_TEST(test_cli_bad_input) {
     const char *args, *expect;
   } cases[] = {
       {"--synthetic 3 --hosts 4 --method ring", "need at least 4 document tokens"},
+      /* too few tokens for the hosts: the refusal names --hosts and what to do */
+      {"--synthetic 3 --hosts 4 --method ring", "--hosts 4: 4 hosts need at least 4 document tokens for ring (one per "
+                                                "host); the document has 3: lower --hosts or give a longer document"},
+      {"--synthetic 7 --hosts 4 --method zigzag", "--hosts 4: 4 hosts need at least 8 document tokens for zigzag (two "
+                                                  "chunks per host)"},
+      {"--synthetic 7 --hosts 4 --method apb --embed-query 0 --balance", "lower --hosts, give a longer document or drop "
+                                                                         "--balance"},
+      {"--synthetic 40 --hosts 2 --method apb --anchor 20 --embed-query 0 --balance", "--anchor 20 exceeds the block "
+       "length l_b = 10 (APB.md 3: l_a <= l_b; 40 tokens in 4 blocks, two per host with --balance): lower --anchor"},
+      {"--synthetic 8 --hosts 2 --method apb --query-len 16", "(l_a 1, at most l_b = 4; s 0)"},
+      {"--synthetic 1000 --hosts 3 --method ulysses", "give --hosts a divisor of 2"},
+      {"--synthetic 1000 --hosts 3 --method star --passing 5", "drop --passing, or use --method apb"},
       {"--synthetic 1000 --hosts 4 --method apb --anchor 400", "exceeds the block length"},
       {"--synthetic 1000 --hosts 4 --method apb --anchor -5", "--anchor"},
       {"--synthetic 1000 --hosts 4 --method apb --anchor 20 --query-len 30", "does not fit in the anchor"},
