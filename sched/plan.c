@@ -159,8 +159,9 @@ apb_status apb_plan_make(const apb_run_opts *o, int64_t n, int64_t q_len, const 
   p->embed_query = o->embed_query >= 0 ? o->embed_query : is_apb;
   p->s = o->query_offset >= 0 ? o->query_offset : 0;
   if (!p->embed_query && o->query_offset > 0)
-    return apb_error_set(err, APB_EINVAL, "--query-offset %lld given but the query is not embedded in the anchor",
-                         (long long)o->query_offset);
+    return apb_error_set(err, APB_EINVAL, "--query-offset %lld given but %s does not embed the query in the anchor "
+                         "(--embed-query 0%s): drop --query-offset or pass --embed-query 1", (long long)o->query_offset,
+                         apb_method_name(o->method), o->embed_query < 0 ? ", star's default" : "");
   if (p->embed_query && !(q_len < p->la - p->s))
     return apb_error_set(err, APB_EINVAL,
                          "the query (%lld tokens) does not fit in the anchor: APB.md 3 needs q_len < l_a - s "

@@ -386,6 +386,8 @@ apb_run_opts cli_method_opts(const apb_run_opts *o, apb_method m, int n_methods)
   apb_run_opts r = *o;
   r.method = m;
   if (n_methods > 1 && m == APB_METHOD_STAR) r.passing = -1;
+  /* star embeds no query unless told to: the offset is apb's */
+  if (n_methods > 1 && m == APB_METHOD_STAR && o->embed_query < 0) r.query_offset = -1;
   if (n_methods > 1 && m != APB_METHOD_APB && m != APB_METHOD_STAR) r.balance = 0;
   return r;
 }

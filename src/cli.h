@@ -141,7 +141,8 @@ int cli_parse_i64_list(const char *cmd, const char *opt, const char *s, int64_t 
  * [APB_METHOD_COUNT]; *n receives the count (>= 1). */
 int cli_parse_methods(const char *cmd, const char *opt, const char *s, apb_method *out, int *n);
 /* The options o of method m in a list of n_methods (apb run and predict): in a list, --passing is apb's
- * (star runs without it) and --balance apb's and star's (the baselines run as they are); a method alone
+ * (star runs without it), so is --query-offset unless --embed-query is given (star does not embed the
+ * query by default), and --balance apb's and star's (the baselines run as they are); a method alone
  * gets the options as given, so that the plan refuses what does not fit it. */
 apb_run_opts cli_method_opts(const apb_run_opts *o, apb_method m, int n_methods);
 /* One of names [n]; *out receives its index. */

@@ -731,6 +731,18 @@ START_TEST(run_inputs) {
   expect(0, a, "apb ");
   snprintf(a, sizeof a, "%s --synthetic 256 --method star --anchor 32 --passing 4", run);
   expect(1, a, "star has no passing block");
+  /* so is --query-offset, unless --embed-query says star embeds the query too (the default list refused
+   * every --query-offset); star alone refuses it, naming what to do */
+  snprintf(a, sizeof a, "%s --synthetic 256 --anchor 32 --query-offset 5 --max-new-tokens 1", run);
+  expect(0, a, "apb ");
+  snprintf(a, sizeof a, "%s --synthetic 256 --method dense,star,apb --anchor 32 --query-offset 5 --embed-query 1 "
+           "--max-new-tokens 1", run);
+  expect(0, a, "star ");
+  snprintf(a, sizeof a, "%s --synthetic 256 --method star --anchor 32 --query-offset 5", run);
+  expect(1, a, "--query-offset 5 given but star does not embed the query in the anchor (--embed-query 0, star's "
+               "default): drop --query-offset or pass --embed-query 1");
+  snprintf(a, sizeof a, "%s --synthetic 256 --method dense,star,apb --anchor 32 --query-offset 5 --embed-query 0", run);
+  expect(1, a, "--query-offset 5 given but star does not embed the query in the anchor (--embed-query 0)");
 
   /* token files: a line too long for one read is not split into two ids; an id beyond int64 is not
    * clamped; a directory is not an empty file; a safetensors file without tensors is described as such */
