@@ -785,15 +785,22 @@ int cmd_run(int argc, char **argv) {
     free(ids);
   } else {
     n = c.synthetic;
-    doc = synthetic_doc(n, c.q_len, m->cfg.vocab, c.seed, &query);
-    if (!doc) rc = cli_fail(CMD, "out of memory for a %lld-token document", (long long)n);
   }
   method_result mr[MAX_METHODS];
   memset(mr, 0, sizeof mr);
   dump_list dl = {0};
   int mpi = apb_mpi_detect(), root = 1, done = 0;
   if (mpi && c.backend && strncmp(c.backend, "cuda", 4) == 0) setenv("NCCL_NVLS_ENABLE", "0", 0);
+  /* what apb_host_run would refuse, before a synthetic document of that length is made */
+  if (!rc && n + c.q_len + c.o.max_new_tokens > (int64_t)INT32_MAX + 1)
+    rc = cli_fail(CMD, "%lld document + %lld query + %lld new tokens: positions are int32, at most 2^31 tokens in "
+                  "all; give a shorter document (--synthetic, --tokens), --query-len or --max-new-tokens",
+                  (long long)n, (long long)c.q_len, (long long)c.o.max_new_tokens);
   if (!rc && !mpi) rc = check_plans(&c, m, n);
+  if (!rc && !c.tokens_path) {
+    doc = synthetic_doc(n, c.q_len, m->cfg.vocab, c.seed, &query);
+    if (!doc) rc = cli_fail(CMD, "out of memory for a %lld-token document", (long long)n);
+  }
   for (int i = 0; !rc && i < c.n_methods; i++) {
     if (mpi)
       rc = run_mpi(&c, m, c.methods[i], doc, n, query, &mr[i], &root);

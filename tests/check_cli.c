@@ -731,6 +731,11 @@ START_TEST(run_inputs) {
   expect(0, a, "apb ");
   snprintf(a, sizeof a, "%s --synthetic 256 --method star --anchor 32 --passing 4", run);
   expect(1, a, "star has no passing block");
+  /* more tokens than int32 positions hold: refused before a document of that length is made (it was
+   * allocated, filled, and then refused, or failed as out of memory) */
+  snprintf(a, sizeof a, "%s --synthetic 1099511627776 --method dense", run);
+  expect(1, a, "1099511627776 document + 16 query + 8 new tokens: positions are int32, at most 2^31 tokens in all; "
+               "give a shorter document");
   /* so is --query-offset, unless --embed-query says star embeds the query too (the default list refused
    * every --query-offset); star alone refuses it, naming what to do */
   snprintf(a, sizeof a, "%s --synthetic 256 --anchor 32 --query-offset 5 --max-new-tokens 1", run);
