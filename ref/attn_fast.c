@@ -193,6 +193,17 @@ static void softmax_update(work *w, int M, int nr, int D, int lds, int ldo, int 
   }
 }
 
+/* 1 when every element of n value rows (D floats each, kstride apart) is finite. */
+static int rows_finite(const float *v, int64_t kstride, int n, int D) {
+  int32_t bad = 0;
+  for (int j = 0; j < n; j++)
+    for (int d = 0; d < D; d++) {
+      fbits b = {v[j * kstride + d]};
+      bad |= (b.u & 0x7f800000u) == 0x7f800000u; /* Inf or NaN */
+    }
+  return !bad;
+}
+
 /* One key tile: keys [k0, k0+nk) of a segment (k, v point at key 0 of the KV head, keys kstride
  * apart). Tile row i (head g = i / nr, tile row ri = i % nr) sees the first
  * min(nk, vis0 + causal*ri - k0) keys of the tile; vis0 is the visible count for tile row 0. */
@@ -208,6 +219,24 @@ static void key_tile(const plan *pl, work *w, int nr, const float *k, const floa
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, nk, D, 1.0f, w->q, pl->ldq, k + k0 * pl->kstride,
               (int)pl->kstride, 0.0f, w->s, pl->lds);
   softmax_update(w, M, nr, D, pl->lds, pl->ldo, nk, nkv, partial, vis0, k0);
+  /* A boundary tile's product also multiplies the p = 0 of a key that a row does not see by that
+   * key's value: an Inf or NaN value there would make 0 * Inf = NaN in a row that never sees it
+   * (a later token's value poisoning earlier rows, which the oracle keeps finite). Such a tile sums
+   * each row's own prefix by hand instead; the check reads nkv value rows, against the product's
+   * M * nkv * D multiplications. */
+  if (partial && nkv > 0 && !rows_finite(v + k0 * pl->kstride, pl->kstride, nkv, D)) {
+    for (int i = 0; i < M; i++) {
+      const int64_t c = vis0 + i % nr - k0;
+      const int cnt = c < 0 ? 0 : c > nkv ? nkv : (int)c;
+      const float *p = w->s + (int64_t)i * pl->lds;
+      float *o = w->o + (int64_t)i * pl->ldo;
+      for (int j = 0; j < cnt; j++) {
+        const float *vr = v + (k0 + j) * pl->kstride;
+        for (int d = 0; d < D; d++) o[d] += p[j] * vr[d];
+      }
+    }
+    return;
+  }
   if (nkv > 0)
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, D, nkv, 1.0f, w->s, pl->lds,
                 v + k0 * pl->kstride, (int)pl->kstride, 1.0f, w->o, pl->ldo);

@@ -279,6 +279,44 @@ START_TEST(test_nan_propagates) {
 }
 END_TEST
 
+/* A non-finite value reaches only the rows that see its key (apb/attn.h's visibility): a NaN in anchor
+ * value t (KV head 1, element da) and an Inf in local value j (KV head 0, element db). The rows
+ * before them in the same row tile multiply them by a probability of 0 in the fast path's boundary
+ * tile, which must not turn into 0 * Inf = NaN. Every other output is finite and agrees with the
+ * oracle. Both implementations, against the exact pattern; then fast against naive elsewhere. */
+START_TEST(test_nonfinite_value_causal) {
+  const int64_t P = 3, A = 20, B = 40, T = A + B, t = 7, j = 25;
+  const int Hq = 4, Hkv = 2, D = 16, G = Hq / Hkv, da = 5, db = 2;
+  float *o[2], *lse[2];
+  prob p;
+  prob_init(&p, P, A, B, Hq, Hkv, D, 1, 23, 1.0f);
+  p.va[(t * Hkv + 1) * D + da] = NAN;
+  p.vb[(j * Hkv + 0) * D + db] = INFINITY;
+  for (int i = 0; i < 2; i++) {
+    run(impls[i], impl_names[i], &p);
+    for (int64_t r = 0; r < T; r++)
+      for (int h = 0; h < Hq; h++)
+        for (int d = 0; d < D; d++) {
+          const float x = p.o[(r * Hq + h) * D + d];
+          const int nan = h / G == 1 && d == da && r >= t, inf = h / G == 0 && d == db && r >= A + j;
+          ck_assert_msg(nan ? isnan(x) : inf ? isinf(x) && x > 0 : isfinite(x),
+                        "seed %llu: %s: o[row %lld, head %d, %d] = %g, want %s", (unsigned long long)tu_seed(),
+                        impl_names[i], (long long)r, h, d, (double)x, nan ? "NaN" : inf ? "+inf" : "finite");
+        }
+    for (size_t e = 0; e < p.nlse; e++)
+      ck_assert_msg(isfinite(p.lse[e]), "seed %llu: %s: lse[%zu] = %g", (unsigned long long)tu_seed(),
+                    impl_names[i], e, (double)p.lse[e]);
+    o[i] = dup(p.o, p.nq), lse[i] = dup(p.lse, p.nlse);
+    for (size_t e = 0; e < p.nq; e++)
+      if (!isfinite(o[i][e])) o[i][e] = 0.0f; /* the pattern is checked above */
+  }
+  tu_assert_close("non-finite value: o elsewhere", o[1], o[0], (int64_t)p.nq, apb_tolerance(APB_PREC_F32, red_len(&p.a)));
+  tu_assert_close("non-finite value: lse", lse[1], lse[0], (int64_t)p.nlse, apb_tolerance(APB_PREC_F32, red_len(&p.a)));
+  for (int i = 0; i < 2; i++) tu_free(o[i]), tu_free(lse[i]);
+  prob_free(&p);
+}
+END_TEST
+
 /* scale = 0 means 1/sqrt(D); the same value given explicitly gives the same bits. */
 START_TEST(test_scale) {
   apb_attn_args a = {.D = 64};
@@ -699,6 +737,7 @@ static Suite *attn_suite(void) {
   tcase_add_loop_test(tc, test_gqa_mapping, 0, 2);
   tcase_add_loop_test(tc, test_huge_scores, 0, 2);
   tcase_add_loop_test(tc, test_nan_propagates, 0, 2);
+  tcase_add_test(tc, test_nonfinite_value_causal);
   tcase_add_test(tc, test_scale);
   tcase_add_test(tc, test_flops);
   tcase_add_test(tc, test_empty);
