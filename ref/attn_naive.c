@@ -110,6 +110,7 @@ apb_status apb_attn_naive(const apb_attn_args *a, apb_error *err) {
       /* Pass 1: scores and their max. */
       int64_t n = 0;
       double mx = -INFINITY;
+      int nan = 0;
       for (int g = 0; g < nseg; g++)
         for (int64_t t = 0; t < segs[g].n; t++) {
           const float *kr = segs[g].k + (t * Hkv + hk) * (int64_t)D;
@@ -117,10 +118,13 @@ apb_status apb_attn_naive(const apb_attn_args *a, apb_error *err) {
           for (int d = 0; d < D; d++) dot += (double)qr[d] * (double)kr[d];
           s[n] = dot * scale;
           if (s[n] > mx) mx = s[n];
+          nan |= isnan(s[n]);
           n++;
         }
 
-      if (n == 0) { /* no visible key: o = 0, lse = -inf (apb/attn.h) */
+      /* no visible key, or every score -inf (each weighs nothing, and exp(-inf - -inf) would be NaN):
+       * o = 0, lse = -inf (apb/attn.h) */
+      if (n == 0 || (mx == -INFINITY && !nan)) {
         for (int d = 0; d < D; d++) orow[d] = 0.0f;
         if (a->lse) a->lse[(int64_t)h * T + r] = -INFINITY;
         continue;

@@ -279,6 +279,52 @@ START_TEST(test_nan_propagates) {
 }
 END_TEST
 
+/* A score of -inf weighs nothing (apb/attn.h). KV head 0: every key has a -inf element and q > 0, so
+ * every score is -inf: each row of query head 0 gets o = +0 and lse = -inf, exactly as a row that sees
+ * no key (the oracle's two-pass softmax met exp(-inf - -inf) = NaN here), except row rq whose q holds a
+ * NaN: NaN. KV head 1: only anchor key 1 is -inf; anchor row 1 then sees key 0 alone (o = v0 bit for
+ * bit), and the fast path agrees with the oracle throughout. */
+START_TEST(test_all_scores_neg_inf) {
+  const int64_t P = 2, A = 3, B = 5, T = A + B, rq = A + 2;
+  const int Hq = 2, Hkv = 2, D = 4;
+  float *o[2], *lse[2];
+  prob p;
+  prob_init(&p, P, A, B, Hq, Hkv, D, 1, 24, 1.0f);
+  for (size_t e = 0; e < p.nq; e++) p.q[e] = fabsf(p.q[e]) + 0.125f;
+  for (int64_t t = 0; t < P; t++) p.kp[(t * Hkv + 0) * D + 1] = -INFINITY;
+  for (int64_t t = 0; t < A; t++) p.ka[(t * Hkv + 0) * D + 2] = -INFINITY;
+  for (int64_t t = 0; t < B; t++) p.kb[(t * Hkv + 0) * D + 0] = -INFINITY;
+  p.ka[(1 * Hkv + 1) * D + 3] = -INFINITY;
+  p.q[(rq * Hq + 0) * D + 3] = NAN;
+  for (int i = 0; i < 2; i++) {
+    run(impls[i], impl_names[i], &p);
+    for (int64_t r = 0; r < T; r++) {
+      const float *orow = p.o + (r * Hq + 0) * D;
+      const float l = p.lse[0 * T + r];
+      if (r == rq)
+        ck_assert_msg(isnan(orow[0]) && isnan(l), "seed %llu: %s: row %lld with a NaN q: o %g, lse %g",
+                      (unsigned long long)tu_seed(), impl_names[i], (long long)r, (double)orow[0], (double)l);
+      else
+        for (int d = 0; d < D; d++)
+          ck_assert_msg(orow[d] == 0.0f && !signbit(orow[d]) && isinf(l) && l < 0,
+                        "seed %llu: %s: row %lld, every score -inf: o[%d] = %g, lse = %g; want 0 and -inf",
+                        (unsigned long long)tu_seed(), impl_names[i], (long long)r, d, (double)orow[d], (double)l);
+    }
+    tu_assert_bitwise("anchor row 1 of head 1 (key 1 at -inf) = v0", p.o + (1 * Hq + 1) * D, p.va + 1 * D, D);
+    o[i] = dup(p.o, p.nq), lse[i] = dup(p.lse, p.nlse);
+  }
+  for (int64_t r = 0; r < T; r++) { /* head 1 only: head 0 is checked above */
+    float *oh[2] = {galloc(D), galloc(D)}, lh[2];
+    for (int i = 0; i < 2; i++) memcpy(oh[i], o[i] + (r * Hq + 1) * D, D * sizeof(float)), lh[i] = lse[i][1 * T + r];
+    tu_assert_close("one -inf key: o of head 1", oh[1], oh[0], D, apb_tolerance(APB_PREC_F32, red_len(&p.a)));
+    tu_assert_close("one -inf key: lse of head 1", &lh[1], &lh[0], 1, apb_tolerance(APB_PREC_F32, red_len(&p.a)));
+    tu_free(oh[0]), tu_free(oh[1]);
+  }
+  for (int i = 0; i < 2; i++) tu_free(o[i]), tu_free(lse[i]);
+  prob_free(&p);
+}
+END_TEST
+
 /* A non-finite value reaches only the rows that see its key (apb/attn.h's visibility): a NaN in anchor
  * value t (KV head 1, element da) and an Inf in local value j (KV head 0, element db). The rows
  * before them in the same row tile multiply them by a probability of 0 in the fast path's boundary
@@ -738,6 +784,7 @@ static Suite *attn_suite(void) {
   tcase_add_loop_test(tc, test_huge_scores, 0, 2);
   tcase_add_loop_test(tc, test_nan_propagates, 0, 2);
   tcase_add_test(tc, test_nonfinite_value_causal);
+  tcase_add_test(tc, test_all_scores_neg_inf);
   tcase_add_test(tc, test_scale);
   tcase_add_test(tc, test_flops);
   tcase_add_test(tc, test_empty);

@@ -10,7 +10,9 @@
  *   local row j  (0 <= j < B):   all P keys, all A keys, and local keys 0..j (when local_keys != 0).
  * dense is P = A = 0; star is P = 0. With local_keys == 0 the local rows see P and A only (the ring
  * step against a remote block, or decode on a host that does not own the new tokens): then kb/vb are
- * unused and may be NULL. A row that sees no key at all gets o = 0 and lse = -inf.
+ * unused and may be NULL. A row that sees no key at all gets o = 0 and lse = -inf. A score of -inf
+ * (from an infinite q or k element) weighs nothing, so a row whose every score is -inf gets the same
+ * o = 0 and lse = -inf; a NaN score, or one of +inf, makes the row's o and lse NaN.
  *
  * Two implementations of the same function:
  *   apb_attn_naive: the oracle. Plain loops, double accumulation, two-pass softmax. The definition.
