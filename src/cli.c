@@ -44,7 +44,19 @@ int cli_call(cli_fn fn, int argc, char **argv) {
 
 /* ---------------------------------------------------------------- reporting */
 
+static char *capture_buf; /* cli_capture: the first message goes here instead of stderr */
+static size_t capture_cap;
+
+void cli_capture(char *buf, size_t cap) {
+  capture_buf = cap ? buf : NULL, capture_cap = cap;
+  if (capture_buf) capture_buf[0] = 0;
+}
+
 static void vreport(const char *cmd, const char *fmt, va_list ap) {
+  if (capture_buf) {
+    if (!capture_buf[0]) vsnprintf(capture_buf, capture_cap, fmt, ap);
+    return;
+  }
   fprintf(stderr, "apb %s: ", cmd);
   vfprintf(stderr, fmt, ap);
   fputc('\n', stderr);
@@ -55,7 +67,7 @@ int cli_usage(const char *cmd, const char *fmt, ...) {
   va_start(ap, fmt);
   vreport(cmd, fmt, ap);
   va_end(ap);
-  fprintf(stderr, "Try 'apb %s --help' for the options and their defaults.\n", cmd);
+  if (!capture_buf) fprintf(stderr, "Try 'apb %s --help' for the options and their defaults.\n", cmd);
   return CLI_USAGE;
 }
 
@@ -69,6 +81,10 @@ int cli_fail(const char *cmd, const char *fmt, ...) {
 
 int cli_report(const char *cmd, apb_status st, const apb_error *err) {
   const char *msg = err && err->msg[0] ? err->msg : apb_status_str(st);
+  if (capture_buf) {
+    if (!capture_buf[0]) snprintf(capture_buf, capture_cap, "%s (%s)", msg, apb_status_str(st));
+    return CLI_FAIL;
+  }
   fprintf(stderr, "apb %s: %s (%s)\n", cmd, msg, apb_status_str(st));
   return CLI_FAIL;
 }

@@ -70,6 +70,10 @@ int cli_fail(const char *cmd, const char *fmt, ...)
     ;
 /* "apb CMD: <err->msg> (<status string>)"; returns CLI_FAIL. */
 int cli_report(const char *cmd, apb_status st, const apb_error *err);
+/* Until cli_capture(NULL, 0): the first message of cli_usage, cli_fail and cli_report (without the
+ * "apb CMD: " prefix and the --help hint) goes to buf instead of stderr, later ones nowhere. Used under
+ * mpirun, where rank 0 reports every rank's message once (src/cmd_run.c). */
+void cli_capture(char *buf, size_t cap);
 
 /* ---------------------------------------------------------------- options */
 

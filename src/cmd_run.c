@@ -90,7 +90,9 @@ static void help(void) {
       "  -h, --help          this text\n\n"
       "Under mpirun (mpirun -np H apb run ...) each process is one host and rank 0 prints and dumps;\n"
       "with --backend cuda-bf16|cuda-f32 each process takes the GPU of its local rank and the hosts\n"
-      "talk through NCCL.\n");
+      "talk through NCCL. --hosts, if given, must equal -np; dense (in the default list) needs -np 1;\n"
+      "--dump-layers runs without mpirun. Every rank must get the same options, model and document\n"
+      "(checked). A rank that fails ends every rank; rank 0 reports each message once, naming the rank.\n");
 }
 
 typedef struct run_cfg {
@@ -367,16 +369,8 @@ static int mpi_local_device(void) {
   return local < 0 ? 0 : local;
 }
 
-/* A rank that cannot join the NCCL communicator ends the job, so that the others do not wait for it
- * until their timeout. */
-static void mpi_end_job(const char *why) {
-  apb_comm *hc = NULL;
-  apb_error e = {0};
-  if (apb_comm_mpi(NULL, &hc, &e) == APB_OK) hc->ops->abort(hc, why);
-}
-
 /* Every method's plan before any runs, so that a refused one does not come after minutes of the others. */
-static int check_plans(const run_cfg *c, const apb_model *m, int64_t n) {
+static int check_plans(const run_cfg *c, const apb_model *m, int64_t n, const apb_comm *hc) {
   apb_plan *plan = malloc(sizeof *plan);
   if (!plan) return cli_fail(CMD, "out of memory");
   int rc = CLI_OK;
@@ -384,7 +378,11 @@ static int check_plans(const run_cfg *c, const apb_model *m, int64_t n) {
     apb_error err = {0};
     apb_run_opts o = cli_method_opts(&c->o, c->methods[i], c->n_methods);
     apb_status st = apb_plan_make(&o, n, c->q_len, &m->cfg, m->scorer_width, plan, &err);
-    if (st) rc = cli_report(CMD, st, &err);
+    if (st && hc) /* the plan's advice names --hosts, which the ranks are */
+      rc = cli_fail(CMD, "%s on mpirun's %d ranks: %s (%s)", apb_method_name(c->methods[i]), hc->size, err.msg,
+                    apb_status_str(st));
+    else if (st)
+      rc = cli_report(CMD, st, &err);
   }
   free(plan);
   return rc;
@@ -426,115 +424,241 @@ static int run_sim(const run_cfg *c, const apb_model *m, apb_method meth, const 
   return rc;
 }
 
-/* One process per host: every rank runs its host; rank 0 gathers hidden states, logits, stats. */
+/* Under mpirun: every rank's outcome of a step (its exit code and the message cli_capture kept), gathered
+ * to every rank, so that all go on or all stop together (none waits in a collective for a rank that
+ * gave up) and rank 0 reports each distinct message once, naming the ranks that gave it (all of them:
+ * no rank named). Returns the largest exit code, the same on every rank; why is cleared. */
+typedef struct rank_note {
+  int32_t rc;
+  char msg[508];
+} rank_note;
+
+static void rank_says(const apb_comm *hc, const char *msg) {
+  fprintf(stderr, "apb " CMD ": rank %d of %d: %s\n", hc->rank, hc->size, msg);
+}
+
+static int mpi_agree(apb_comm *hc, int rc, char *why) {
+  int H = hc->size, worst = 0;
+  rank_note mine, *all = malloc(sizeof *all * (size_t)H);
+  size_t *b = malloc(sizeof *b * (size_t)H);
+  memset(&mine, 0, sizeof mine);
+  mine.rc = rc;
+  if (rc) snprintf(mine.msg, sizeof mine.msg, "%s", why[0] ? why : "failed without a message");
+  why[0] = 0;
+  apb_error err = {0};
+  apb_status st = all && b ? APB_OK : apb_error_set(&err, APB_ENOMEM, "out of memory gathering the ranks' outcomes");
+  for (int r = 0; !st && r < H; r++) b[r] = sizeof mine;
+  if (!st) st = hc->ops->allgatherv(hc, &mine, all, b, &err);
+  if (st) { /* the ranks can no longer agree: end the job */
+    char line[sizeof err.msg + sizeof mine.msg + 64];
+    snprintf(line, sizeof line, "%s (%s)%s%s", err.msg, apb_status_str(st), rc ? "; before that: " : "", rc ? mine.msg : "");
+    rank_says(hc, line);
+    hc->ops->abort(hc, err.msg);
+    free(all), free(b);
+    return CLI_FAIL;
+  }
+  for (int r = 0; r < H; r++) worst = all[r].rc > worst ? all[r].rc : worst;
+  for (int r = 0; worst && hc->rank == 0 && r < H; r++) {
+    if (!all[r].rc) continue;
+    all[r].msg[sizeof all[r].msg - 1] = 0;
+    int seen = 0, count = 0;
+    for (int q = 0; q < r && !seen; q++) seen = all[q].rc && strcmp(all[q].msg, all[r].msg) == 0;
+    if (seen) continue;
+    char ranks[256];
+    size_t k = 0;
+    ranks[0] = 0;
+    for (int q = r; q < H; q++)
+      if (all[q].rc && strcmp(all[q].msg, all[r].msg) == 0) {
+        if (k + 16 < sizeof ranks) k += (size_t)snprintf(ranks + k, sizeof ranks - k, "%s%d", count ? ", " : "", q);
+        else if (k + 5 < sizeof ranks && ranks[k - 1] != '.') k += (size_t)snprintf(ranks + k, sizeof ranks - k, ", ...");
+        count++;
+      }
+    if (count == H) fprintf(stderr, "apb " CMD ": %s\n", all[r].msg);
+    else fprintf(stderr, "apb " CMD ": rank%s %s of %d: %s\n", count > 1 ? "s" : "", ranks, H, all[r].msg);
+  }
+  if (worst == CLI_USAGE && hc->rank == 0) fprintf(stderr, "Try 'apb " CMD " --help' for the options and their defaults.\n");
+  free(all), free(b);
+  return worst;
+}
+
+/* FNV-1a over 64-bit words (the fingerprints of mpi_same_inputs). */
+static uint64_t fp_add(uint64_t h, uint64_t v) { return (h ^ v) * 1099511628211ull; }
+
+static uint64_t fp_floats(uint64_t h, const float *x, size_t n) {
+  for (size_t i = 0; x && i < n; i++) {
+    uint32_t u;
+    memcpy(&u, &x[i], sizeof u);
+    h = fp_add(h, u);
+  }
+  return h;
+}
+
+/* Under mpirun every rank parses its own command line, loads its own model and reads its own document;
+ * ranks that differ there would compute one run out of different inputs, unnoticed, or wait on each
+ * other in collectives whose sizes disagree. Each rank compares fingerprints of the three with rank 0's
+ * (the model: its sizes and a sample of its weights; the options: those that change the result). */
+static int mpi_same_inputs(apb_comm *hc, const run_cfg *c, const apb_model *m, const int32_t *doc,
+                           const int32_t *query, int64_t n) {
+  const apb_run_opts *o = &c->o;
+  const apb_model_config *mc = &m->cfg;
+  uint64_t mine[3] = {1469598103934665603ull, 1469598103934665603ull, 1469598103934665603ull};
+  const char *be = c->backend ? c->backend : "fast";
+  for (const char *p = be; *p; p++) mine[0] = fp_add(mine[0], (unsigned char)*p);
+  const int64_t opt[] = {c->n_methods, o->hosts, o->anchor, o->passing, o->query_offset, o->embed_query,
+                         (int64_t)o->scorer, o->pool, (int64_t)o->seed, o->max_new_tokens, o->ffn_chunk,
+                         o->balance, o->overlap, c->dump != NULL, c->q_len};
+  for (size_t i = 0; i < sizeof opt / sizeof *opt; i++) mine[0] = fp_add(mine[0], (uint64_t)opt[i]);
+  for (int i = 0; i < c->n_methods; i++) mine[0] = fp_add(mine[0], (uint64_t)c->methods[i]);
+  const int64_t sizes[] = {mc->n_layers, mc->hidden, mc->ffn, mc->n_heads, mc->n_kv_heads, mc->head_dim, mc->vocab,
+                           m->scorer_width, mc->tie_embeddings};
+  for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) mine[1] = fp_add(mine[1], (uint64_t)sizes[i]);
+  const size_t E = (size_t)mc->hidden, V = (size_t)mc->vocab, k = 4096;
+  mine[1] = fp_floats(mine[1], m->embed, V * E < k ? V * E : k);
+  mine[1] = fp_floats(mine[1], m->final_norm, E);
+  for (int l = 0; l < mc->n_layers; l++) mine[1] = fp_floats(mine[1], m->layers[l].wqkv, k < E ? k : E);
+  mine[2] = fp_add(fp_add(mine[2], (uint64_t)n), (uint64_t)c->q_len);
+  for (int64_t i = 0; i < n; i++) mine[2] = fp_add(mine[2], (uint32_t)doc[i]);
+  for (int64_t i = 0; i < c->q_len; i++) mine[2] = fp_add(mine[2], (uint32_t)query[i]);
+  int H = hc->size;
+  uint64_t *all = malloc(sizeof mine * (size_t)H);
+  size_t *b = malloc(sizeof *b * (size_t)H);
+  apb_error err = {0};
+  apb_status st = all && b ? APB_OK : apb_error_set(&err, APB_ENOMEM, "out of memory comparing the ranks' inputs");
+  for (int r = 0; !st && r < H; r++) b[r] = sizeof mine;
+  if (!st) st = hc->ops->allgatherv(hc, mine, all, b, &err);
+  int rc = CLI_OK;
+  if (st) {
+    char line[sizeof err.msg + 32];
+    snprintf(line, sizeof line, "%s (%s)", err.msg, apb_status_str(st));
+    rank_says(hc, line);
+    hc->ops->abort(hc, err.msg);
+    rc = CLI_FAIL;
+  } else if (all[0] != mine[0]) {
+    rc = cli_fail(CMD, "its options differ from rank 0's; give every rank the same command line");
+  } else if (all[1] != mine[1]) {
+    rc = cli_fail(CMD, "its model differs from rank 0's; give every rank the same --model directory, or --preset, "
+                       "--seed and sizes");
+  } else if (all[2] != mine[2]) {
+    rc = cli_fail(CMD, "its document or query differs from rank 0's; give every rank the same --tokens file (or "
+                       "--synthetic and --seed)");
+  }
+  free(all), free(b);
+  return rc;
+}
+
+/* One process per host: every rank runs its host; every rank gathers hidden states, logits, stats (rank 0
+ * prints them). hc: MPI's host-memory collectives (also beside NCCL). Returns the same code on every rank,
+ * or ends the job (MPI_Abort) when a rank fails where the others may be waiting for it in a collective. */
 static int run_mpi(const run_cfg *c, const apb_model *m, apb_method meth, const int32_t *doc, int64_t n,
-                   const int32_t *query, method_result *mr, int *is_root) {
+                   const int32_t *query, method_result *mr, apb_comm *hc, char *why) {
   apb_error err = {0};
   apb_backend *be = NULL;
   apb_comm *comm = NULL;
   apb_bmodel *bm = NULL;
   apb_plan *plan = malloc(sizeof *plan);
   apb_host_result res = {0};
-  apb_comm *hc = NULL; /* host-memory collectives for the figures below: comm, or MPI beside NCCL */
+  size_t *b = NULL;
+  double *figs = NULL;
+  float *hid = NULL;
+  int64_t *pos = NULL;
   int rc = CLI_OK;
   int cuda = c->backend && strncmp(c->backend, "cuda", 4) == 0;
   apb_status st = apb_backend_create(c->backend ? c->backend : "fast", cuda ? mpi_local_device() : 0,
                                      &(apb_cpu_opts){.threads = c->threads}, &be, &err);
-  if (!st) st = cuda ? apb_comm_nccl_mpi(be, &comm, &err) : apb_comm_mpi(be, &comm, &err);
-  if (!st) st = cuda ? apb_comm_mpi(NULL, &hc, &err) : (hc = comm, APB_OK);
-  if (st) {
-    rc = cli_report(CMD, st, &err);
-    if (cuda) mpi_end_job(err.msg);
+  if (cuda) { /* every rank with its device before any joins NCCL */
+    if (st) rc = cli_report(CMD, st, &err);
+    if ((rc = mpi_agree(hc, rc, why))) goto done;
+  }
+  if (cuda && (st = apb_comm_nccl_mpi(be, &comm, &err))) {
+    /* the others may be inside apb_comm_nccl_mpi's collectives: end the job */
+    char line[sizeof err.msg + 32];
+    snprintf(line, sizeof line, "%s (%s)", err.msg, apb_status_str(st));
+    rank_says(hc, line);
+    hc->ops->abort(hc, err.msg);
+    rc = CLI_FAIL;
     goto done;
   }
-  *is_root = comm->rank == 0;
+  if (!st && !cuda) st = apb_comm_mpi(be, &comm, &err);
   apb_run_opts o = cli_method_opts(&c->o, meth, c->n_methods);
-  if (c->hosts_given && c->o.hosts != comm->size && meth != APB_METHOD_DENSE) {
-    rc = cli_usage(CMD, "--hosts %d but mpirun started %d ranks; each rank is one host", c->o.hosts, comm->size);
-    goto done;
-  }
-  o.hosts = meth == APB_METHOD_DENSE ? 1 : comm->size;
-  if (meth == APB_METHOD_DENSE && comm->size != 1) {
-    rc = cli_usage(CMD, "dense runs on one host; run it without mpirun (or with -np 1)");
-    goto done;
-  }
-  if (!plan) {
-    rc = cli_fail(CMD, "out of memory");
-    goto done;
-  }
-  st = apb_plan_make(&o, n, c->q_len, &m->cfg, m->scorer_width, plan, &err);
+  o.hosts = meth == APB_METHOD_DENSE ? 1 : hc->size; /* cmd_run refused dense on several ranks */
+  if (!st && !plan) st = apb_error_set(&err, APB_ENOMEM, "out of memory");
+  if (!st) st = apb_plan_make(&o, n, c->q_len, &m->cfg, m->scorer_width, plan, &err);
   if (!st) st = apb_bmodel_create(be, m, &bm, &err);
-  if (st) {
-    rc = cli_report(CMD, st, &err);
-    goto done;
-  }
+  if (st) rc = cli_report(CMD, st, &err);
+  if ((rc = mpi_agree(hc, rc, why))) goto done;
   apb_host_args a = {.plan = plan, .bm = bm, .be = be, .comm = comm, .doc = doc, .query = query,
                      .want_hidden = c->dump != NULL};
   double t0 = cli_now();
   st = apb_host_run(&a, &res, &err);
   if (!st) st = apb_nccl_sync(comm, &err); /* NCCL: every collective complete and sound */
-  if (st) {
-    rc = cli_report(CMD, st, &err);
+  if (st) { /* the others may wait for this rank in a collective: end the job */
+    char line[sizeof err.msg + 32];
+    snprintf(line, sizeof line, "%s (%s)", err.msg, apb_status_str(st));
+    rank_says(hc, line);
     comm->ops->abort(comm, err.msg);
+    hc->ops->abort(hc, err.msg);
+    rc = CLI_FAIL;
     goto done;
   }
   /* gather per-host figures and hidden rows to every rank (small next to the run) */
-  int H = comm->size, E = m->cfg.hidden;
-  size_t *b = calloc((size_t)H, sizeof *b);
-  double *figs = calloc((size_t)H * 5, sizeof *figs);
-  float *hid = c->dump ? malloc(sizeof(float) * (size_t)n * (size_t)E) : NULL;
-  int64_t *pos = c->dump ? malloc(sizeof(int64_t) * (size_t)n) : NULL;
-  if (!b || !figs || (c->dump && (!hid || !pos))) {
+  int H = hc->size, E = m->cfg.hidden;
+  b = calloc((size_t)H, sizeof *b);
+  figs = calloc((size_t)H * 5, sizeof *figs);
+  hid = c->dump ? malloc(sizeof(float) * (size_t)n * (size_t)E) : NULL;
+  pos = c->dump ? malloc(sizeof(int64_t) * (size_t)n) : NULL;
+  if (!b || !figs || (c->dump && (!hid || !pos))) rc = cli_fail(CMD, "out of memory gathering the hosts' results");
+  if ((rc = mpi_agree(hc, rc, why))) goto done;
+  double mine[5] = {res.stats.prefill_s, res.stats.prefill_s + res.stats.query_s + res.stats.decode_s,
+                    res.stats.attn_flops, (double)res.stats.bytes_sent, res.stats.prefill_s - res.stats.prefill_wait_s};
+  for (int r = 0; r < H; r++) b[r] = sizeof mine;
+  st = hc->ops->allgatherv(hc, mine, figs, b, &err);
+  if (!st && c->dump) {
+    for (int r = 0; r < H; r++) b[r] = (size_t)apb_plan_rows(plan, r) * sizeof(int64_t);
+    st = hc->ops->allgatherv(hc, res.row_pos, pos, b, &err);
+    for (int r = 0; r < H; r++) b[r] = b[r] / sizeof(int64_t) * (size_t)E * sizeof(float);
+    if (!st) st = hc->ops->allgatherv(hc, res.hidden, hid, b, &err);
+  }
+  if (st) {
+    char line[sizeof err.msg + 32];
+    snprintf(line, sizeof line, "%s (%s)", err.msg, apb_status_str(st));
+    rank_says(hc, line);
+    hc->ops->abort(hc, err.msg);
+    rc = CLI_FAIL;
+    goto done;
+  }
+  mr->m = meth;
+  mr->H = H;
+  mr->wall_s = cli_now() - t0;
+  for (int r = 0; r < H; r++) {
+    const double *f = &figs[5 * r];
+    if (f[0] > mr->prefill_s) mr->prefill_s = f[0];
+    if (f[1] > mr->max_host_s) mr->max_host_s = f[1];
+    mr->attn_sum += f[2];
+    if (f[2] > mr->attn_max) mr->attn_max = f[2];
+    mr->bytes += (int64_t)f[3];
+    if (f[4] > mr->compute_s) mr->compute_s = f[4];
+  }
+  mr->logits = malloc(sizeof(float) * (size_t)m->cfg.vocab);
+  mr->n_gen = res.n_generated;
+  mr->gen = malloc(sizeof(int32_t) * (size_t)(res.n_generated ? res.n_generated : 1));
+  if (!mr->logits || !mr->gen) {
     rc = cli_fail(CMD, "out of memory");
   } else {
-    double mine[5] = {res.stats.prefill_s, res.stats.prefill_s + res.stats.query_s + res.stats.decode_s,
-                      res.stats.attn_flops, (double)res.stats.bytes_sent,
-                      res.stats.prefill_s - res.stats.prefill_wait_s};
-    for (int r = 0; r < H; r++) b[r] = sizeof mine;
-    st = hc->ops->allgatherv(hc, mine, figs, b, &err);
-    if (!st && c->dump) {
-      for (int r = 0; r < H; r++) b[r] = (size_t)apb_plan_rows(plan, r) * sizeof(int64_t);
-      st = hc->ops->allgatherv(hc, res.row_pos, pos, b, &err);
-      for (int r = 0; r < H; r++) b[r] = b[r] / sizeof(int64_t) * (size_t)E * sizeof(float);
-      if (!st) st = hc->ops->allgatherv(hc, res.hidden, hid, b, &err);
-    }
-    if (st) rc = cli_report(CMD, st, &err);
+    memcpy(mr->logits, res.logits, sizeof(float) * (size_t)m->cfg.vocab);
+    if (res.n_generated) memcpy(mr->gen, res.generated, sizeof(int32_t) * (size_t)res.n_generated);
   }
-  if (!rc) {
-    mr->m = meth;
-    mr->H = H;
-    mr->wall_s = cli_now() - t0;
-    for (int r = 0; r < H; r++) {
-      const double *f = &figs[5 * r];
-      if (f[0] > mr->prefill_s) mr->prefill_s = f[0];
-      if (f[1] > mr->max_host_s) mr->max_host_s = f[1];
-      mr->attn_sum += f[2];
-      if (f[2] > mr->attn_max) mr->attn_max = f[2];
-      mr->bytes += (int64_t)f[3];
-      if (f[4] > mr->compute_s) mr->compute_s = f[4];
-    }
-    mr->logits = malloc(sizeof(float) * (size_t)m->cfg.vocab);
-    mr->n_gen = res.n_generated;
-    mr->gen = malloc(sizeof(int32_t) * (size_t)(res.n_generated ? res.n_generated : 1));
-    if (!mr->logits || !mr->gen) {
-      rc = cli_fail(CMD, "out of memory");
-    } else {
-      memcpy(mr->logits, res.logits, sizeof(float) * (size_t)m->cfg.vocab);
-      if (res.n_generated) memcpy(mr->gen, res.generated, sizeof(int32_t) * (size_t)res.n_generated);
-    }
-    if (!rc && c->dump) {
-      mr->n_hidden_rows = n;
-      mr->hidden = malloc(sizeof(float) * (size_t)n * (size_t)E);
-      if (!mr->hidden) rc = cli_fail(CMD, "out of memory");
-      for (int64_t i = 0; !rc && i < n; i++)
-        memcpy(mr->hidden + (size_t)pos[i] * (size_t)E, hid + (size_t)i * (size_t)E, sizeof(float) * (size_t)E);
-    }
+  if (!rc && c->dump) {
+    mr->n_hidden_rows = n;
+    mr->hidden = malloc(sizeof(float) * (size_t)n * (size_t)E);
+    if (!mr->hidden) rc = cli_fail(CMD, "out of memory");
+    for (int64_t i = 0; !rc && i < n; i++)
+      memcpy(mr->hidden + (size_t)pos[i] * (size_t)E, hid + (size_t)i * (size_t)E, sizeof(float) * (size_t)E);
   }
-  free(b), free(figs), free(hid), free(pos);
+  rc = mpi_agree(hc, rc, why);
 done:
+  free(b), free(figs), free(hid), free(pos);
   apb_host_result_free(&res);
   if (bm) apb_bmodel_destroy(be, bm);
-  if (hc && hc != comm) apb_comm_destroy(hc);
   if (comm) apb_comm_destroy(comm);
   if (be) apb_backend_destroy(be);
   free(plan);
@@ -630,7 +754,13 @@ static int write_dump(const run_cfg *c, const apb_model *m, const method_result 
 
 /* ---------------------------------------------------------------- options */
 
-int cmd_run(int argc, char **argv) {
+#define RUN_HELPED (-1) /* run_prepare: --help was given */
+
+/* The options, the model, the document and the query, and every method's plan (before any runs, so that
+ * a refused one does not come after minutes of the others): *cp, *mp, *docp, *queryp and *np, which the
+ * caller frees whatever the outcome. hc: under mpirun, MPI's collectives, whose ranks are the hosts. */
+static int run_prepare(int argc, char **argv, const apb_comm *hc, run_cfg *cp, apb_model **mp, int32_t **docp,
+                       int32_t **queryp, int64_t *np) {
   run_cfg c;
   memset(&c, 0, sizeof c);
   apb_run_opts_default(&c.o);
@@ -662,7 +792,7 @@ int cmd_run(int argc, char **argv) {
       {"help", no_argument, 0, 'h'}, CLI_SHAPE_OPTIONS(O_SHAPE),
       {0, 0, 0, 0}};
   const int64_t BIG = (int64_t)1 << 40;
-  int ch, preset_given = 0, syn_given = 0;
+  int ch, preset_given = 0, syn_given = 0, methods_given = 0;
   cli_shape shape = {0};
   while ((ch = cli_getopt(CMD, argc, argv, opts)) != -1) {
     int rc = 0;
@@ -679,7 +809,7 @@ int cmd_run(int argc, char **argv) {
     case O_TOKENS: c.tokens_path = optarg; break;
     case O_SYN: rc = cli_parse_i64(CMD, "--synthetic", optarg, 1, BIG, &c.synthetic), syn_given = 1; break;
     case O_QLEN: rc = cli_parse_i64(CMD, "--query-len", optarg, 1, 1 << 20, &c.q_len); break;
-    case O_METHOD: rc = cli_parse_methods(CMD, "--method", optarg, c.methods, &c.n_methods); break;
+    case O_METHOD: rc = cli_parse_methods(CMD, "--method", optarg, c.methods, &c.n_methods), methods_given = 1; break;
     case O_HOSTS: rc = cli_parse_int(CMD, "--hosts", optarg, 1, APB_MAX_HOSTS, &c.o.hosts), c.hosts_given = 1; break;
     case O_ANCHOR: rc = cli_parse_i64(CMD, "--anchor", optarg, 0, BIG, &c.o.anchor); break;
     case O_PASSING: rc = cli_parse_i64(CMD, "--passing", optarg, 0, BIG, &c.o.passing); break;
@@ -702,7 +832,9 @@ int cmd_run(int argc, char **argv) {
     case O_JSON: c.json = 1; break;
     case O_QUIET: c.quiet = 1; break;
     case O_GPUS: rc = cli_parse_int(CMD, "--gpus", optarg, 1, APB_MAX_HOSTS, &c.gpus); break;
-    case 'h': help(); return CLI_OK;
+    case 'h':
+      if (!hc || hc->rank == 0) help();
+      return RUN_HELPED;
     default:
       if (ch >= O_SHAPE && ch < O_SHAPE + CLI_SHAPE_COUNT) {
         rc = cli_parse_shape(CMD, ch - O_SHAPE, optarg, &shape);
@@ -721,6 +853,9 @@ int cmd_run(int argc, char **argv) {
   if (c.tokens_path && syn_given) return cli_usage(CMD, "--tokens and --synthetic are exclusive; give one");
   if (c.dump && !*c.dump) return cli_usage(CMD, "--dump wants a file name, got ''");
   if (c.dump_layers && !c.dump) return cli_usage(CMD, "--dump-layers needs --dump FILE");
+  if (c.dump_layers && hc)
+    return cli_usage(CMD, "--dump-layers keeps every host's layers in one process: run without mpirun (the "
+                          "simulated hosts compute bitwise what the ranks do), or drop --dump-layers");
   if (c.dump && c.n_methods != 1) return cli_usage(CMD, "--dump writes one run: give exactly one --method");
   if (c.gpus) {
     if (!c.backend) c.backend = "cuda-bf16";
@@ -729,18 +864,27 @@ int cmd_run(int argc, char **argv) {
     if (c.hosts_given && c.o.hosts != c.gpus)
       return cli_usage(CMD, "--hosts %d with --gpus %d: each host is one GPU", c.o.hosts, c.gpus);
     if (c.concurrent) return cli_usage(CMD, "--concurrent is for simulated hosts; --gpus hosts always run at once");
-    if (apb_mpi_detect())
+    if (hc)
       return cli_usage(CMD, "--gpus is for one process; under mpirun each rank is one GPU (drop --gpus and give "
                             "--backend cuda-bf16 or cuda-f32)");
     c.o.hosts = c.gpus;
     setenv("NCCL_NVLS_ENABLE", "0", 0); /* NVLink multicast stays off on shared machines (docs/nccl.md) */
   }
+  if (hc && c.hosts_given && c.o.hosts != hc->size)
+    return cli_usage(CMD, "--hosts %d but mpirun started %d ranks, and each rank is one host: drop --hosts or give "
+                          "mpirun -np %d", c.o.hosts, hc->size, c.o.hosts);
+  if (hc) c.o.hosts = hc->size;
+  for (int i = 0; hc && hc->size > 1 && i < c.n_methods; i++)
+    if (c.methods[i] == APB_METHOD_DENSE)
+      return cli_usage(CMD, "dense runs on one host and mpirun started %d ranks: give --method without dense%s, "
+                            "or run dense without mpirun (or with -np 1)",
+                       hc->size, methods_given ? "" : " (the default list dense,ring,star,apb has it)");
   cli_set_threads(c.threads);
 
   apb_error err = {0};
   apb_model *m = NULL;
   apb_status st;
-  char heads_in_dir[4096]; /* --model DIR without --heads: DIR's own retaining heads, as gen-model writes them */
+  static char heads_in_dir[4096]; /* --model DIR without --heads: DIR's own retaining heads, as gen-model writes them */
   if (c.model_dir && !c.heads) {
     int k = snprintf(heads_in_dir, sizeof heads_in_dir, "%s/%s", c.model_dir, APB_HEADS_FILE);
     if (k > 0 && (size_t)k < sizeof heads_in_dir && access(heads_in_dir, F_OK) == 0) c.heads = heads_in_dir;
@@ -786,36 +930,69 @@ int cmd_run(int argc, char **argv) {
   } else {
     n = c.synthetic;
   }
-  method_result mr[MAX_METHODS];
-  memset(mr, 0, sizeof mr);
-  dump_list dl = {0};
-  int mpi = apb_mpi_detect(), root = 1, done = 0;
-  if (mpi && c.backend && strncmp(c.backend, "cuda", 4) == 0) setenv("NCCL_NVLS_ENABLE", "0", 0);
+  *mp = m, *cp = c, *np = n;
+  if (hc && c.backend && strncmp(c.backend, "cuda", 4) == 0) setenv("NCCL_NVLS_ENABLE", "0", 0);
   /* what apb_host_run would refuse, before a synthetic document of that length is made */
   if (!rc && n + c.q_len + c.o.max_new_tokens > (int64_t)INT32_MAX + 1)
     rc = cli_fail(CMD, "%lld document + %lld query + %lld new tokens: positions are int32, at most 2^31 tokens in "
                   "all; give a shorter document (--synthetic, --tokens), --query-len or --max-new-tokens",
                   (long long)n, (long long)c.q_len, (long long)c.o.max_new_tokens);
-  if (!rc && !mpi) rc = check_plans(&c, m, n);
+  if (!rc) rc = check_plans(&c, m, n, hc);
   if (!rc && !c.tokens_path) {
     doc = synthetic_doc(n, c.q_len, m->cfg.vocab, c.seed, &query);
     if (!doc) rc = cli_fail(CMD, "out of memory for a %lld-token document", (long long)n);
   }
+  *docp = doc, *queryp = query;
+  return rc;
+}
+
+int cmd_run(int argc, char **argv) {
+  run_cfg c;
+  memset(&c, 0, sizeof c);
+  apb_model *m = NULL;
+  int32_t *doc = NULL, *query = NULL;
+  int64_t n = 0;
+  apb_comm *hc = NULL; /* under mpirun: MPI's collectives; every message goes through mpi_agree */
+  char why[512] = "";
+  if (apb_mpi_detect()) {
+    apb_error err = {0};
+    apb_status st = apb_comm_mpi(NULL, &hc, &err);
+    if (st) return cli_report(CMD, st, &err);
+    cli_capture(why, sizeof why);
+  }
+  int rc = run_prepare(argc, argv, hc, &c, &m, &doc, &query, &n);
+  if (hc) {
+    int helped = rc == RUN_HELPED;
+    rc = mpi_agree(hc, helped ? CLI_OK : rc, why);
+    if (!rc && helped) rc = RUN_HELPED;
+    if (!rc) rc = mpi_agree(hc, mpi_same_inputs(hc, &c, m, doc, query, n), why);
+  }
+  method_result mr[MAX_METHODS];
+  memset(mr, 0, sizeof mr);
+  dump_list dl = {0};
+  int done = 0;
   for (int i = 0; !rc && i < c.n_methods; i++) {
-    if (mpi)
-      rc = run_mpi(&c, m, c.methods[i], doc, n, query, &mr[i], &root);
+    if (hc)
+      rc = run_mpi(&c, m, c.methods[i], doc, n, query, &mr[i], hc, why);
     else
       rc = run_sim(&c, m, c.methods[i], doc, n, query, &mr[i], c.dump_layers ? &dl : NULL);
     done = i + 1;
   }
-  if (!rc && root) {
-    print_table(&c, m, n, mr, done, !mpi && !c.gpus && !c.concurrent);
+  const int ran = !rc; /* the same on every rank */
+  if (ran && (!hc || hc->rank == 0)) {
+    print_table(&c, m, n, mr, done, !hc && !c.gpus && !c.concurrent);
+    fflush(stdout);
     if (c.dump) rc = write_dump(&c, m, &mr[0], &dl);
   }
+  if (hc && ran) rc = mpi_agree(hc, rc, why); /* rank 0's table or dump */
   for (int i = 0; i < done; i++) result_free(&mr[i]);
   dump_free(&dl);
   free(doc), free(query);
   apb_model_free(m);
-  if (mpi) apb_mpi_finalize();
-  return rc;
+  if (hc) {
+    cli_capture(NULL, 0);
+    apb_comm_destroy(hc);
+    apb_mpi_finalize();
+  }
+  return rc == RUN_HELPED ? CLI_OK : rc;
 }

@@ -891,6 +891,67 @@ START_TEST(test_mpi_bitwise) {
   free(a), free(b);
 }
 END_TEST
+
+static int count_of(const char *hay, const char *needle) {
+  int k = 0;
+  for (const char *p = hay; (p = strstr(p, needle)); p++) k++;
+  return k;
+}
+
+/* mpirun -np 2 runs that must fail on every rank (none waiting for a peer), with a non-zero exit and
+ * the message once, naming the failing rank when only one failed. Rank 0 runs with args, rank 1 with
+ * alt (NULL: args), through a wrapper script that picks by the launcher's rank variable. */
+START_TEST(test_mpi_errors) {
+  const char *tokens = tu_tmpname(".txt");
+  FILE *tf = fopen(tokens, "w");
+  ck_assert_msg(tf != NULL, "cannot write %s", tokens);
+  for (int i = 0; i < 1030; i++) fprintf(tf, "%d\n", 20 + i % 1000);
+  fclose(tf);
+  char tok_ok[512], tok_bad[512];
+  snprintf(tok_ok, sizeof tok_ok, "--method apb --tokens %s", tokens);
+  snprintf(tok_bad, sizeof tok_bad, "--method apb --tokens %s.missing", tokens);
+  struct {
+    const char *args, *alt, *expect;
+  } cases[] = {
+      /* the default methods include dense, which one host runs */
+      {"--synthetic 1025", NULL, "give --method without dense (the default list dense,ring,star,apb has it)"},
+      {"--synthetic 1025 --method apb --hosts 3", NULL, "--hosts 3 but mpirun started 2 ranks"},
+      {"--synthetic 1025 --method apb --dump-layers --dump /dev/null", NULL,
+       "--dump-layers keeps every host's layers in one process"},
+      {"--synthetic 1025 --method ulysses --kv-heads 1", NULL, "ulysses on mpirun's 2 ranks"},
+      /* one rank's input unreadable, or different from rank 0's */
+      {tok_ok, tok_bad, "rank 1 of 2: cannot open token file"},
+      {"--synthetic 1025 --method apb", "--synthetic 1025 --method apb --seed 2", "rank 1 of 2: its model differs"},
+      {"--synthetic 1025 --method ring", "--synthetic 1030 --method ring",
+       "rank 1 of 2: its document or query differs"},
+      {"--synthetic 1025 --method apb", "--synthetic 1025 --method apb --anchor 64",
+       "rank 1 of 2: its options differ"},
+  };
+  char *wrap = tu_tmpname(".sh"), cmd[2048], *out = NULL;
+  const char *common = "run --quiet --query-len 5 --max-new-tokens 2 --threads 1";
+  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+    FILE *f = fopen(wrap, "w");
+    ck_assert_msg(f != NULL, "cannot write %s", wrap);
+    fprintf(f, "#!/bin/sh\nif [ \"${OMPI_COMM_WORLD_RANK:-$PMI_RANK}\" = 1 ]; then exec %s %s %s; fi\nexec %s %s %s\n",
+            bin(), common, cases[i].alt ? cases[i].alt : cases[i].args, bin(), common, cases[i].args);
+    fclose(f);
+    snprintf(cmd, sizeof cmd,
+             "chmod +x %s && OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl=self,vader "
+             "timeout 120 %s --oversubscribe -x ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 -np 2 %s",
+             wrap, APB_MPIRUN, wrap);
+    int rc = tu_sh(cmd, &out);
+    int k = count_of(out, cases[i].expect);
+    if (rc == 0 || rc == 124 || k != 1)
+      fprintf(stderr, "mpirun -np 2 apb %s %s (rank 1: %s): exit %d, '%s' %d times (want once):\n%s\n", common,
+              cases[i].args, cases[i].alt ? cases[i].alt : "the same", rc, cases[i].expect, k, out);
+    ck_assert_msg(rc != 0 && rc != 124, "case %zu: exit %d (0: a wrong run passed; 124: a rank hung)", i, rc);
+    ck_assert_msg(k == 1, "case %zu: the message came %d times, not once: the output is above", i, k);
+    free(out);
+  }
+  remove(wrap), remove(tokens);
+  free(wrap), free((char *)tokens);
+}
+END_TEST
 #endif
 
 int main(void) {
@@ -921,6 +982,7 @@ int main(void) {
   tcase_add_test(tc, test_cli_run_times);
 #if defined(HAVE_MPI) && defined(APB_MPIRUN)
   tcase_add_loop_test(tc, test_mpi_bitwise, 0, 2);
+  tcase_add_test(tc, test_mpi_errors);
 #else
   fprintf(stderr, "check_sched: built without MPI (or no mpirun): the mpirun comparison is not compiled in\n");
 #endif
