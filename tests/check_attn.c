@@ -279,6 +279,57 @@ START_TEST(test_nan_propagates) {
 }
 END_TEST
 
+/* The fast path's fp32 limits that apb/attn.h documents, each against the oracle:
+ *   - scores below -FLT_MAX (q = 1e20, k = -1e20 and lower): -inf in fp32, so the row comes out as one
+ *     that sees no key (o = 0, lse = -inf), while the oracle's o is finite (its lse, rounded, is -inf);
+ *   - values of 1e36 over 1000 keys of equal score: the fp32 numerator passes FLT_MAX and o is +inf,
+ *     while the oracle's is 1e36;
+ *   - large logits (inputs in [-20, 20), D = 128, scores of several hundred): the relative Frobenius
+ *     error of o stays within APB.md 7's 1e-5 (the table's elementwise guard does not hold there, and
+ *     is not asked for), lse within the table. */
+START_TEST(test_fast_fp32_limits) {
+  prob p;
+  prob_init(&p, 0, 0, 3, 1, 1, 2, 1, 25, 1.0f);
+  p.a.scale = 1.0f;
+  for (int t = 0; t < 3; t++) {
+    p.q[2 * t] = p.q[2 * t + 1] = 1e20f;
+    p.kb[2 * t] = -1e20f, p.kb[2 * t + 1] = -1e20f - 1e19f * (float)t;
+    p.vb[2 * t] = (float)t + 1, p.vb[2 * t + 1] = -1;
+  }
+  run(apb_attn_naive, "naive", &p);
+  ck_assert_msg(p.o[0] == 1 && p.o[2] == 1 && p.o[3] == -1 && isinf(p.lse[0]) && p.lse[0] < 0,
+                "naive, scores -2e40: o (%g %g) (%g %g), lse %g", (double)p.o[0], (double)p.o[1], (double)p.o[2],
+                (double)p.o[3], (double)p.lse[0]);
+  run(apb_attn_fast, "fast", &p);
+  for (size_t e = 0; e < p.nq; e++)
+    ck_assert_msg(p.o[e] == 0.0f, "fast, scores below -FLT_MAX: o[%zu] = %g, want 0", e, (double)p.o[e]);
+  for (size_t e = 0; e < p.nlse; e++)
+    ck_assert_msg(isinf(p.lse[e]) && p.lse[e] < 0, "fast, scores below -FLT_MAX: lse[%zu] = %g", e, (double)p.lse[e]);
+  prob_free(&p);
+
+  const int64_t P = 1000;
+  prob_init(&p, P, 0, 1, 1, 1, 4, 0, 26, 1.0f);
+  memset(p.q, 0, p.nq * sizeof *p.q);
+  for (int64_t e = 0; e < P * 4; e++) p.vp[e] = 1e36f;
+  run(apb_attn_naive, "naive", &p);
+  ck_assert_msg(p.o[0] == 1e36f, "naive, v = 1e36 over %lld keys: o = %g", (long long)P, (double)p.o[0]);
+  run(apb_attn_fast, "fast", &p);
+  ck_assert_msg(isinf(p.o[0]) && p.o[0] > 0, "fast, v = 1e36 over %lld keys: o = %g, documented +inf", (long long)P,
+                (double)p.o[0]);
+  prob_free(&p);
+
+  prob_init(&p, 17, 40, 300, 8, 2, 128, 1, 27, 20.0f);
+  run(apb_attn_naive, "naive", &p);
+  float *o_ref = dup(p.o, p.nq), *lse_ref = dup(p.lse, p.nlse);
+  run(apb_attn_fast, "fast", &p);
+  const apb_tol fro = {1e-5, 0, 0, 0};
+  tu_assert_close("large logits: o (rel_fro only)", p.o, o_ref, (int64_t)p.nq, fro);
+  tu_assert_close("large logits: lse", p.lse, lse_ref, (int64_t)p.nlse, apb_tolerance(APB_PREC_F32, red_len(&p.a)));
+  tu_free(o_ref), tu_free(lse_ref);
+  prob_free(&p);
+}
+END_TEST
+
 /* A score of -inf weighs nothing (apb/attn.h). KV head 0: every key has a -inf element and q > 0, so
  * every score is -inf: each row of query head 0 gets o = +0 and lse = -inf, exactly as a row that sees
  * no key (the oracle's two-pass softmax met exp(-inf - -inf) = NaN here), except row rq whose q holds a
@@ -785,6 +836,7 @@ static Suite *attn_suite(void) {
   tcase_add_loop_test(tc, test_nan_propagates, 0, 2);
   tcase_add_test(tc, test_nonfinite_value_causal);
   tcase_add_test(tc, test_all_scores_neg_inf);
+  tcase_add_test(tc, test_fast_fp32_limits);
   tcase_add_test(tc, test_scale);
   tcase_add_test(tc, test_flops);
   tcase_add_test(tc, test_empty);

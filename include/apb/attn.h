@@ -18,9 +18,19 @@
  *   apb_attn_naive: the oracle. Plain loops, double accumulation, two-pass softmax. The definition.
  *   apb_attn_fast:  OpenMP over (KV head, row tile), OpenBLAS on tiles, online softmax in fp32, never a
  *                   [rows x keys] buffer. Bitwise identical for any thread count and on every run.
- *                   Its scaled queries and scores are fp32: where scale * q or a score exceeds FLT_MAX
- *                   (about 3.4e38) the row comes out NaN, as for a score of +inf, while the oracle (double)
- *                   may still be finite.
+ *                   Its scaled queries, scores and sums are fp32, where the oracle's are double, and
+ *                   that has limits (tests/check_attn.c, test_fast_fp32_limits, holds each):
+ *                   - a score above FLT_MAX (about 3.4e38) is +inf and the row comes out NaN; one below
+ *                     -FLT_MAX is -inf and weighs nothing, so a row whose every score is that low comes
+ *                     out as a row that sees no key (o = 0, lse = -inf); the oracle may be finite;
+ *                   - o is sum_j exp(s_j - max) v_j / sum_j exp(s_j - max) with the numerator summed in
+ *                     fp32: where it passes FLT_MAX (|v| near FLT_MAX / keys) o comes out Inf;
+ *                   - a score's rounding error grows with its magnitude, so the error of o does too:
+ *                     apb_tolerance(APB_PREC_F32, keys + D), the bound the tests use, holds for scores
+ *                     of order 1 to 10 (inputs in [-1, 1)); with larger logits its elementwise guard
+ *                     fails, and only the relative Frobenius figure keeps APB.md 7's 1e-5, up to scores
+ *                     of about 500 (inputs in [-20, 20), D = 128; docs/tolerances.md has the figures).
+ *                     Any kernel with fp32 scores meets the same; compare such inputs by rel_fro alone.
  * Tested in tests/check_attn.c (hand-worked cases, sweeps against the oracle, invariants).
  */
 #ifndef APB_ATTN_H
