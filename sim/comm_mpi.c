@@ -3,13 +3,18 @@
  * Host memory only (the CPU backends); the NCCL communicator serves GPUs. Byte sizes go to MPI as
  * MPI_BYTE counts, which are int: a transfer over INT_MAX bytes is split into pieces (sendrecv,
  * bcast) or refused with APB_EUNSUPPORTED naming the size (the v-collectives, whose displacements
- * are int as well). Counts are logical, as in sim/comm_sim.c, so that both give the same figures.
+ * are int as well). Each direction of a sendrecv is max(1, ceil(bytes / piece)) messages, a number
+ * both ends compute from the same size, whatever the other direction needs. The environment variable
+ * APB_MPI_PIECE (bytes, 1 to INT_MAX; default INT_MAX) makes the pieces smaller, so that the tests
+ * run the splitting without 2 GiB transfers. Counts are logical, as in sim/comm_sim.c, so that both
+ * give the same figures.
  * MPI errors are returned (MPI_ERRORS_RETURN) as APB_ECOMM with MPI's error string.
  * Tested by tests/check_sched.c, which runs `mpirun -np 2|4 apb run` and compares bitwise with the
  * in-process simulation.
  */
 #include "config.h"
 
+#include <errno.h>
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,6 +32,10 @@ static double now_s(void) {
 }
 
 static int we_initialised;
+static size_t piece = (size_t)INT_MAX; /* bytes per MPI message of a split transfer (APB_MPI_PIECE) */
+
+/* messages of a transfer of b bytes: at least one (a 0-byte one too) */
+static size_t pieces(size_t b) { return b == 0 ? 1 : b / piece + (b % piece != 0); }
 
 static apb_status mpi_fail(apb_comm *c, int rc, const char *what, apb_error *err) {
   char s[MPI_MAX_ERROR_STRING];
@@ -86,17 +95,20 @@ static apb_status mpi_sendrecv(apb_comm *c, const void *send, size_t sbytes, int
   if (dst >= c->size || src >= c->size || dst < -1 || src < -1) /* -1: no peer */
     return apb_error_set(err, APB_EINVAL, "sendrecv: rank %d names peer %d/%d of %d", c->rank, dst, src, c->size);
   double t0 = now_s();
+  /* pieces of at most `piece` bytes, both directions in step; a direction whose pieces are all sent
+   * talks to MPI_PROC_NULL, so that each end exchanges exactly pieces(bytes) messages with a peer */
+  const size_t ps = dst >= 0 ? pieces(sbytes) : 0, pr = src >= 0 ? pieces(rbytes) : 0;
   size_t done_s = 0, done_r = 0;
-  do { /* pieces of at most INT_MAX bytes, both directions in step */
-    size_t ns = dst >= 0 ? sbytes - done_s : 0, nr = src >= 0 ? rbytes - done_r : 0;
-    if (ns > (size_t)INT_MAX) ns = (size_t)INT_MAX;
-    if (nr > (size_t)INT_MAX) nr = (size_t)INT_MAX;
-    int rc = MPI_Sendrecv((const char *)send + done_s, (int)ns, MPI_BYTE, dst >= 0 ? dst : MPI_PROC_NULL, 17,
-                          (char *)recv + done_r, (int)nr, MPI_BYTE, src >= 0 ? src : MPI_PROC_NULL, 17,
+  for (size_t i = 0; i < ps || i < pr; i++) {
+    size_t ns = i < ps ? sbytes - done_s : 0, nr = i < pr ? rbytes - done_r : 0;
+    if (ns > piece) ns = piece;
+    if (nr > piece) nr = piece;
+    int rc = MPI_Sendrecv((const char *)send + done_s, (int)ns, MPI_BYTE, i < ps ? dst : MPI_PROC_NULL, 17,
+                          (char *)recv + done_r, (int)nr, MPI_BYTE, i < pr ? src : MPI_PROC_NULL, 17,
                           MPI_COMM_WORLD, MPI_STATUS_IGNORE);
     if (rc != MPI_SUCCESS) return mpi_fail(c, rc, "MPI_Sendrecv", err);
     done_s += ns, done_r += nr;
-  } while ((dst >= 0 && done_s < sbytes) || (src >= 0 && done_r < rbytes));
+  }
   c->stats.wait_s += now_s() - t0;
   c->stats.calls[APB_COLL_SENDRECV]++;
   if (dst >= 0 && dst != c->rank) c->stats.bytes_sent[APB_COLL_SENDRECV] += (int64_t)sbytes;
@@ -123,16 +135,20 @@ static apb_status mpi_alltoallv(apb_comm *c, const void *send, const size_t *sby
       goto done;
     sc[r] = (int)sbytes[r], sd[r] = (int)so, rc_[r] = (int)rbytes[r], rd[r] = (int)ro;
     so += sbytes[r], ro += rbytes[r];
-    if (r != c->rank) {
-      c->stats.bytes_sent[APB_COLL_ALLTOALL] += (int64_t)sbytes[r];
-      c->stats.bytes_recv[APB_COLL_ALLTOALL] += (int64_t)rbytes[r];
-    }
   }
   double t0 = now_s();
   int rc = MPI_Alltoallv(send, sc, sd, MPI_BYTE, recv, rc_, rd, MPI_BYTE, MPI_COMM_WORLD);
   c->stats.wait_s += now_s() - t0;
-  if (rc != MPI_SUCCESS) st = mpi_fail(c, rc, "MPI_Alltoallv", err);
-  c->stats.calls[APB_COLL_ALLTOALL]++;
+  if (rc != MPI_SUCCESS) {
+    st = mpi_fail(c, rc, "MPI_Alltoallv", err);
+    goto done;
+  }
+  c->stats.calls[APB_COLL_ALLTOALL]++; /* counted on success only, as the other collectives */
+  for (int r = 0; r < H; r++)
+    if (r != c->rank) {
+      c->stats.bytes_sent[APB_COLL_ALLTOALL] += (int64_t)sbytes[r];
+      c->stats.bytes_recv[APB_COLL_ALLTOALL] += (int64_t)rbytes[r];
+    }
 done:
   free(sc);
   return st;
@@ -148,12 +164,11 @@ static apb_status mpi_bcast(apb_comm *c, void *buf, size_t bytes, int root, apb_
   if (root < 0 || root >= c->size)
     return apb_error_set(err, APB_EINVAL, "bcast: root %d is not a rank of %d", root, c->size);
   double t0 = now_s();
-  for (size_t off = 0; off < bytes || (bytes == 0 && off == 0);) {
-    size_t n = bytes - off > (size_t)INT_MAX ? (size_t)INT_MAX : bytes - off;
+  for (size_t i = 0, off = 0, np = pieces(bytes); i < np; i++) { /* every rank: the same pieces */
+    size_t n = bytes - off > piece ? piece : bytes - off;
     int rc = MPI_Bcast((char *)buf + off, (int)n, MPI_BYTE, root, MPI_COMM_WORLD);
     if (rc != MPI_SUCCESS) return mpi_fail(c, rc, "MPI_Bcast", err);
     off += n;
-    if (n == 0) break;
   }
   c->stats.wait_s += now_s() - t0;
   c->stats.calls[APB_COLL_BCAST]++;
@@ -217,6 +232,16 @@ apb_status apb_comm_mpi(apb_backend *be, apb_comm **out, apb_error *err) {
     return apb_error_set(err, APB_EUNSUPPORTED,
                          "the MPI communicator moves host memory only; backend '%s' keeps device memory "
                          "(use NCCL for GPUs)", be->name);
+  const char *pv = getenv("APB_MPI_PIECE");
+  if (pv && *pv) {
+    char *end = NULL;
+    errno = 0;
+    unsigned long long v = strtoull(pv, &end, 10);
+    if (errno || *end || v < 1 || v > (unsigned long long)INT_MAX || pv[0] == '-')
+      return apb_error_set(err, APB_EINVAL, "APB_MPI_PIECE=%s: give a byte count from 1 to %d (or unset it)", pv,
+                           INT_MAX);
+    piece = (size_t)v;
+  }
   int init = 0;
   MPI_Initialized(&init);
   if (!init) {

@@ -848,11 +848,15 @@ END_TEST
 #if defined(HAVE_MPI) && defined(APB_MPIRUN)
 /* the same run in-process and as H processes under mpirun: bitwise equal dumps */
 START_TEST(test_mpi_bitwise) {
-  int H = _i ? 4 : 2;
-  const char *method = _i ? "ring" : "apb";
+  /* _i 2: ring on 3 ranks with 1000-byte MPI messages (APB_MPI_PIECE): blocks of 342, 341 and 341 rows
+   * make sendrecvs whose two directions need different numbers of pieces, and a rank whose own
+   * count of pieces differs from its peer's (1024 tokens, not 1025, where both would be the larger) */
+  const int H = _i == 0 ? 2 : _i == 1 ? 4 : 3;
+  const char *method = _i ? "ring" : "apb", *piece = _i == 2 ? "-x APB_MPI_PIECE=1000" : "";
   char *a = tu_tmpname(".safetensors"), *b = tu_tmpname(".safetensors");
   char cmd[1024], *out = NULL;
-  const char *common = "run --quiet --synthetic 1025 --query-len 5 --max-new-tokens 3 --threads 1";
+  const char *common = _i == 2 ? "run --quiet --synthetic 1024 --query-len 5 --max-new-tokens 3 --threads 1"
+                               : "run --quiet --synthetic 1025 --query-len 5 --max-new-tokens 3 --threads 1";
   snprintf(cmd, sizeof cmd, "%s %s --method %s --hosts %d --dump %s", bin(), common, method, H, a);
   int rc = tu_sh(cmd, &out);
   if (rc != 0) fprintf(stderr, "`%s` failed (%d):\n%s\n", cmd, rc, out);
@@ -868,11 +872,12 @@ START_TEST(test_mpi_bitwise) {
 #endif
   snprintf(cmd, sizeof cmd,
            "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl=self,vader "
-           "%s --oversubscribe %s -np %d %s %s --method %s --hosts %d --dump %s",
-           APB_MPIRUN, fwd, H, bin(), common, method, H, b);
+           "%s --oversubscribe %s %s -np %d %s %s --method %s --hosts %d --dump %s",
+           APB_MPIRUN, fwd, piece, H, bin(), common, method, H, b);
   rc = tu_sh(cmd, &out);
   if (rc != 0) fprintf(stderr, "`%s` failed (%d):\n%s\n", cmd, rc, out);
-  ck_assert_msg(rc == 0, "mpirun -np %d (%s) failed with %d: its output is above", H, method, rc);
+  ck_assert_msg(rc == 0, "mpirun -np %d (%s%s%s) failed with %d: its output is above", H, method, *piece ? ", " : "",
+                piece, rc);
   free(out);
   apb_st_file *fa = NULL, *fb = NULL;
   apb_error err = {0};
@@ -981,7 +986,7 @@ int main(void) {
   tcase_add_test(tc, test_cli_sizes);
   tcase_add_test(tc, test_cli_run_times);
 #if defined(HAVE_MPI) && defined(APB_MPIRUN)
-  tcase_add_loop_test(tc, test_mpi_bitwise, 0, 2);
+  tcase_add_loop_test(tc, test_mpi_bitwise, 0, 3);
   tcase_add_test(tc, test_mpi_errors);
 #else
   fprintf(stderr, "check_sched: built without MPI (or no mpirun): the mpirun comparison is not compiled in\n");

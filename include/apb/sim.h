@@ -70,7 +70,9 @@ apb_status apb_sim_execute(const apb_plan *plan, const apb_model *m, const apb_s
  * MPI_LOCALNRANKS) is set, i.e. under mpirun/mpiexec, one rank included. Without MPI compiled in: 0. */
 int apb_mpi_detect(void);
 /* Initialise MPI (if needed) and make the world communicator; be is this rank's backend (host memory
- * only: a backend with device memory is APB_EUNSUPPORTED, GPUs use NCCL). APB_EUNSUPPORTED without MPI. */
+ * only: a backend with device memory is APB_EUNSUPPORTED, GPUs use NCCL). APB_EUNSUPPORTED without MPI.
+ * Transfers over INT_MAX bytes go as several messages; APB_MPI_PIECE (bytes, 1 to INT_MAX) sets a
+ * smaller message size (the tests use it to run the splitting); another value is APB_EINVAL. */
 apb_status apb_comm_mpi(apb_backend *be, apb_comm **out, apb_error *err);
 void apb_mpi_finalize(void);
 
