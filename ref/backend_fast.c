@@ -7,7 +7,7 @@
  *   - retaining scorer (APB.md 3.2): per chunk of APB_FAST_MB rows (one task each), h = qkv fc1^T by
  *     sgemm, SiLU in place, s = h fc2^T by sgemm, written transposed into scores [Hkv, T]. Chunks bound
  *     the scratch to a chunk x I floats per thread instead of T x I (512 MiB at T = 128K, I = 1024);
- *   - RMSNorm (sum of squares in double, as naive; HF's order: (x * inv) * w), SwiGLU (expf), residual add, embedding
+ *   - RMSNorm (sum of squares in double, as naive; HF's order: (x * inv) * w), SwiGLU (expf; gates below -80 in double), residual add, embedding
  *     lookup: OpenMP loops over rows with this instance's team size;
  *   - RoPE: per token a table of cos/sin of D/2 angles computed in double (as the oracle), shared by
  *     the token's Hq + Hkv heads, and the rotation in double; so it agrees with the oracle to the last
@@ -208,7 +208,11 @@ static apb_status fast_swiglu(apb_backend *be, const void *gu, int64_t T, int64_
   for (int64_t t = 0; t < T; t++) {
     const float *g = x + t * 2 * F, *u = g + F;
     float *yr = y + t * F;
-    for (int64_t i = 0; i < F; i++) yr[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    /* below -80, expf(-g) nears fp32's overflow (past -88.7 it is Inf and g / Inf = -0, while silu(g)
+     * is a tiny number down to -103.9): there g e^g in double, rounded once (a rare branch; the bits
+     * of every other gate are unchanged) */
+    for (int64_t i = 0; i < F; i++)
+      yr[i] = g[i] >= -80.0f ? g[i] / (1.0f + expf(-g[i])) * u[i] : (float)((double)g[i] * exp((double)g[i])) * u[i];
     if (c->emulate_bf16) apb_bf16_round_array(yr, (size_t)F);
   }
   return APB_OK;

@@ -510,6 +510,13 @@ START_TEST(test_closed_forms) {
     for (int i = 0; i < 4; i++) want[i] = (float)((double)gu[i] / (1.0 + exp(-(double)gu[i])) * (double)gu[4 + i]);
     tu_assert_close("swiglu closed form", o, want, 4, apb_tolerance(APB_PREC_F32, 1));
     tu_free(o);
+    /* gates in (-103.9, -88.7): exp(-g) overflows fp32 but silu(g) is a subnormal, not -0 */
+    float deep[8] = {-89.0f, -95.0f, -100.0f, -103.0f, 1.0f, 1.0f, 1.0f, 1.0f}, *od = tu_alloc(4);
+    OK(op->swiglu(be, deep, 1, 4, od, &e), &e, "swiglu subnormal outputs");
+    GUARD(od, 4);
+    for (int i = 0; i < 4; i++) want[i] = (float)((double)deep[i] / (1.0 + exp(-(double)deep[i])));
+    tu_assert_close("swiglu, gates below -88.7", od, want, 4, apb_tolerance(APB_PREC_F32, 1));
+    tu_free(od);
   }
   apb_backend_destroy(be);
 }
