@@ -15,8 +15,8 @@
  *     so F32 agrees with the oracle to the last bit in practice (an fp32 angle would be off by up to
  *     pos * 2^-24 ~ 8e-3 rad at 128K positions). v is a strided 2-D copy (exact);
  *   - swiglu: silu(g) * u = g / (1 + exp(-g)) * u, in double for F32 storage and in fp32 for BF16
- *     (where a gate below -88.7 gives -0 for a silu of at most 1e-36 in size; the CPU fast path takes
- *     such gates in double, so a row of only such gates differs from it in the last place of tiny values);
+ *     (where a gate below -88.7 gives -0 while silu(g) is a tiny nonzero number, below 2e-37 in size;
+ *     the CPU paths keep those, so only a row whose every gate is that negative compares badly);
  *   - add: one fp32 addition per element, rounded once (bitwise the CPU's);
  *   - merge (APB.md 4): one warp per (row, head): m = max lse_i (NaN if any is NaN), weights
  *     exp(lse_i - m) / sum in double, skipping -inf partials; rows that no partial saw get o = 0 and
