@@ -26,8 +26,13 @@ int tu_run(Suite *s, const char *name) {
           (unsigned long long)tu_seed());
   SRunner *sr = srunner_create(s);
   srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
+  const int failed = srunner_ntests_failed(sr), ran = srunner_ntests_run(sr);
   srunner_free(sr);
+  if (ran == 0) { /* a filter that matches nothing must not read as a pass */
+    fprintf(stderr, "%s: SKIP: no test ran (CK_RUN_SUITE, CK_RUN_CASE or CK_INCLUDE_TAGS selects none of its "
+                    "cases; unset them or name one of this suite's)\n", name);
+    return 77;
+  }
   return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }
 

@@ -23,7 +23,8 @@ uint64_t tu_seed(void);
 
 /* A test case with an explicit timeout in seconds (Check's CK_TIMEOUT_MULTIPLIER still applies). */
 TCase *tu_tcase(const char *name, double timeout_s);
-/* Run a suite, printing its name and seed first; returns the exit code for main(). */
+/* Run a suite, printing its name and seed first; returns the exit code for main(): 77 (SKIP) when no
+ * test ran (a CK_RUN_CASE that names none of its cases), not a pass. */
 int tu_run(Suite *s, const char *name);
 
 /* Guarded allocation: n floats followed by TU_GUARD floats of a sentinel pattern. */
