@@ -437,6 +437,17 @@ static void rank_says(const apb_comm *hc, const char *msg) {
   fprintf(stderr, "apb " CMD ": rank %d of %d: %s\n", hc->rank, hc->size, msg);
 }
 
+/* A failure where the other ranks may be waiting for this one in a collective: say it, naming this
+ * rank, and end the job (comm, the run's communicator, first when there is one). CLI_FAIL. */
+static int rank_ends_job(apb_comm *hc, apb_comm *comm, apb_status st, const apb_error *err) {
+  char line[sizeof err->msg + 32];
+  snprintf(line, sizeof line, "%s (%s)", err->msg, apb_status_str(st));
+  rank_says(hc, line);
+  if (comm) comm->ops->abort(comm, err->msg);
+  hc->ops->abort(hc, err->msg);
+  return CLI_FAIL;
+}
+
 static int mpi_agree(apb_comm *hc, int rc, char *why) {
   int H = hc->size, worst = 0;
   rank_note mine, *all = malloc(sizeof *all * (size_t)H);
@@ -528,11 +539,7 @@ static int mpi_same_inputs(apb_comm *hc, const run_cfg *c, const apb_model *m, c
   if (!st) st = hc->ops->allgatherv(hc, mine, all, b, &err);
   int rc = CLI_OK;
   if (st) {
-    char line[sizeof err.msg + 32];
-    snprintf(line, sizeof line, "%s (%s)", err.msg, apb_status_str(st));
-    rank_says(hc, line);
-    hc->ops->abort(hc, err.msg);
-    rc = CLI_FAIL;
+    rc = rank_ends_job(hc, NULL, st, &err);
   } else if (all[0] != mine[0]) {
     rc = cli_fail(CMD, "its options differ from rank 0's; give every rank the same command line");
   } else if (all[1] != mine[1]) {
@@ -570,12 +577,7 @@ static int run_mpi(const run_cfg *c, const apb_model *m, apb_method meth, const 
     if ((rc = mpi_agree(hc, rc, why))) goto done;
   }
   if (cuda && (st = apb_comm_nccl_mpi(be, &comm, &err))) {
-    /* the others may be inside apb_comm_nccl_mpi's collectives: end the job */
-    char line[sizeof err.msg + 32];
-    snprintf(line, sizeof line, "%s (%s)", err.msg, apb_status_str(st));
-    rank_says(hc, line);
-    hc->ops->abort(hc, err.msg);
-    rc = CLI_FAIL;
+    rc = rank_ends_job(hc, NULL, st, &err); /* the others may be inside apb_comm_nccl_mpi's collectives */
     goto done;
   }
   if (!st && !cuda) st = apb_comm_mpi(be, &comm, &err);
@@ -592,12 +594,7 @@ static int run_mpi(const run_cfg *c, const apb_model *m, apb_method meth, const 
   st = apb_host_run(&a, &res, &err);
   if (!st) st = apb_nccl_sync(comm, &err); /* NCCL: every collective complete and sound */
   if (st) { /* the others may wait for this rank in a collective: end the job */
-    char line[sizeof err.msg + 32];
-    snprintf(line, sizeof line, "%s (%s)", err.msg, apb_status_str(st));
-    rank_says(hc, line);
-    comm->ops->abort(comm, err.msg);
-    hc->ops->abort(hc, err.msg);
-    rc = CLI_FAIL;
+    rc = rank_ends_job(hc, comm, st, &err);
     goto done;
   }
   /* gather per-host figures and hidden rows to every rank (small next to the run) */
@@ -619,11 +616,7 @@ static int run_mpi(const run_cfg *c, const apb_model *m, apb_method meth, const 
     if (!st) st = hc->ops->allgatherv(hc, res.hidden, hid, b, &err);
   }
   if (st) {
-    char line[sizeof err.msg + 32];
-    snprintf(line, sizeof line, "%s (%s)", err.msg, apb_status_str(st));
-    rank_says(hc, line);
-    hc->ops->abort(hc, err.msg);
-    rc = CLI_FAIL;
+    rc = rank_ends_job(hc, NULL, st, &err);
     goto done;
   }
   mr->m = meth;
