@@ -329,13 +329,16 @@ int cmd_predict(int argc, char **argv) {
   apb_cost *c = malloc(sizeof *c * APB_MAX_HOSTS);
   if (!plan || !c) return free(plan), free(c), cli_fail(CMD, "out of memory");
   int rc = CLI_OK;
-  /* every method's plan first: a refused one ends the command before any output (no partial JSON) */
+  /* every method's plan and cost first: a refused one ends the command before any output (no partial
+   * JSON or table) */
   for (int i = 0; i < nm; i++) {
     apb_run_opts oi = cli_method_opts(&o, ms[i], nm);
     apb_status st = apb_plan_make(&oi, n, q, &cfg, I, plan, &err);
+    int planned = !st;
+    if (planned) st = apb_cost_plan(plan, &cfg, I, act, &hw, c, &err);
     if (st) {
       free(plan), free(c);
-      if (methods_given) return cli_report(CMD, st, &err);
+      if (methods_given || planned) return cli_report(CMD, st, &err);
       return cli_fail(CMD, "%s (%s); the default --method is every method: give --method without %s",
                       err.msg, apb_status_str(st), apb_method_name(ms[i]));
     }

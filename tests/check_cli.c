@@ -701,6 +701,13 @@ START_TEST(bench_and_demo) {
   /* predict: the rates are used (a 10x slower attention rate moves apb's attention time 10x) */
   expect(0, "predict --method apb --anchor 4096 --passing 2048 --attn-tflops 59 --json", "\"t_attn\": 7.8272");
   expect(0, "predict --method apb,ring --balance", "ring ");
+  /* a document the cost model cannot count is refused before any output: no table header, no partial JSON */
+  for (int j = 0; j < 2; j++) {
+    ck_assert_int_eq(apb(&out, "predict --tokens 1024G --method %s --json", j ? "apb" : "ring,apb"), 1);
+    assert_has(out, "exceed its 64-bit byte counts");
+    ck_assert_msg(strstr(out, "\"methods\"") == NULL, "partial JSON before the error:\n%s", out);
+    free(out);
+  }
 
   ck_assert_int_eq(apb(&out, "demo --tokens 1500 --hosts 3 --hq 4 --hkv 2 --d 16 --seed 5"), 0);
   assert_has(out, "PASS");
