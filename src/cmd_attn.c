@@ -9,6 +9,7 @@
  * this is the attention step alone. Tested in tests/check_cli.c (round trips against apb_attn_naive
  * called directly, and every rejected input).
  */
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -48,7 +49,8 @@ static const char help_text[] =
     "  --anchor A    anchor rows/keys, 0 <= A <= R (default 0)\n"
     "  --passing P   passing keys; must equal K - R, which is also the default (the option only\n"
     "                guards against a file of the wrong shape)\n"
-    "  --scale S     softmax scale, 0 means 1/sqrt(D) (default 0, i.e. 1/sqrt(D))\n"
+    "  --scale S     softmax scale, 0 means 1/sqrt(D) (default 0, i.e. 1/sqrt(D)); a scale below the\n"
+    "                smallest fp32 number (1.4e-45) is refused\n"
     "  --impl I      naive: the oracle (plain loops, double accumulation)\n"
     "                fast:  OpenBLAS tiles, online softmax, OpenMP (default fast)\n"
     "  --threads N   OpenMP/OpenBLAS threads, 0 = OMP_NUM_THREADS or every core (default 0)\n"
@@ -115,6 +117,9 @@ static int parse(int argc, char **argv, attn_opts *o) {
   if (o->method < 0) return cli_usage(cmd, "--method is required: dense, star or apb");
   if (!o->in) return cli_usage(cmd, "--in is required: the safetensors file holding q, k and v");
   if (!o->out) return cli_usage(cmd, "--out is required: where to write o and lse");
+  if (o->scale != 0 && (float)o->scale == 0) /* would be 0 in fp32, which means 1/sqrt(D) */
+    return cli_usage(cmd, "--scale %g is below the smallest fp32 number (%g): give 0 for 1/sqrt(D), or a scale "
+                     "of at least %g", o->scale, (double)FLT_TRUE_MIN, (double)FLT_TRUE_MIN);
   if (o->method == METHOD_DENSE && o->anchor != 0)
     return cli_usage(cmd, "--method dense has no anchor (--anchor %lld); use --method star or apb",
                      (long long)o->anchor);

@@ -278,6 +278,8 @@ static const bad_case bad_cases[] = {
      "apb attn: --anchor wants an integer in [0, 1048576], got 'abc'", NULL},
     {"negative --anchor", SPEC(6, 9), "--method apb --anchor -1 " IO, 2, "--anchor wants an integer", NULL},
     {"garbage --scale", SPEC(6, 9), "--method apb --scale nan " IO, 2, "--scale wants a finite number", NULL},
+    {"--scale that is 0 in fp32", SPEC(6, 9), "--method apb --scale 1e-50 " IO, 2,
+     "--scale 1e-50 is below the smallest fp32 number", "give 0 for 1/sqrt(D)"},
     {"unknown option", SPEC(6, 9), "--method apb --frobnicate 3 " IO, 2,
      "unknown or ambiguous option '--frobnicate'", NULL},
     {"option without its value", SPEC(6, 9), APB_IO " --anchor", 2, "option '--anchor' needs a value", NULL},
