@@ -707,6 +707,10 @@ apb_status apb_st_write(const char *path, int n, const apb_st_entry *entries, in
                         const char *const *meta_keys, const char *const *meta_vals, apb_error *err) {
   if (!path) return apb_error_set(err, APB_EINVAL, "apb_st_write: NULL path");
   if (!*path) return apb_error_set(err, APB_EINVAL, "the output path is empty; give a file name");
+  struct stat sb; /* the rename below would replace a device (/dev/null), a pipe or a socket with a file */
+  if (stat(path, &sb) == 0 && !S_ISREG(sb.st_mode))
+    return apb_error_set(err, APB_EIO, "%s exists and is not a regular file (%s); give the path of a file to "
+                         "write", path, S_ISDIR(sb.st_mode) ? "a directory" : "a device, pipe or socket");
   if (n < 0 || (n > 0 && !entries))
     return apb_error_set(err, APB_EINVAL, "%s: %d tensors given with entries %p", path, n,
                          (const void *)entries);

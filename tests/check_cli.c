@@ -324,6 +324,30 @@ START_TEST(attn_rejects) {
 }
 END_TEST
 
+/* --out naming something that is not a regular file: refused, and left as it was (the atomic rename used to
+ * replace a pipe, and as root /dev/null, with the output file). */
+START_TEST(attn_out_not_a_file) {
+  char *in = tu_tmpname(".safetensors"), *fifo = tu_tmpname(".fifo"), *out = NULL;
+  qkv x;
+  write_qkv(in, &(qkv_spec){.R = 6, .K = 9}, 300, &x);
+  ck_assert_int_eq(mkfifo(fifo, 0600), 0);
+  ck_assert_int_eq(apb(&out, "attn --method apb --in '%s' --out '%s'", in, fifo), 1);
+  assert_has(out, "exists and is not a regular file (a device, pipe or socket)");
+  struct stat sb;
+  ck_assert_int_eq(stat(fifo, &sb), 0);
+  ck_assert_msg(S_ISFIFO(sb.st_mode), "the pipe %s was replaced", fifo);
+  free(out);
+  unlink(fifo);
+  ck_assert_int_eq(mkdir(fifo, 0700), 0);
+  ck_assert_int_eq(apb(&out, "attn --method apb --in '%s' --out '%s'", in, fifo), 1);
+  assert_has(out, "exists and is not a regular file (a directory)");
+  free(out);
+  qkv_free(&x);
+  unlink(in), rmdir(fifo);
+  free(in), free(fifo);
+}
+END_TEST
+
 /* ---------------------------------------------------------------- cmp */
 
 /* Write tensors a [3,4,5] and b [7] (values from stream; a[ia] replaced by va when ia >= 0) as dtype t;
@@ -930,6 +954,7 @@ static Suite *cli_suite(void) {
   suite_add_tcase(s, tc);
   tc = tu_tcase("attn_rejects", 60);
   tcase_add_loop_test(tc, attn_rejects, 0, (int)(sizeof bad_cases / sizeof bad_cases[0]));
+  tcase_add_test(tc, attn_out_not_a_file);
   suite_add_tcase(s, tc);
   tc = tu_tcase("cmp", 60);
   tcase_add_test(tc, cmp_equal_and_perturbed);

@@ -90,7 +90,8 @@ typedef struct apb_st_entry {
 /* Write n tensors to path (atomically: PATH.tmp.<pid> is written, fsynced and renamed into place; it is
  * removed on failure). meta may be NULL; otherwise n_meta key/value string pairs stored under
  * "__metadata__", which comes first in the header. Names must be unique UTF-8 and not "__metadata__";
- * bad entries give APB_EINVAL and write nothing, I/O failures APB_EIO. */
+ * bad entries give APB_EINVAL and write nothing, I/O failures APB_EIO, and so does a path that exists
+ * but is not a regular file (a directory, /dev/null, a pipe: the rename would replace it). */
 apb_status apb_st_write(const char *path, int n, const apb_st_entry *entries, int n_meta,
                         const char *const *meta_keys, const char *const *meta_vals, apb_error *err);
 
