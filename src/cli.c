@@ -11,6 +11,7 @@
 #include <cblas.h>
 #include <ctype.h>
 #include <errno.h>
+#include <float.h>
 #include <limits.h>
 #include <math.h>
 #include <omp.h>
@@ -361,6 +362,20 @@ apb_status cli_read_tensor(const apb_st_file *f, const apb_st_tensor *t, float *
   if (st != APB_OK) {
     free(x);
     return st;
+  }
+  /* an F64 value past the F32 range became +-Inf: a NaN/Inf check would blame the file, and two such
+   * values would compare equal (1e300 against 2e300) */
+  for (int64_t i = 0; t->dtype == APB_DT_F64 && i < n; i++) {
+    double d;
+    memcpy(&d, (const unsigned char *)t->data + (size_t)i * sizeof d, sizeof d);
+    if (isfinite(d) && !isfinite(x[i])) {
+      char idx[128];
+      cli_format_index(idx, sizeof idx, t->ndim, t->shape, i);
+      free(x);
+      return apb_error_set(err, APB_EUNSUPPORTED,
+                           "tensor '%s' of %s: the F64 value %g at %s is beyond the F32 range (|x| <= %g) apb "
+                           "reads it into; scale the tensor down", t->name, f->path, d, idx, (double)FLT_MAX);
+    }
   }
   *out = x;
   return APB_OK;

@@ -177,7 +177,8 @@ void cli_format_shape(char *buf, size_t cap, int ndim, const int64_t *shape);
 /* The row-major multi-index of element `flat` of a tensor of that shape, as "[3,0,17]". */
 void cli_format_index(char *buf, size_t cap, int ndim, const int64_t *shape, int64_t flat);
 
-/* Widen tensor t of file f to fp32 in a fresh malloc'd buffer (*out; free() it). */
+/* Widen tensor t of file f to fp32 in a fresh malloc'd buffer (*out; free() it). A finite F64 value
+ * beyond the F32 range is refused (APB_EUNSUPPORTED, naming it and where it is), not read as Inf. */
 apb_status cli_read_tensor(const apb_st_file *f, const apb_st_tensor *t, float **out, apb_error *err);
 /* Index of the first NaN or Inf in x [n], or -1. */
 int64_t cli_first_nonfinite(const float *x, int64_t n);

@@ -25,7 +25,7 @@ static const char help_text[] =
     "\n"
     "One host's segmented attention (shared/APB.md 3.6) on tensors read from a safetensors file.\n"
     "\n"
-    "Input IN (safetensors; F32, or F16/BF16/F64 widened to F32):\n"
+    "Input IN (safetensors; F32, or F16/BF16/F64 widened to F32, an F64 value beyond its range refused):\n"
     "  q  [R, Hq, D]      the host's query rows: A anchor rows first, then B = R - A local rows\n"
     "  k  [K, Hkv, D]     keys: P passing, then A anchor, then B local (K = P + A + B)\n"
     "  v  [K, Hkv, D]     values, laid out as k\n"

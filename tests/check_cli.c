@@ -348,6 +348,39 @@ START_TEST(attn_out_not_a_file) {
 }
 END_TEST
 
+/* F64 values beyond the F32 range: attn and cmp read every tensor as F32, where such a value is Inf; attn
+ * blamed a non-finite value the file does not hold, cmp passed 1e300 against 2e300 (Inf = Inf). Both are
+ * refused, naming the value. */
+START_TEST(f64_beyond_f32) {
+  char *a = tu_tmpname(".safetensors"), *b = tu_tmpname(".safetensors"), *o = tu_tmpname(".safetensors");
+  char *out = NULL;
+  double va[2] = {1e300, 1}, vb[2] = {2e300, 1}, one = 0.5;
+  apb_error err;
+  apb_error_clear(&err);
+  apb_st_entry e[3] = {{.name = "q", .dtype = APB_DT_F64, .ndim = 3, .shape = {1, 1, 1}, .data = va},
+                       {.name = "k", .dtype = APB_DT_F64, .ndim = 3, .shape = {1, 1, 1}, .data = &one},
+                       {.name = "v", .dtype = APB_DT_F64, .ndim = 3, .shape = {1, 1, 1}, .data = &one}};
+  ck_assert_msg(apb_st_write(a, 3, e, 0, NULL, NULL, &err) == APB_OK, "%s", err.msg);
+  e[0].data = vb;
+  ck_assert_msg(apb_st_write(b, 3, e, 0, NULL, NULL, &err) == APB_OK, "%s", err.msg);
+  ck_assert_int_eq(apb(&out, "cmp '%s' '%s'", a, b), 2);
+  assert_has(out, "tensor 'q' of ");
+  assert_has(out, "the F64 value 1e+300 at [0,0,0] is beyond the F32 range");
+  free(out);
+  ck_assert_int_eq(apb(&out, "attn --method dense --in '%s' --out '%s'", a, o), 1);
+  assert_has(out, "the F64 value 1e+300 at [0,0,0] is beyond the F32 range");
+  ck_assert_msg(access(o, F_OK) != 0, "an output file was written");
+  free(out);
+  va[0] = 0.25; /* in range: read and compared as before */
+  e[0].data = va;
+  ck_assert_msg(apb_st_write(a, 3, e, 0, NULL, NULL, &err) == APB_OK, "%s", err.msg);
+  ck_assert_int_eq(apb(&out, "cmp '%s' '%s'", a, a), 0);
+  free(out);
+  unlink(a), unlink(b);
+  free(a), free(b), free(o);
+}
+END_TEST
+
 /* ---------------------------------------------------------------- cmp */
 
 /* Write tensors a [3,4,5] and b [7] (values from stream; a[ia] replaced by va when ia >= 0) as dtype t;
@@ -955,6 +988,7 @@ static Suite *cli_suite(void) {
   tc = tu_tcase("attn_rejects", 60);
   tcase_add_loop_test(tc, attn_rejects, 0, (int)(sizeof bad_cases / sizeof bad_cases[0]));
   tcase_add_test(tc, attn_out_not_a_file);
+  tcase_add_test(tc, f64_beyond_f32);
   suite_add_tcase(s, tc);
   tc = tu_tcase("cmp", 60);
   tcase_add_test(tc, cmp_equal_and_perturbed);
