@@ -768,8 +768,14 @@ apb_status apb_model_save(const apb_model *m, const char *dir, int bf16, apb_err
       goto done;
     }
   if ((st = write_config(c, dir, bf16, err)) != APB_OK) goto done;
-  if ((st = write_entries(&es, wpath, bf16, err)) != APB_OK) goto done;
-  if (heads) st = write_entries(&hs, hpath, bf16, err);
+  st = write_entries(&es, wpath, bf16, err);
+  if (st == APB_OK && heads) st = write_entries(&hs, hpath, bf16, err);
+  if (st != APB_OK) { /* this config with an earlier model's weights or heads would load as one model */
+    char *cpath = join(dir, "config.json");
+    if (cpath) unlink(cpath);
+    free(cpath);
+    unlink(wpath), unlink(hpath);
+  }
 done:
   free(es.e), free(es.names), free(hs.e), free(hs.names);
   free(wpath), free(hpath);

@@ -40,7 +40,8 @@ static const char help_text[] =
     "                machine and for any thread count\n"
     "  --dtype T     f32 (default: the files hold exactly the weights apb generates in memory) or bf16\n"
     "                (half the size, rounded to nearest even)\n"
-    "  --out DIR     output directory, created if missing; files in it are replaced (required)\n"
+    "  --out DIR     output directory, created if missing; files in it are replaced (required); when\n"
+    "                writing fails after config.json, the three files are removed from DIR\n"
     CLI_SHAPE_HELP
     "  -h, --help    this text\n"
     "\n"

@@ -381,6 +381,29 @@ START_TEST(f64_beyond_f32) {
 }
 END_TEST
 
+/* gen-model over an earlier model whose heads cannot be replaced: the new config.json and weights with the
+ * earlier heads loaded as one model; the files are removed instead, and the failure says why. */
+START_TEST(gen_model_failed_write) {
+  char *dir = tu_tmpname(".model"), path[4096], *out = NULL;
+  ck_assert_int_eq(apb(&out, "gen-model --preset tiny --layers 1 --vocab 64 --seed 1 --out '%s'", dir), 0);
+  free(out);
+  snprintf(path, sizeof path, "%s/%s", dir, APB_HEADS_FILE);
+  ck_assert_int_eq(unlink(path), 0);
+  ck_assert_int_eq(mkdir(path, 0700), 0); /* stands for any failure to write the heads */
+  ck_assert_int_eq(apb(&out, "gen-model --preset tiny --layers 1 --vocab 64 --seed 2 --out '%s'", dir), 1);
+  assert_has(out, APB_HEADS_FILE);
+  free(out);
+  const char *files[] = {"config.json", "model.safetensors"};
+  for (int i = 0; i < 2; i++) {
+    snprintf(path, sizeof path, "%s/%s", dir, files[i]);
+    ck_assert_msg(access(path, F_OK) != 0, "%s was left beside heads it was not written with", path);
+  }
+  snprintf(path, sizeof path, "%s/%s", dir, APB_HEADS_FILE);
+  rmdir(path), rmdir(dir);
+  free(dir);
+}
+END_TEST
+
 /* ---------------------------------------------------------------- cmp */
 
 /* Write tensors a [3,4,5] and b [7] (values from stream; a[ia] replaced by va when ia >= 0) as dtype t;
@@ -989,6 +1012,7 @@ static Suite *cli_suite(void) {
   tcase_add_loop_test(tc, attn_rejects, 0, (int)(sizeof bad_cases / sizeof bad_cases[0]));
   tcase_add_test(tc, attn_out_not_a_file);
   tcase_add_test(tc, f64_beyond_f32);
+  tcase_add_test(tc, gen_model_failed_write);
   suite_add_tcase(s, tc);
   tc = tu_tcase("cmp", 60);
   tcase_add_test(tc, cmp_equal_and_perturbed);

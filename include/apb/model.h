@@ -159,8 +159,10 @@ apb_status apb_model_generate_config(const apb_model_config *cfg, int scorer_wid
 /* Write a model to dir (created if missing): config.json (old transformers form, readable by
  * transformers 5.x and by apb_config_load), model.safetensors in BF16 (bf16 != 0, rounded to nearest
  * even) or F32 with unfused HF names, and APB_HEADS_FILE in the same dtype when the model has
- * retaining heads. Each file is written atomically. apb_model_load(dir, dir/APB_HEADS_FILE) reads it
- * back: bitwise for F32, bf16-rounded for BF16. */
+ * retaining heads. Each file is written atomically; when the weights or heads fail after config.json
+ * was written, all three files are removed (an earlier model's files left beside the new config would
+ * load as one model). apb_model_load(dir, dir/APB_HEADS_FILE) reads it back: bitwise for F32,
+ * bf16-rounded for BF16. */
 apb_status apb_model_save(const apb_model *m, const char *dir, int bf16, apb_error *err);
 
 #ifdef __cplusplus
