@@ -749,8 +749,13 @@ apb_status apb_st_write(const char *path, int n, const apb_st_entry *entries, in
     st = apb_error_set(err, APB_ENOMEM, "%s: out of memory", path);
     goto done;
   }
-  snprintf(tmp, tmplen, "%s.tmp.%ld", path, (long)getpid());
-  fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  /* a new file (O_EXCL: never one that exists, nor through a symlink planted at that name); a name
+   * taken by a stale file of a crashed process with the same pid is passed over */
+  for (int i = 0; i < 100; i++) {
+    snprintf(tmp, tmplen, "%s.tmp.%ld.%d", path, (long)getpid(), i);
+    fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd >= 0 || errno != EEXIST) break;
+  }
   if (fd < 0) {
     st = apb_error_set(err, APB_EIO, "%s: cannot create %s: %s", path, tmp, strerror(errno));
     free(tmp);

@@ -206,9 +206,32 @@ START_TEST(round_trip) {
 
   /* No temporary file left behind. */
   char tmp[4096];
-  snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
+  snprintf(tmp, sizeof tmp, "%s.tmp.%ld.0", path, (long)getpid());
   struct stat sb;
   ck_assert_msg(stat(tmp, &sb) != 0, "temporary file %s left behind", tmp);
+
+  /* A symlink planted at the temporary name is neither followed nor replaced: the write takes the next
+   * name (it opened the first with O_TRUNC and wrote through the link into the file it named). */
+  char victim[4200];
+  snprintf(victim, sizeof victim, "%s.victim", path);
+  FILE *vf = fopen(victim, "w");
+  ck_assert(vf != NULL);
+  fputs("victim", vf);
+  fclose(vf);
+  ck_assert_int_eq(symlink(victim, tmp), 0);
+  st = apb_st_write(path, RT_N, s.e, 3, meta_keys, meta_vals, &err);
+  ck_assert_msg(st == APB_OK, "write past a planted temporary name: %s", err.msg);
+  char vbuf[16] = {0};
+  vf = fopen(victim, "r");
+  ck_assert(vf != NULL);
+  ck_assert_msg(fread(vbuf, 1, sizeof vbuf - 1, vf) == 6 && strcmp(vbuf, "victim") == 0,
+                "the file behind a symlink at %s was written: now \"%s\"", tmp, vbuf);
+  fclose(vf);
+  ck_assert_msg(lstat(tmp, &sb) == 0 && S_ISLNK(sb.st_mode), "the symlink at %s was replaced", tmp);
+  snprintf(tmp, sizeof tmp, "%s.tmp.%ld.1", path, (long)getpid());
+  ck_assert_msg(stat(tmp, &sb) != 0, "temporary file %s left behind", tmp);
+  snprintf(tmp, sizeof tmp, "%s.tmp.%ld.0", path, (long)getpid());
+  unlink(tmp), unlink(victim);
 
   /* Overwriting replaces the file: no tensors, no metadata. */
   st = apb_st_write(path, 0, NULL, 0, NULL, NULL, &err);

@@ -87,7 +87,8 @@ typedef struct apb_st_entry {
   const void *data;               /* numel x apb_dtype_size(dtype) bytes, already in dtype */
 } apb_st_entry;
 
-/* Write n tensors to path (atomically: PATH.tmp.<pid> is written, fsynced and renamed into place; it is
+/* Write n tensors to path (atomically: a new file PATH.tmp.<pid>.<i>, created with O_EXCL so that no
+ * existing file or symlink at that name is used, is written, fsynced and renamed into place; it is
  * removed on failure). meta may be NULL; otherwise n_meta key/value string pairs stored under
  * "__metadata__", which comes first in the header. Names must be unique UTF-8 and not "__metadata__";
  * bad entries give APB_EINVAL and write nothing, I/O failures APB_EIO, and so does a path that exists
