@@ -16,7 +16,8 @@
 
 static void help(const apb_hw *hw) {
   printf("Usage: apb predict [--preset NAME [sizes] | --model DIR] [--tokens N] [--query-len Q] [--method LIST]\n"
-         "                   [--hosts H] [--anchor A] [--passing P] [--balance] [--overlap 0|1|2] [--act-bytes B]\n"
+         "                   [--hosts H] [--anchor A] [--passing P] [--query-offset S] [--embed-query 0|1]\n"
+         "                   [--balance] [--overlap 0|1|2] [--act-bytes B]\n"
          "                   [--attn-tflops X] [--gemm-tflops X] [--mem-gbs X] [--link-gbs X] [--latency-us X]\n"
          "                   [--per-host] [--json]\n"
          "       apb predict --fit FILE.json [--fit FILE.json ...] [--mem-gbs X] [--link-gbs X] [--latency-us X]\n"
@@ -33,6 +34,7 @@ static void help(const apb_hw *hw) {
          "  --hosts H         default 4\n"
          "  --balance         apb, star: two virtual hosts per host (h and 2H-1-h), as apb run --balance\n"
          "  --anchor A, --passing P   as in apb run (defaults of shared/APB.md 2)\n"
+         "  --query-offset S, --embed-query 0|1   as in apb run (default 0; apb 1, star 0)\n"
          "  --overlap 0|1|2   as in apb run (default 2): apb's [P|A] key copies, ulysses' collectives\n"
          "  --act-bytes B     bytes per activation element, 1-8 (default 2: bf16; 4: fp32)\n"
          "  --attn-tflops X   default %.0f\n  --gemm-tflops X   default %.0f\n  --mem-gbs X       default %.0f\n"
@@ -239,7 +241,7 @@ int cmd_predict(int argc, char **argv) {
   int nm = 0, act = 2, per_host = 0, json = 0, methods_given = 0;
   for (int i = 0; i < APB_METHOD_COUNT; i++) ms[nm++] = (apb_method)i;
   enum { O_PRESET = 256, O_MODEL, O_TOKENS, O_Q, O_METHOD, O_HOSTS, O_ANCHOR, O_PASSING, O_ACT, O_AT, O_GT, O_MEM,
-         O_LINK, O_LAT, O_PER, O_JSON, O_BAL, O_FIT, O_OVL, O_SHAPE };
+         O_LINK, O_LAT, O_PER, O_JSON, O_BAL, O_FIT, O_OVL, O_QOFF, O_EMBED, O_SHAPE };
   static const struct option opts[] = {
       {"preset", required_argument, 0, O_PRESET}, {"model", required_argument, 0, O_MODEL},
       {"tokens", required_argument, 0, O_TOKENS}, {"query-len", required_argument, 0, O_Q},
@@ -250,6 +252,7 @@ int cmd_predict(int argc, char **argv) {
       {"link-gbs", required_argument, 0, O_LINK}, {"latency-us", required_argument, 0, O_LAT},
       {"per-host", no_argument, 0, O_PER}, {"json", no_argument, 0, O_JSON}, {"balance", no_argument, 0, O_BAL},
       {"fit", required_argument, 0, O_FIT}, {"overlap", required_argument, 0, O_OVL}, {"help", no_argument, 0, 'h'},
+      {"query-offset", required_argument, 0, O_QOFF}, {"embed-query", required_argument, 0, O_EMBED},
       CLI_SHAPE_OPTIONS(O_SHAPE), {0, 0, 0, 0}};
   cli_shape shape = {0};
   const char **fits = calloc((size_t)argc + 1, sizeof *fits);
@@ -282,6 +285,8 @@ int cmd_predict(int argc, char **argv) {
     case O_PER: per_host = 1; break;
     case O_BAL: o.balance = 1; break;
     case O_OVL: rc = cli_parse_int(CMD, "--overlap", optarg, 0, 2, &o.overlap); break;
+    case O_QOFF: rc = cli_parse_i64(CMD, "--query-offset", optarg, 0, (int64_t)1 << 40, &o.query_offset); break;
+    case O_EMBED: rc = cli_parse_int(CMD, "--embed-query", optarg, 0, 1, &o.embed_query); break;
     case O_JSON: json = 1; break;
     case O_FIT: fits[nfit++] = optarg; break;
     case 'h': help(&hw); free(fits); return CLI_OK;

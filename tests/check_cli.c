@@ -783,6 +783,13 @@ START_TEST(bench_and_demo) {
   /* predict: the rates are used (a 10x slower attention rate moves apb's attention time 10x) */
   expect(0, "predict --method apb --anchor 4096 --passing 2048 --attn-tflops 59 --json", "\"t_attn\": 7.8272");
   expect(0, "predict --method apb,ring --balance", "ring ");
+  /* the planner's advice for a query that does not fit the anchor names --query-offset and
+   * --embed-query: predict takes both, as run does */
+  expect(1, "predict --preset tiny --tokens 4096 --query-len 900 --method apb", "or pass --embed-query 0");
+  expect(0, "predict --preset tiny --tokens 4096 --query-len 900 --method apb --embed-query 0", "apb ");
+  expect(1, "predict --preset tiny --tokens 4096 --query-len 200 --method apb --query-offset 100",
+         "the query (200 tokens) does not fit in the anchor");
+  expect(0, "predict --preset tiny --tokens 4096 --query-len 200 --method apb --query-offset 50", "apb ");
   /* a document the cost model cannot count is refused before any output: no table header, no partial JSON */
   for (int j = 0; j < 2; j++) {
     ck_assert_int_eq(apb(&out, "predict --tokens 1024G --method %s --json", j ? "apb" : "ring,apb"), 1);
