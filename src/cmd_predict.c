@@ -26,7 +26,7 @@ static void help(const apb_hw *hw) {
          "  t = attn FLOPs / attn rate + linear FLOPs / GEMM rate + elementwise bytes / memory bw\n"
          "      + bytes sent / link bw + collectives x latency   (the slowest host is the prefill time)\n\n"
          "  --preset NAME     tiny | small | llama3-8b-shape (default llama3-8b-shape)\n"
-         "  --model DIR       read DIR/config.json instead\n"
+         "  --model DIR       read DIR/config.json instead (retaining heads of the published width, 1024)\n"
          CLI_SHAPE_HELP
          "  --tokens N        document tokens (default 131072)\n"
          "  --query-len Q     query tokens (default 64)\n"
@@ -233,6 +233,7 @@ int cmd_predict(int argc, char **argv) {
   apb_hw_default(&hw);
   apb_preset preset = APB_PRESET_LLAMA3_8B;
   const char *model_dir = NULL;
+  int preset_given = 0;
   int64_t n = 131072, q = 64;
   apb_run_opts o;
   apb_run_opts_default(&o);
@@ -268,6 +269,7 @@ int cmd_predict(int argc, char **argv) {
     switch (ch) {
     case O_PRESET:
       if (apb_preset_parse(optarg, &preset)) return cli_usage(CMD, "--preset: unknown preset '%s'", optarg);
+      preset_given = 1;
       break;
     case O_MODEL: model_dir = optarg; break;
     case O_TOKENS: rc = cli_parse_i64(CMD, "--tokens", optarg, 1, (int64_t)1 << 40, &n); break;
@@ -302,6 +304,7 @@ int cmd_predict(int argc, char **argv) {
   }
   if (optind < argc) return free(fits), cli_usage(CMD, "unexpected argument '%s'", argv[optind]);
   if (model_dir && !*model_dir) return free(fits), cli_usage(CMD, "--model wants a directory, got ''");
+  if (model_dir && preset_given) return free(fits), cli_usage(CMD, "--model and --preset are exclusive; give one");
   if (model_dir && shape.any)
     return free(fits), cli_usage(CMD, "the size options (--layers ... --scorer-width) change a preset; a --model "
                                       "directory has its own config.json");

@@ -783,6 +783,7 @@ START_TEST(bench_and_demo) {
   /* predict: the rates are used (a 10x slower attention rate moves apb's attention time 10x) */
   expect(0, "predict --method apb --anchor 4096 --passing 2048 --attn-tflops 59 --json", "\"t_attn\": 7.8272");
   expect(0, "predict --method apb,ring --balance", "ring ");
+  expect(2, "predict --preset tiny --model /nonexistent", "--model and --preset are exclusive");
   /* the planner's advice for a query that does not fit the anchor names --query-offset and
    * --embed-query: predict takes both, as run does */
   expect(1, "predict --preset tiny --tokens 4096 --query-len 900 --method apb", "or pass --embed-query 0");
