@@ -22,7 +22,9 @@ static const char help_text[] =
     "\n"
     "Compares every tensor of safetensors file A with the tensor of the same name in B, the reference.\n"
     "Shapes must match; dtypes may differ (both are widened to F32; an F64 value beyond the F32 range\n"
-    "is refused as a file that cannot be read). One row per tensor:\n"
+    "is refused as a file that cannot be read). When equality is asked for, two integer tensors are\n"
+    "also compared as int64 and two F64 tensors as double, values F32 cannot all hold. One row per\n"
+    "tensor:\n"
     "  tensor, shape, n             what was compared\n"
     "  nan, inf                     non-finite mismatches, checked first: any NaN fails, and so does an\n"
     "                               Inf in A that B does not have at the same place\n"
@@ -139,6 +141,37 @@ static void header(const widths *w) {
          "result");
 }
 
+/* Equality asked for, and values that fp32 cannot all hold (integers past 2^24, F64): the fp32
+ * comparison may call two different values equal, so two integer tensors are compared as int64 and two
+ * F64 tensors as double. The index of the first unequal element (its values in got, ref), -1 when
+ * all are equal or the pair is of another kind (mixed float widths stay compared in fp32), -2 when a
+ * tensor could not be read (err says why). */
+static int64_t unequal_in_own_type(const apb_st_file *fa, const apb_st_tensor *ta, const apb_st_file *fb,
+                                   const apb_st_tensor *tb, int64_t n, char *got, char *ref, size_t cap,
+                                   apb_status *st, apb_error *err) {
+  const int ia = !apb_dtype_is_float(ta->dtype), ib = !apb_dtype_is_float(tb->dtype);
+  if (ia && ib) {
+    int64_t *x = malloc(sizeof *x * (size_t)(n ? n : 1)), *y = malloc(sizeof *y * (size_t)(n ? n : 1));
+    int64_t at = -1;
+    if (!x || !y) *st = apb_error_set(err, APB_ENOMEM, "%s: cannot allocate %lld int64 values", ta->name, (long long)n);
+    else if (!(*st = apb_st_read_i64(fa, ta, x, err)) && !(*st = apb_st_read_i64(fb, tb, y, err)))
+      for (int64_t i = 0; i < n && at < 0; i++)
+        if (x[i] != y[i]) at = i, snprintf(got, cap, "%lld", (long long)x[i]), snprintf(ref, cap, "%lld", (long long)y[i]);
+    free(x), free(y);
+    return *st ? -2 : at;
+  }
+  if (ta->dtype == APB_DT_F64 && tb->dtype == APB_DT_F64)
+    for (int64_t i = 0; i < n; i++) {
+      double x, y; /* the mapping need not be 8-byte aligned */
+      memcpy(&x, (const char *)ta->data + 8 * i, 8), memcpy(&y, (const char *)tb->data + 8 * i, 8);
+      if (!(x == y)) {
+        snprintf(got, cap, "%.17g", x), snprintf(ref, cap, "%.17g", y);
+        return i;
+      }
+    }
+  return -1;
+}
+
 /* Compare one pair of same-shaped tensors; prints the row (and the reason on failure). Returns 1 when
  * within tolerance, 0 when not, -1 when a tensor could not be read (reported on stderr). */
 static int compare_one(const cmp_opts *o, const widths *w, const apb_st_file *fa, const apb_st_tensor *ta,
@@ -168,10 +201,21 @@ static int compare_one(const cmp_opts *o, const widths *w, const apb_st_file *fa
   char shape[128], idx[128] = "-", got[32] = "-", ref[32] = "-";
   cli_format_shape(shape, sizeof shape, ta->ndim, ta->shape);
   if (at >= 0) {
-    cli_format_index(idx, sizeof idx, ta->ndim, ta->shape, at);
     snprintf(got, sizeof got, "%.9g", (double)c.worst_got);
     snprintf(ref, sizeof ref, "%.9g", (double)c.worst_ref);
   }
+  const int equality = o->exact_elem || (o->tol.rel_fro == 0 && o->tol.atol == 0 && o->tol.atol_rms == 0 &&
+                                         o->tol.rtol == 0);
+  if (ok && equality) {
+    int64_t u = unequal_in_own_type(fa, ta, fb, tb, n, got, ref, sizeof got, &st, &err);
+    if (u == -2) {
+      free(x), free(y);
+      cli_report(cmd, st, &err);
+      return -1;
+    }
+    if (u >= 0) ok = 0, at = u;
+  }
+  if (at >= 0) cli_format_index(idx, sizeof idx, ta->ndim, ta->shape, at);
   printf("%-*s  %-*s  %10lld  %5lld  %5lld  %-10.3g  %-10.3g  %-10.3g  %-*s  %-15s  %-15s  %s\n", w->name,
          ta->name, w->shape, shape, (long long)n, (long long)c.n_nan, (long long)c.n_inf, c.max_abs,
          c.max_rel, c.rel_fro, w->shape, idx, got, ref, ok ? "PASS" : "FAIL");
@@ -179,10 +223,9 @@ static int compare_one(const cmp_opts *o, const widths *w, const apb_st_file *fa
     if (c.n_nan || c.n_inf)
       printf("  %s: FAIL: %lld NaN and %lld Inf mismatches, the first at %s (A %s, B %s)\n", ta->name,
              (long long)c.n_nan, (long long)c.n_inf, idx, got, ref);
-    else if (o->exact_elem || (o->tol.rel_fro == 0 && o->tol.atol == 0 && o->tol.atol_rms == 0 &&
-                                 o->tol.rtol == 0))
-      printf("  %s: FAIL: values differ and equality was asked for; %s differs by %.3g (A %s, B %s)\n",
-             ta->name, idx, fabs((double)c.worst_got - (double)c.worst_ref), got, ref);
+    else if (equality)
+      printf("  %s: FAIL: values differ and equality was asked for; %s differs (A %s, B %s)\n", ta->name, idx,
+             got, ref);
     else if (o->tol.rel_fro >= 0 && c.rel_fro > o->tol.rel_fro)
       printf("  %s: FAIL: rel_fro %.3g > %.3g\n", ta->name, c.rel_fro, o->tol.rel_fro);
     else

@@ -381,6 +381,41 @@ START_TEST(f64_beyond_f32) {
 }
 END_TEST
 
+/* Equality asked for on values fp32 cannot hold apart: int64 2^53 against 2^53 + 1, int32 2^24 + 1
+ * against 2^24 (the fp32 widening made each pair equal), F64 1 against 1 + 2^-40; each fails, naming the
+ * element with its exact values, with --prec exact and with --rtol 0 --atol 0; equal tensors pass. */
+START_TEST(cmp_exact_in_own_type) {
+  char *a = tu_tmpname(".safetensors"), *b = tu_tmpname(".safetensors"), *out = NULL;
+  int64_t ia[2] = {5, (int64_t)1 << 53}, ib[2] = {5, ((int64_t)1 << 53) + 1};
+  int32_t ja[3] = {0, 1, (1 << 24) + 1}, jb[3] = {0, 1, 1 << 24};
+  double fa[1] = {1 + 0x1p-40}, fb[1] = {1};
+  apb_error err;
+  apb_error_clear(&err);
+  apb_st_entry e[3] = {{.name = "i64", .dtype = APB_DT_I64, .ndim = 1, .shape = {2}, .data = ia},
+                       {.name = "i32", .dtype = APB_DT_I32, .ndim = 1, .shape = {3}, .data = ja},
+                       {.name = "f64", .dtype = APB_DT_F64, .ndim = 1, .shape = {1}, .data = fa}};
+  ck_assert_msg(apb_st_write(a, 3, e, 0, NULL, NULL, &err) == APB_OK, "%s", err.msg);
+  e[0].data = ib, e[1].data = jb, e[2].data = fb;
+  ck_assert_msg(apb_st_write(b, 3, e, 0, NULL, NULL, &err) == APB_OK, "%s", err.msg);
+  const char *modes[] = {"--prec exact", "--rtol 0 --atol 0"};
+  for (int m = 0; m < 2; m++) {
+    ck_assert_int_eq(apb(&out, "cmp '%s' '%s' %s", a, b, modes[m]), 1);
+    assert_has(out, "i64: FAIL: values differ and equality was asked for; [1] differs (A 9007199254740992, B "
+                    "9007199254740993)");
+    assert_has(out, "i32: FAIL: values differ and equality was asked for; [2] differs (A 16777217, B 16777216)");
+    assert_has(out, "f64: FAIL: values differ and equality was asked for; [0] differs (A 1.0000000000009095, B 1)");
+    free(out);
+    ck_assert_int_eq(apb(&out, "cmp '%s' '%s' %s", a, a, modes[m]), 0);
+    free(out);
+  }
+  /* a tolerance that is not equality keeps the fp32 comparison: these pass */
+  ck_assert_int_eq(apb(&out, "cmp '%s' '%s' --rtol 1e-6", a, b), 0);
+  free(out);
+  unlink(a), unlink(b);
+  free(a), free(b);
+}
+END_TEST
+
 /* gen-model over an earlier model whose heads cannot be replaced: the new config.json and weights with the
  * earlier heads loaded as one model; the files are removed instead, and the failure says why. */
 START_TEST(gen_model_failed_write) {
@@ -1020,6 +1055,7 @@ static Suite *cli_suite(void) {
   tcase_add_loop_test(tc, attn_rejects, 0, (int)(sizeof bad_cases / sizeof bad_cases[0]));
   tcase_add_test(tc, attn_out_not_a_file);
   tcase_add_test(tc, f64_beyond_f32);
+  tcase_add_test(tc, cmp_exact_in_own_type);
   tcase_add_test(tc, gen_model_failed_write);
   suite_add_tcase(s, tc);
   tc = tu_tcase("cmp", 60);
