@@ -101,8 +101,8 @@ static int parse(int argc, char **argv, attn_opts *o) {
     switch (c) {
     case 'h': fputs(help_text, stdout); return -1;
     case O_METHOD: rc = cli_parse_choice(cmd, "--method", optarg, method_names, 3, &o->method); break;
-    case O_ANCHOR: rc = cli_parse_i64(cmd, "--anchor", optarg, 0, INT64_C(1) << 20, &o->anchor); break;
-    case O_PASSING: rc = cli_parse_i64(cmd, "--passing", optarg, 0, INT64_C(1) << 20, &o->passing); break;
+    case O_ANCHOR: rc = cli_parse_i64(cmd, "--anchor", optarg, 0, INT64_C(1) << 30, &o->anchor); break;
+    case O_PASSING: rc = cli_parse_i64(cmd, "--passing", optarg, 0, INT64_C(1) << 30, &o->passing); break;
     case O_SCALE: rc = cli_parse_f64(cmd, "--scale", optarg, 0, 1e6, &o->scale); break;
     case O_IMPL: rc = cli_parse_choice(cmd, "--impl", optarg, impl_names, 2, &o->impl); break;
     case O_THREADS: rc = cli_parse_int(cmd, "--threads", optarg, 0, 4096, &o->threads); break;

@@ -275,7 +275,7 @@ static const bad_case bad_cases[] = {
     {"unknown --method", SPEC(6, 9), "--method ring " IO, 2,
      "--method wants one of dense, star, apb; got 'ring'", NULL},
     {"garbage --anchor", SPEC(6, 9), "--method apb --anchor abc " IO, 2,
-     "apb attn: --anchor wants an integer in [0, 1048576], got 'abc'", NULL},
+     "apb attn: --anchor wants an integer in [0, 1073741824], got 'abc'", NULL},
     {"negative --anchor", SPEC(6, 9), "--method apb --anchor -1 " IO, 2, "--anchor wants an integer", NULL},
     {"garbage --scale", SPEC(6, 9), "--method apb --scale nan " IO, 2, "--scale wants a finite number", NULL},
     {"--scale that is 0 in fp32", SPEC(6, 9), "--method apb --scale 1e-50 " IO, 2,
