@@ -10,7 +10,8 @@
  * written only after every partial's element at the same index has been read.
  *
  * What it deliberately is not: a streaming/online merge, or a check of its inputs for NaN (a NaN lse
- * propagates, it is not hidden).
+ * propagates, it is not hidden; a NaN in the o of a partial whose weight underflows to 0 is not read,
+ * as the CUDA merge, which skips those loads, does not read it either).
  *
  * Tested in tests/check_attn.c: merging attention over two halves of a key set equals attention over
  * the whole; merging with an all -inf partial is bitwise the identity; all -inf rows give o = 0 and

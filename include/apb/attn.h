@@ -74,7 +74,10 @@ apb_status apb_attn_fast(const apb_attn_args *a, apb_error *err);
 /* LSE merge of n partial results of the same rows (APB.md 4): for each row r and head h
  *   lse = log sum_i exp(lse_i), o = sum_i exp(lse_i - lse) * o_i.
  * Partials with lse = -inf contribute nothing; a row where every partial is -inf gets o = 0 and
- * lse = -inf (never NaN). o_parts[i] [T, Hq, D], lse_parts[i] [Hq, T]; o and lse may alias part 0. */
+ * lse = -inf (never NaN). A partial whose weight exp(lse_i - max lse) underflows to 0 in double (lse_i
+ * more than about 745 below the largest) is skipped as well, its o not read: a NaN there does not
+ * reach the result (the CUDA merge does the same). o_parts[i] [T, Hq, D], lse_parts[i] [Hq, T]; o and
+ * lse may alias part 0. */
 apb_status apb_attn_merge(int n, const float *const *o_parts, const float *const *lse_parts, int64_t T,
                           int Hq, int D, float *o, float *lse, apb_error *err);
 
