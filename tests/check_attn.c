@@ -696,6 +696,13 @@ START_TEST(test_merge_empty) {
   tu_poison(o, no);
   ck_assert(apb_attn_merge(2, ops, lps, T, Hq, D, o, NULL, &err) == APB_OK);
   tu_assert_bitwise("merge without lse out: o", o, o1, (int64_t)no);
+  /* a partial whose weight underflows to 0 in double (lse 1000 below the other's) is not read either:
+   * its NaN o does not reach the result (attn.h; the CUDA merge skips it alike) */
+  for (size_t i = 0; i < nl; i++) le[i] = l1[i] - 1000.0f;
+  tu_poison(o, no);
+  ck_assert(apb_attn_merge(2, ops, lps, T, Hq, D, o, l, &err) == APB_OK);
+  tu_assert_bitwise("merge with a weight-0 partial: o", o, o1, (int64_t)no);
+  tu_assert_bitwise("merge with a weight-0 partial: lse", l, l1, (int64_t)nl);
   tu_free(o1), tu_free(l1), tu_free(oe), tu_free(le), tu_free(o), tu_free(l);
 }
 END_TEST
