@@ -6,7 +6,8 @@
  * merged in host order (a host whose rows see no key contributes lse = -inf, never NaN), so every
  * host holds the same merged output and computes the same rest of the layer. Only the last host
  * appends the new tokens' K/V to its cache. The logits of the last row give the next token: argmax
- * (ties toward the lower id) on the last host, broadcast to all.
+ * (ties toward the lower id) on the last host, broadcast to all. A NaN or Inf logit (the query's, or a
+ * decode step's) is APB_ENONFINITE naming it, on every host alike, never a token picked past it.
  */
 #include <math.h>
 #include <stdio.h>
@@ -146,8 +147,7 @@ static apb_status dec_step(host_ctx *h, dec_bufs *d, const int32_t *ids_h, int64
 static apb_status nonfinite_logit(const host_ctx *h, const char *when, int32_t i, float v, apb_error *err) {
   return apb_error_set(err, APB_ENONFINITE,
                        "%s: logit %d of %d is %g, not finite: the model's activations overflowed or its weights "
-                       "hold a NaN/Inf (apb run --dump FILE --dump-layers writes every layer's output to find where)",
-                       when, i, h->V, (double)v);
+                       "hold a NaN/Inf", when, i, h->V, (double)v);
 }
 
 /* argmax on the last host, broadcast to every host (APB.md 4). A non-finite logit on the last host is

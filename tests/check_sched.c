@@ -436,6 +436,8 @@ static void expect_nonfinite(const apb_model *m, const apb_run_opts *o, const in
   apb_status st = apb_sim_execute(&plan, m, &so, doc, query, res, NULL, &err);
   ck_assert_msg(st == APB_ENONFINITE && strstr(err.msg, want), "H=%d, max_new_tokens %lld: status %d, \"%s\"; "
                 "expected APB_ENONFINITE with \"%s\"", o->hosts, (long long)o->max_new_tokens, (int)st, err.msg, want);
+  /* a failed run writes no dump, so the message must not send the user to --dump-layers */
+  ck_assert_msg(!strstr(err.msg, "--dump"), "\"%s\" advises a dump that a failed run does not write", err.msg);
 }
 
 START_TEST(test_nonfinite_logits) {
