@@ -1,6 +1,8 @@
 /* src/cmd_cmp.c: `apb cmp A B`, every tensor of safetensors file A against the same-named tensor of the
  * reference file B, through the one comparison helper (apb_compare / apb_cmp_within) and the one
- * tolerance table (apb_tolerance), with one table row per tensor.
+ * tolerance table (apb_tolerance), with one table row per tensor. When equality is asked for, two
+ * integer tensors are also compared as int64 and two F64 tensors as double (fp32 cannot hold all their
+ * values), and a failure shows the file's values.
  *
  * Exit codes follow cmp(1) and diff(1): 0 all within tolerance, 1 some tensor differs (out of
  * tolerance, non-finite, different shape, or present in one file only), 2 trouble (usage, a file that
@@ -206,7 +208,7 @@ static int compare_one(const cmp_opts *o, const widths *w, const apb_st_file *fa
   }
   const int equality = o->exact_elem || (o->tol.rel_fro == 0 && o->tol.atol == 0 && o->tol.atol_rms == 0 &&
                                          o->tol.rtol == 0);
-  if (ok && equality) {
+  if (equality && !c.n_nan && !c.n_inf) { /* also when fp32 failed: the values then shown are the file's */
     int64_t u = unequal_in_own_type(fa, ta, fb, tb, n, got, ref, sizeof got, &st, &err);
     if (u == -2) {
       free(x), free(y);

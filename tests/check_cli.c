@@ -7,10 +7,12 @@
  *   length docs/tolerances.md defines for attention).
  * - cmp: equal files pass (exit 0), also across dtypes; a perturbed element fails (exit 1) and is named
  *   by its multi-index; NaN is counted and fails; tensors in one file only fail; an unreadable file is
- *   exit 2; explicit and table tolerances.
+ *   exit 2; explicit and table tolerances; equality asked of integer and F64 tensors compares them in
+ *   their own type, and an F64 value beyond the F32 range is refused (cmp and attn).
  * - every rejected input of attn (one loop test per row of bad_cases): a non-zero exit of the right
  *   kind (1 bad data, 2 usage) and the message substring that tells the user what was wrong.
- * - the dispatcher (help, version, unknown command), bench attn and demo on tiny shapes.
+ * - the dispatcher (help, version, unknown command), bench attn and demo on tiny shapes; run's and
+ *   predict's refusals, gen-model's cleanup after a failed write, attn --out on a pipe or a directory.
  * Not here: the numerics of attention themselves (tests/check_attn.c). Each test spawns the program a
  * few times; the whole suite takes a few seconds.
  */
@@ -388,15 +390,17 @@ START_TEST(cmp_exact_in_own_type) {
   char *a = tu_tmpname(".safetensors"), *b = tu_tmpname(".safetensors"), *out = NULL;
   int64_t ia[2] = {5, (int64_t)1 << 53}, ib[2] = {5, ((int64_t)1 << 53) + 1};
   int32_t ja[3] = {0, 1, (1 << 24) + 1}, jb[3] = {0, 1, 1 << 24};
+  int32_t ka[1] = {(1 << 24) + 1}, kb[1] = {(1 << 24) + 3}; /* fp32 tells these apart, as 2^24 and 2^24 + 4 */
   double fa[1] = {1 + 0x1p-40}, fb[1] = {1};
   apb_error err;
   apb_error_clear(&err);
-  apb_st_entry e[3] = {{.name = "i64", .dtype = APB_DT_I64, .ndim = 1, .shape = {2}, .data = ia},
+  apb_st_entry e[4] = {{.name = "i64", .dtype = APB_DT_I64, .ndim = 1, .shape = {2}, .data = ia},
                        {.name = "i32", .dtype = APB_DT_I32, .ndim = 1, .shape = {3}, .data = ja},
-                       {.name = "f64", .dtype = APB_DT_F64, .ndim = 1, .shape = {1}, .data = fa}};
-  ck_assert_msg(apb_st_write(a, 3, e, 0, NULL, NULL, &err) == APB_OK, "%s", err.msg);
-  e[0].data = ib, e[1].data = jb, e[2].data = fb;
-  ck_assert_msg(apb_st_write(b, 3, e, 0, NULL, NULL, &err) == APB_OK, "%s", err.msg);
+                       {.name = "f64", .dtype = APB_DT_F64, .ndim = 1, .shape = {1}, .data = fa},
+                       {.name = "i32far", .dtype = APB_DT_I32, .ndim = 1, .shape = {1}, .data = ka}};
+  ck_assert_msg(apb_st_write(a, 4, e, 0, NULL, NULL, &err) == APB_OK, "%s", err.msg);
+  e[0].data = ib, e[1].data = jb, e[2].data = fb, e[3].data = kb;
+  ck_assert_msg(apb_st_write(b, 4, e, 0, NULL, NULL, &err) == APB_OK, "%s", err.msg);
   const char *modes[] = {"--prec exact", "--rtol 0 --atol 0"};
   for (int m = 0; m < 2; m++) {
     ck_assert_int_eq(apb(&out, "cmp '%s' '%s' %s", a, b, modes[m]), 1);
@@ -404,6 +408,8 @@ START_TEST(cmp_exact_in_own_type) {
                     "9007199254740993)");
     assert_has(out, "i32: FAIL: values differ and equality was asked for; [2] differs (A 16777217, B 16777216)");
     assert_has(out, "f64: FAIL: values differ and equality was asked for; [0] differs (A 1.0000000000009095, B 1)");
+    /* unequal in fp32 as well: the values shown are still the file's, not their fp32 roundings */
+    assert_has(out, "i32far: FAIL: values differ and equality was asked for; [0] differs (A 16777217, B 16777219)");
     free(out);
     ck_assert_int_eq(apb(&out, "cmp '%s' '%s' %s", a, a, modes[m]), 0);
     free(out);
