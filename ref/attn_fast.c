@@ -11,7 +11,9 @@
  *     every row of the tile sees is cut into full tiles of APB_KT keys with no mask at all; the causal
  *     part (at most nr - 1 keys, the triangle) is one boundary tile where each row keeps a prefix of the
  *     keys, masked per element (APB.md 8: per element, never per tile). Keys no row of the tile sees
- *     are never touched.
+ *     are never touched. When a value row of a boundary tile holds an Inf or NaN, that tile's O += S V
+ *     is summed by hand over each row's own prefix (the product would form 0 * Inf = NaN in rows that
+ *     do not see that key).
  *   - Buffers are per thread, sized by the tile (Q, S, O: M x APB_KT at most), never [rows x keys].
  *
  * Determinism (APB.md 6): every task is computed by the same code on the same data whichever thread

@@ -5,7 +5,7 @@
  * default l_a/2; the anchor embeds the query at offset s (apb) or not (star); q_len < l_a - s when
  * embedded; l_a <= l_b; host 0 excludes from selection the document tokens the anchor holds; host
  * H-1's compressed block is needed by no one and is not computed. Every violation is an APB_EINVAL
- * naming the option and the numbers. Tested in tests/check_sched.c.
+ * naming the option and the numbers, and saying what to change. Tested in tests/check_sched.c.
  */
 #include <stdint.h>
 #include <string.h>

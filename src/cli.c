@@ -1,6 +1,7 @@
 /* src/cli.c: the helpers every apb subcommand shares (see cli.h): command tables, error reporting on
- * stderr, getopt_long with our own messages, checked parsing of option values, thread counts, clocks
- * and the formatting of shapes and indices.
+ * stderr (or, under mpirun, into a buffer that rank 0 reports: cli_capture), getopt_long with our own
+ * messages, checked parsing of option values, thread counts, clocks, the formatting of shapes and
+ * indices, and reading tensors widened to fp32 (an F64 value beyond the F32 range refused).
  *
  * Deliberately not here: option tables, help texts and anything else one command alone needs. Nothing
  * here exits; every function returns a code the command passes up. Tested through the program in

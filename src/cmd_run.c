@@ -5,8 +5,11 @@
  * With no arguments `apb` runs this with its embedded defaults (tiny preset, a 16K-token synthetic
  * document with a passkey needle, 4 simulated hosts, methods dense, ring, star, apb). Output: one
  * table on stdout (or JSON with --json); progress on stderr when it is a terminal; --dump writes the
- * final hidden states, the logits of the last query token and the generated tokens. Not here: the
- * schedules themselves (sched/), or any printing inside the library. Tested by tests/check_sched.c
+ * final hidden states, the logits of the last query token and the generated tokens. Under mpirun the
+ * ranks agree on each step's outcome (mpi_agree), so that all stop together and rank 0 reports each
+ * message once, and compare fingerprints of their options, model and document with rank 0's
+ * (mpi_same_inputs); a rank that fails inside a method's run ends the job (rank_ends_job). Not here:
+ * the schedules themselves (sched/), or any printing inside the library. Tested by tests/check_sched.c
  * (end to end, including mpirun) and tests/check_cli.c; the GPU paths (--gpus, and a CUDA backend
  * under mpirun, both through NCCL) by tests/check_gpu_nccl.c.
  */
@@ -58,7 +61,8 @@ static void help(void) {
       "  --hosts H           hosts (default 4; dense always uses one); under mpirun, the rank count\n"
       "  --anchor A          l_a (default apb: min(l_b/4, 8192); star: l_b)\n"
       "  --passing P         apb: l_p, KV pairs each host passes per KV head (default l_a/2)\n"
-      "  --query-offset S    where the query sits in the anchor (default 0)\n"
+      "  --query-offset S    where the query sits in the anchor (default 0); in a list, apb's (and\n"
+      "                      star's when --embed-query is given)\n"
       "  --embed-query 0|1   embed the query in the anchor (default apb 1, star 0)\n"
       "  --scorer NAME       retaining (default; needs heads) | random | uniform\n"
       "  --pool W            max-pool window over scores, odd (default 5 retaining, 1 otherwise)\n"
@@ -92,7 +96,9 @@ static void help(void) {
       "with --backend cuda-bf16|cuda-f32 each process takes the GPU of its local rank and the hosts\n"
       "talk through NCCL. --hosts, if given, must equal -np; dense (in the default list) needs -np 1;\n"
       "--dump-layers runs without mpirun. Every rank must get the same options, model and document\n"
-      "(checked). A rank that fails ends every rank; rank 0 reports each message once, naming the rank.\n");
+      "(checked). A rank that fails ends every rank: rank 0 reports each message once, naming the ranks\n"
+      "that gave it (none when all did), except for a failure inside a method's run, which the failing\n"
+      "rank reports itself, naming its rank, before it ends the job (MPI_Abort).\n");
 }
 
 typedef struct run_cfg {
