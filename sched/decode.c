@@ -7,7 +7,8 @@
  * host holds the same merged output and computes the same rest of the layer. Only the last host
  * appends the new tokens' K/V to its cache. The logits of the last row give the next token: argmax
  * (ties toward the lower id) on the last host, broadcast to all. A NaN or Inf logit (the query's, or a
- * decode step's) is APB_ENONFINITE naming it, on every host alike, never a token picked past it.
+ * decode step's) is APB_ENONFINITE naming it, checked on every host (all hold the same logits), never a
+ * token picked past it.
  */
 #include <math.h>
 #include <stdio.h>
@@ -143,35 +144,31 @@ static apb_status dec_step(host_ctx *h, dec_bufs *d, const int32_t *ids_h, int64
 }
 
 /* A NaN or Inf logit means the model's activations overflowed (or its weights hold one): argmax over it
- * would pick a token silently, so it is an error that names the first such logit. */
-static apb_status nonfinite_logit(const host_ctx *h, const char *when, int32_t i, float v, apb_error *err) {
-  return apb_error_set(err, APB_ENONFINITE,
-                       "%s: logit %d of %d is %g, not finite: the model's activations overflowed or its weights "
-                       "hold a NaN/Inf", when, i, h->V, (double)v);
+ * would pick a token silently, so it is an error that names the first such logit. Every host computes
+ * the same logits from the same merged rows, so every host fails alike, none waits on a peer. */
+static apb_status check_logits(const host_ctx *h, const float *logits, int64_t step, apb_error *err) {
+  for (int32_t i = 0; i < h->V; i++)
+    if (!isfinite(logits[i])) {
+      char when[64];
+      if (step == 0) snprintf(when, sizeof when, "the query's logits");
+      else snprintf(when, sizeof when, "decode step %lld", (long long)step);
+      return apb_error_set(err, APB_ENONFINITE,
+                           "%s: logit %d of %d is %g, not finite: the model's activations overflowed or its "
+                           "weights hold a NaN/Inf", when, i, h->V, (double)logits[i]);
+    }
+  return APB_OK;
 }
 
-/* argmax on the last host, broadcast to every host (APB.md 4). A non-finite logit on the last host is
- * sent as -1 - its index, so every host returns the same error instead of some waiting on a bcast. */
-static apb_status next_token(host_ctx *h, dec_bufs *d, const float *logits, int64_t step, int32_t *tok,
-                             apb_error *err) {
+/* argmax on the last host, broadcast to every host (APB.md 4). */
+static apb_status next_token(host_ctx *h, dec_bufs *d, const float *logits, int32_t *tok, apb_error *err) {
   int32_t best = 0;
-  if (h->r == h->p->last_rank) {
-    for (int32_t i = 0; i < h->V && best >= 0; i++)
-      if (!isfinite(logits[i])) best = -1 - i;
-    for (int32_t i = 1; i < h->V && best >= 0; i++)
-      if (logits[i] > logits[best]) best = i;
-  }
+  for (int32_t i = 1; i < h->V; i++)
+    if (logits[i] > logits[best]) best = i;
   apb_status st = APB_OK;
   if (h->H > 1) {
     if (!st) st = h->be->ops->upload(h->be, d->tok, &best, sizeof best, err);
     if (!st) st = h->comm->ops->bcast(h->comm, d->tok, sizeof best, h->p->last_rank, err);
     if (!st) st = h->be->ops->download(h->be, &best, d->tok, sizeof best, err);
-  }
-  if (!st && best < 0) {
-    char when[64];
-    snprintf(when, sizeof when, "decode step %lld", (long long)step);
-    const int32_t i = -1 - best;
-    st = nonfinite_logit(h, when, i, logits[i], err); /* every host holds the same logits */
   }
   *tok = best;
   return st;
@@ -193,10 +190,7 @@ apb_status sched_decode(host_ctx *h, const int32_t *query, int64_t q_len, int64_
     if (!st && !res->generated) st = apb_error_set(err, APB_ENOMEM, "decode: out of memory");
   }
   if (!st) st = dec_step(h, &d, query, q_len, h->p->n, res->logits, err);
-  /* the query's logits are returned even when nothing is generated: never with a NaN in them (every
-   * host computes the same logits from the same merged rows, so every host fails alike) */
-  for (int32_t i = 0; !st && i < h->V; i++)
-    if (!isfinite(res->logits[i])) st = nonfinite_logit(h, "the query's logits", i, res->logits[i], err);
+  if (!st) st = check_logits(h, res->logits, 0, err); /* returned even when nothing is generated */
   if (!st) st = h->be->ops->sync(h->be, err);
   res->stats.query_s = now_s() - t0;
   t0 = now_s();
@@ -207,12 +201,13 @@ apb_status sched_decode(host_ctx *h, const int32_t *query, int64_t q_len, int64_
   const float *cur = res->logits;
   for (int64_t t = 0; !st && t < max_new; t++) {
     int32_t tok = 0;
-    st = next_token(h, &d, cur, t, &tok, err);
+    st = next_token(h, &d, cur, &tok, err);
     if (st) break;
     res->generated[t] = tok;
     res->n_generated = t + 1;
     if (t + 1 < max_new) { /* the last generated token needs no forward pass */
       st = dec_step(h, &d, &tok, 1, h->p->n + q_len + t, lg, err);
+      if (!st) st = check_logits(h, lg, t + 1, err);
       cur = lg;
     }
   }

@@ -454,25 +454,31 @@ static int rank_ends_job(apb_comm *hc, apb_comm *comm, apb_status st, const apb_
   return CLI_FAIL;
 }
 
+/* Every rank's `bytes` bytes of mine into all [size x bytes], rank by rank. */
+static apb_status gather_same_size(apb_comm *hc, const void *mine, size_t bytes, void *all, apb_error *err) {
+  size_t *b = malloc(sizeof *b * (size_t)hc->size);
+  if (!b) return apb_error_set(err, APB_ENOMEM, "out of memory gathering from %d ranks", hc->size);
+  for (int r = 0; r < hc->size; r++) b[r] = bytes;
+  apb_status st = hc->ops->allgatherv(hc, mine, all, b, err);
+  free(b);
+  return st;
+}
+
 static int mpi_agree(apb_comm *hc, int rc, char *why) {
   int H = hc->size, worst = 0;
   rank_note mine, *all = malloc(sizeof *all * (size_t)H);
-  size_t *b = malloc(sizeof *b * (size_t)H);
   memset(&mine, 0, sizeof mine);
   mine.rc = rc;
   if (rc) snprintf(mine.msg, sizeof mine.msg, "%s", why[0] ? why : "failed without a message");
   why[0] = 0;
   apb_error err = {0};
-  apb_status st = all && b ? APB_OK : apb_error_set(&err, APB_ENOMEM, "out of memory gathering the ranks' outcomes");
-  for (int r = 0; !st && r < H; r++) b[r] = sizeof mine;
-  if (!st) st = hc->ops->allgatherv(hc, &mine, all, b, &err);
+  apb_status st = all ? gather_same_size(hc, &mine, sizeof mine, all, &err)
+                      : apb_error_set(&err, APB_ENOMEM, "out of memory gathering the ranks' outcomes");
   if (st) { /* the ranks can no longer agree: end the job */
-    char line[sizeof err.msg + sizeof mine.msg + 64];
-    snprintf(line, sizeof line, "%s (%s)%s%s", err.msg, apb_status_str(st), rc ? "; before that: " : "", rc ? mine.msg : "");
-    rank_says(hc, line);
-    hc->ops->abort(hc, err.msg);
-    free(all), free(b);
-    return CLI_FAIL;
+    const size_t k = strlen(err.msg);
+    if (rc) snprintf(err.msg + k, sizeof err.msg - k, "; before that: %.400s", mine.msg);
+    free(all);
+    return rank_ends_job(hc, NULL, st, &err);
   }
   for (int r = 0; r < H; r++) worst = all[r].rc > worst ? all[r].rc : worst;
   for (int r = 0; worst && hc->rank == 0 && r < H; r++) {
@@ -494,7 +500,7 @@ static int mpi_agree(apb_comm *hc, int rc, char *why) {
     else fprintf(stderr, "apb " CMD ": rank%s %s of %d: %s\n", count > 1 ? "s" : "", ranks, H, all[r].msg);
   }
   if (worst == CLI_USAGE && hc->rank == 0) fprintf(stderr, "Try 'apb " CMD " --help' for the options and their defaults.\n");
-  free(all), free(b);
+  free(all);
   return worst;
 }
 
@@ -536,13 +542,10 @@ static int mpi_same_inputs(apb_comm *hc, const run_cfg *c, const apb_model *m, c
   mine[2] = fp_add(fp_add(mine[2], (uint64_t)n), (uint64_t)c->q_len);
   for (int64_t i = 0; i < n; i++) mine[2] = fp_add(mine[2], (uint32_t)doc[i]);
   for (int64_t i = 0; i < c->q_len; i++) mine[2] = fp_add(mine[2], (uint32_t)query[i]);
-  int H = hc->size;
-  uint64_t *all = malloc(sizeof mine * (size_t)H);
-  size_t *b = malloc(sizeof *b * (size_t)H);
+  uint64_t *all = malloc(sizeof mine * (size_t)hc->size);
   apb_error err = {0};
-  apb_status st = all && b ? APB_OK : apb_error_set(&err, APB_ENOMEM, "out of memory comparing the ranks' inputs");
-  for (int r = 0; !st && r < H; r++) b[r] = sizeof mine;
-  if (!st) st = hc->ops->allgatherv(hc, mine, all, b, &err);
+  apb_status st = all ? gather_same_size(hc, mine, sizeof mine, all, &err)
+                      : apb_error_set(&err, APB_ENOMEM, "out of memory comparing the ranks' inputs");
   int rc = CLI_OK;
   if (st) {
     rc = rank_ends_job(hc, NULL, st, &err);
@@ -555,7 +558,7 @@ static int mpi_same_inputs(apb_comm *hc, const run_cfg *c, const apb_model *m, c
     rc = cli_fail(CMD, "its document or query differs from rank 0's; give every rank the same --tokens file (or "
                        "--synthetic and --seed)");
   }
-  free(all), free(b);
+  free(all);
   return rc;
 }
 
@@ -613,8 +616,7 @@ static int run_mpi(const run_cfg *c, const apb_model *m, apb_method meth, const 
   if ((rc = mpi_agree(hc, rc, why))) goto done;
   double mine[5] = {res.stats.prefill_s, res.stats.prefill_s + res.stats.query_s + res.stats.decode_s,
                     res.stats.attn_flops, (double)res.stats.bytes_sent, res.stats.prefill_s - res.stats.prefill_wait_s};
-  for (int r = 0; r < H; r++) b[r] = sizeof mine;
-  st = hc->ops->allgatherv(hc, mine, figs, b, &err);
+  st = gather_same_size(hc, mine, sizeof mine, figs, &err);
   if (!st && c->dump) {
     for (int r = 0; r < H; r++) b[r] = (size_t)apb_plan_rows(plan, r) * sizeof(int64_t);
     st = hc->ops->allgatherv(hc, res.row_pos, pos, b, &err);

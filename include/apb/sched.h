@@ -196,7 +196,7 @@ typedef struct apb_host_args {
 /* Run this host's prefill, query and decode. On failure the caller reports the error and then calls
  * comm->ops->abort, so that the peers return APB_ECOMM instead of waiting forever. A NaN or Inf among
  * the query's logits or any decode step's is APB_ENONFINITE naming the logit, on every host alike
- * (the last host's argmax carries the verdict in its broadcast), never a token picked silently. */
+ * (each checks its own copy: all hold the same logits), never a token picked silently. */
 apb_status apb_host_run(const apb_host_args *a, apb_host_result *res, apb_error *err);
 void apb_host_result_free(apb_host_result *r);
 
