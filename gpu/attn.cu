@@ -39,81 +39,19 @@
 
 #include "apb/attn.h"
 #include "apb/cuda.h"
+#include "attn_row.cuh"
 #include "gpu_common.h"
 
 /* gpu/attn_hopper.cu: the sm_90a kernel behind APB_CUDA_ATTN_HOPPER*; *done = 0 when it does not take
  * the case (then TC runs). variant 0 is its best, 1 to 5 the forced variants. */
-apb_status apb_cuda_attn_hopper(const apb_cuda_attn_args *x, float scale, int variant, void *stream, int *done,
-                                apb_error *err);
+apb_status apb_cuda_attn_hopper(const apb_cuda_attn_args *x, const apb_attn::AttnParams &a, int variant,
+                                void *stream, int *done, apb_error *err);
 
 namespace {
 
-typedef __nv_bfloat16 bf16;
-
-/* What both kernels need: the caller's pointers and shape, and the scale in two units. */
-struct AttnParams {
-  const void *q;            /* [T, Hq, D] */
-  const void *kp, *vp;      /* [P, Hkv, D] */
-  const void *ka, *va;      /* [A, Hkv, D] */
-  const void *kb, *vb;      /* [B, Hkv, D] */
-  void *o;                  /* [T, Hq, D] */
-  float *lse;               /* [Hq, T] or NULL */
-  int64_t P, A, B, T;
-  int Hq, Hkv, G, D, local_keys;
-  float scale;              /* natural-log units */
-  float scale_log2;         /* scale * log2(e): the TC kernel works in base 2 */
-};
+using namespace apb_attn;
 
 /* ================================================================ device helpers */
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ void store_val(float *p, float x) { *p = x; }
-__device__ __forceinline__ void store_val(bf16 *p, float x) { *p = __float2bfloat16_rn(x); }
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-
-/* sum_d q[d] * k[d] [D] in fp32 arithmetic, compensated (Ogita-Rump-Oishi Dot2: the exact error of
- * each product from an fma, of each sum from TwoSum, summed aside): as accurate as a dot product in
- * twice the precision. A plain fp32 dot product errs by about u * sum |q k|, which a peaked softmax
- * turns into a relative output error far above fp32 rounding (seen: 1e-6 with scores of std 3). The
- * _rn intrinsics keep the compiler from fusing the steps. */
-template <typename T>
-__device__ __forceinline__ float dot_compensated(const float *q, const T *k, int D) {
-  float s = 0.0f, c = 0.0f;
-  for (int d = 0; d < D; d++) {
-    const float a = q[d], b = to_f32(k[d]);
-    const float pr = __fmul_rn(a, b), pe = __fmaf_rn(a, b, -pr); /* pr + pe == a * b */
-    const float t = __fadd_rn(s, pr), z = __fsub_rn(t, s);         /* t + e == s + pr */
-    const float e = __fadd_rn(__fsub_rn(s, __fsub_rn(t, z)), __fsub_rn(pr, z));
-    c = __fadd_rn(c, __fadd_rn(e, pe));
-    s = t;
-  }
-  return __fadd_rn(s, c);
-}
-
-/* Key j (0 <= j < the row's key count) of a row, in the order [P | A | B] (an anchor row's keys are
- * anchor keys 0..i): the [D] vector of KV head hk. seg_* are [len, Hkv, D]. */
-template <typename T>
-__device__ __forceinline__ const T *row_key(const T *seg_p, const T *seg_a, const T *seg_b, bool anchor_row,
-                                            int64_t P, int64_t A, int64_t j, int Hkv, int hk, int D) {
-  const T *base;
-  int64_t t;
-  if (anchor_row) base = seg_a, t = j;
-  else if (j < P) base = seg_p, t = j;
-  else if (j < P + A) base = seg_a, t = j - P;
-  else base = seg_b, t = j - P - A;
-  return base + (t * Hkv + hk) * (int64_t)D;
-}
 
 __device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
 
@@ -157,7 +95,6 @@ __device__ __forceinline__ uint32_t swz(int row, int chunk, int cpr) {
 /* ================================================================ SIMPLE kernel */
 
 constexpr int kSimpleWarps = 4;
-constexpr int kMaxD = APB_CUDA_MAX_HEAD_DIM;
 
 /* grid: ceil(T * Hq / kSimpleWarps) blocks of kSimpleWarps warps. Warp id -> row T-1 - id/Hq (longest
  * rows first), query head id % Hq: the warps of a block are consecutive heads of one row, so the heads
@@ -169,52 +106,11 @@ __global__ void __launch_bounds__(kSimpleWarps * 32) attn_simple_kernel(AttnPara
   const int64_t id = (int64_t)blockIdx.x * kSimpleWarps + warp;
   if (id >= p.T * p.Hq) return;
   const int64_t r = p.T - 1 - id / p.Hq;
-  const int h = (int)(id % p.Hq), hk = h / p.G, D = p.D;
-  const bool anchor = r < p.A;
-  /* APB.md 3.6: anchor row i sees anchor keys 0..i; local row j sees P, A and local keys 0..j. */
-  const int64_t nk = anchor ? r + 1 : p.P + p.A + (p.local_keys ? r - p.A + 1 : 0);
-  const T *q = (const T *)p.q + (r * p.Hq + h) * (int64_t)D;
-  const T *kp = (const T *)p.kp, *ka = (const T *)p.ka, *kb = (const T *)p.kb;
-  const T *vp = (const T *)p.vp, *va = (const T *)p.va, *vb = (const T *)p.vb;
-  for (int d = lane; d < D; d += 32) qs[warp][d] = to_f32(q[d]);
+  const int h = (int)(id % p.Hq);
+  const T *q = (const T *)p.q + (r * p.Hq + h) * (int64_t)p.D;
+  for (int d = lane; d < p.D; d += 32) qs[warp][d] = to_f32(q[d]);
   __syncwarp();
-
-  float acc[kMaxD / 32]; /* [D/32] lane's output columns lane, lane+32, ... */
-#pragma unroll
-  for (int i = 0; i < kMaxD / 32; i++) acc[i] = 0.0f;
-  float m = -INFINITY, l = 0.0f;
-  for (int64_t c = 0; c < nk; c += 32) {
-    const int64_t j = c + lane;
-    float s = -INFINITY;
-    if (j < nk) {
-      const T *kr = row_key(kp, ka, kb, anchor, p.P, p.A, j, p.Hkv, hk, D);
-      s = dot_compensated(qs[warp], kr, D) * p.scale;
-    }
-    const float mn = fmaxf(m, warp_max(s)); /* finite: lane 0 always holds a key */
-    const float corr = expf(m - mn);        /* 0 on the first chunk (m = -inf) */
-    const float e = j < nk ? expf(s - mn) : 0.0f;
-    l = l * corr + warp_sum(e);
-#pragma unroll
-    for (int i = 0; i < kMaxD / 32; i++) acc[i] *= corr;
-    const int cnt = nk - c < 32 ? (int)(nk - c) : 32;
-    for (int jj = 0; jj < cnt; jj++) {
-      const float pj = __shfl_sync(0xffffffffu, e, jj);
-      const T *vr = row_key(vp, va, vb, anchor, p.P, p.A, c + jj, p.Hkv, hk, D);
-#pragma unroll
-      for (int i = 0; i < kMaxD / 32; i++) {
-        const int d = lane + 32 * i;
-        if (d < D) acc[i] = fmaf(pj, to_f32(vr[d]), acc[i]);
-      }
-    }
-    m = mn;
-  }
-  T *o = (T *)p.o + (r * p.Hq + h) * (int64_t)D;
-#pragma unroll
-  for (int i = 0; i < kMaxD / 32; i++) {
-    const int d = lane + 32 * i;
-    if (d < D) store_val(o + d, l > 0.0f ? acc[i] / l : 0.0f); /* no visible key: o = 0 */
-  }
-  if (p.lse && lane == 0) p.lse[(int64_t)h * p.T + r] = l > 0.0f ? m + logf(l) : -INFINITY;
+  attn_row_exact<T>(p, qs[warp], r, h, lane);
 }
 
 /* ================================================================ TC kernel */
@@ -478,8 +374,14 @@ __global__ void __launch_bounds__(TcCfg<DP, BN, MT>::kThreads, TcCfg<DP, BN, MT>
   }
   cp_async_wait_all(); /* with no key tile at all, the Q copy is still in flight */
 
-  /* Epilogue: o = O / l (0 for a row with no visible key), lse = m ln2 + ln l (-inf then). */
+  /* Epilogue: o = O / l (0 for a row with no visible key), lse = m ln2 + ln l (-inf then). Each row
+   * slot notes whether it stored an Inf or NaN, for the repair below. */
   bf16 *og = (bf16 *)p.o;
+  unsigned bad = 0; /* bit 2 mt + hf: that row slot stored an Inf or NaN */
+  auto row_of = [&](int s, int64_t *row, int *head) {
+    const int m = warp * 16 * MT + (s >> 1) * 16 + (lane >> 2) + 8 * (s & 1);
+    *row = row0 + m / tp.hc, *head = hk * p.G + g0 + m % tp.hc;
+  };
 #pragma unroll
   for (int mt = 0; mt < MT; mt++)
 #pragma unroll
@@ -493,16 +395,22 @@ __global__ void __launch_bounds__(TcCfg<DP, BN, MT>::kThreads, TcCfg<DP, BN, MT>
       const float inv = l > 0.0f ? 1.0f / l : 0.0f;
       const int h = hk * p.G + g0 + g;
       bf16 *orow = og + ((row0 + tok) * p.Hq + h) * (int64_t)D + 2 * (lane & 3);
+      bool nf = false;
 #pragma unroll
       for (int dn = 0; dn < DP / 8; dn++) {
         if (dn * 8 >= D) break;
-        const uint32_t v = apb_pack_bf16x2(oacc[mt][dn][2 * hf] * inv, oacc[mt][dn][2 * hf + 1] * inv);
-        *(uint32_t *)(orow + dn * 8) = v;
+        const float v0 = oacc[mt][dn][2 * hf] * inv, v1 = oacc[mt][dn][2 * hf + 1] * inv;
+        nf |= !isfinite(v0) || !isfinite(v1);
+        *(uint32_t *)(orow + dn * 8) = apb_pack_bf16x2(v0, v1);
       }
       if (p.lse && (lane & 3) == 0)
         p.lse[(int64_t)h * p.T + row0 + tok] =
             l > 0.0f ? mrow[mt][hf] * 0.69314718055994531f + logf(l) : -INFINITY;
+      bad |= (unsigned)nf << (2 * mt + hf);
     }
+  /* A row made non-finite by the P V product of a key it does not see: recomputed exactly
+   * (gpu/attn_row.cuh). Phase 1 loaded the row segment's keys [0, r0 + ntok), zeros past that. */
+  attn_repair_rows<2 * MT>(p, anchor, r0, r0 + ntok, bad, row_of, lane);
 }
 
 /* ================================================================ helpers for the C side */
@@ -609,7 +517,7 @@ extern "C" apb_status apb_cuda_attn(const apb_cuda_attn_args *x, apb_cuda_attn_i
     /* HOPPER -> its best variant (0); HOPPER_Vk -> variant k. */
     const int variant = impl == APB_CUDA_ATTN_HOPPER ? 0 : (int)impl - (int)APB_CUDA_ATTN_HOPPER;
     int done = 0;
-    const apb_status hs = apb_cuda_attn_hopper(x, a.scale, variant, stream, &done, err);
+    const apb_status hs = apb_cuda_attn_hopper(x, a, variant, stream, &done, err);
     if (hs != APB_OK || done) return hs;
   }
   const int wide = impl != APB_CUDA_ATTN_TC_W16; /* W32 unless asked otherwise (D <= 128 only) */

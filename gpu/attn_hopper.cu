@@ -57,15 +57,16 @@
 #include <string.h>
 
 #include "apb/cuda.h"
+#include "attn_row.cuh"
 #include "gpu_common.h"
 
 /* Called by apb_cuda_attn (gpu/attn.cu) after it validated x (shapes, BF16 storage); sets *done = 1
  * when it launched, *done = 0 when this kernel does not take the case (D not 64/128, a device other than
  * compute capability 9.0, a pointer not 16-byte aligned, a length past 2^31): then the caller runs TC.
- * variant: 1 to 5 (see the top of the file), 0 for the best one for D (kBestVariantD*). scale in
- * natural-log units. */
-apb_status apb_cuda_attn_hopper(const apb_cuda_attn_args *x, float scale, int variant, void *stream, int *done,
-                                apb_error *err);
+ * variant: 1 to 5 (see the top of the file), 0 for the best one for D (kBestVariantD*). a: the same
+ * call as the other kernels see it (scale, and the raw pointers the epilogue's exact rows read). */
+apb_status apb_cuda_attn_hopper(const apb_cuda_attn_args *x, const apb_attn::AttnParams &a, int variant,
+                                void *stream, int *done, apb_error *err);
 
 namespace {
 
@@ -117,6 +118,7 @@ struct HopParams {
   int hgroup;               /* CTA order: head slots interleaved per row tile (1..Hkv*gsplit), see get_work */
   float scale_log2;         /* scale * log2(e) */
   uint32_t q_bytes;         /* bytes one Q load brings: D/64 boxes of 64 x hc x tpc bf16 */
+  apb_attn::AttnParams a;   /* the raw pointers and shape, for the rows the epilogue recomputes */
 };
 
 /* The CTA's rows and key tiles (APB.md 3.6), the same in every thread. */
@@ -579,7 +581,9 @@ __global__ void __launch_bounds__(kThreads, 1) attn_hopper_kernel(const __grid_c
       mbar_arrive(empty_v(sl));
     }
 
-    /* Epilogue: o = O / l (0 for a row with no visible key), lse = m ln 2 + ln l (-inf then). */
+    /* Epilogue: o = O / l (0 for a row with no visible key), lse = m ln 2 + ln l (-inf then). Each row
+     * slot notes whether it stored an Inf or NaN, for the repair below. */
+    unsigned bad = 0; /* bit h: row slot h stored an Inf or NaN */
 #pragma unroll
     for (int h = 0; h < 2; h++) {
       float lt = l[h];
@@ -590,12 +594,27 @@ __global__ void __launch_bounds__(kThreads, 1) attn_hopper_kernel(const __grid_c
       const float inv = lt > 0.0f ? 1.0f / lt : 0.0f;
       const int head = w.hk * p.G + w.g0 + g;
       bf16 *orow = p.o + ((int64_t)(w.row0 + tok) * p.Hq + head) * D + 2 * (lane & 3);
+      bool nf = false;
 #pragma unroll
-      for (int j = 0; j < D / 8; j++)
-        *(uint32_t *)(orow + 8 * j) = apb_pack_bf16x2(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+      for (int j = 0; j < D / 8; j++) {
+        const float v0 = o[4 * j + 2 * h] * inv, v1 = o[4 * j + 2 * h + 1] * inv;
+        nf |= !isfinite(v0) || !isfinite(v1);
+        *(uint32_t *)(orow + 8 * j) = apb_pack_bf16x2(v0, v1);
+      }
       if (p.lse && (lane & 3) == 0)
         p.lse[(int64_t)head * p.T + w.row0 + tok] = lt > 0.0f ? m[h] * 0.69314718055994531f + logf(lt) : -INFINITY;
+      bad |= (unsigned)nf << h;
     }
+    /* A row made non-finite by the P V product of a key it does not see: recomputed exactly
+     * (gpu/attn_row.cuh). The CTA's causal tiles load the row segment's keys up to a whole tile past
+     * its last token (TMA fills zeros only past the segment's end). */
+    auto row_of = [&](int s, int64_t *row, int *head) {
+      const int mr = mrow + 8 * s, tok = mr / p.hc;
+      *row = w.row0 + tok, *head = w.hk * p.G + w.g0 + (mr - tok * p.hc);
+    };
+    const int ntown = w.anchor ? w.nA : w.nB;
+    const int64_t kend = min((int64_t)ntown * kBN, (int64_t)(w.anchor ? p.A : p.B));
+    apb_attn::attn_repair_rows<2>(p.a, w.anchor, w.r0, kend, bad, row_of, lane);
   }
 }
 
@@ -675,8 +694,8 @@ static int hop_head_group(int nh) {
   return k <= 0 || k > nh ? nh : (int)k;
 }
 
-apb_status apb_cuda_attn_hopper(const apb_cuda_attn_args *x, float scale, int variant, void *stream, int *done,
-                                apb_error *err) {
+apb_status apb_cuda_attn_hopper(const apb_cuda_attn_args *x, const apb_attn::AttnParams &a, int variant,
+                                void *stream, int *done, apb_error *err) {
   apb_status st = APB_OK;
   *done = 0;
   if (variant < 0 || variant > 5) return apb_error_set(err, APB_EINVAL, "cuda_attn hopper: variant %d", variant);
@@ -706,7 +725,8 @@ apb_status apb_cuda_attn_hopper(const apb_cuda_attn_args *x, float scale, int va
     hp.nlt = (hp.B + hp.tpc - 1) / hp.tpc;
     hp.local_keys = x->local_keys;
     hp.hgroup = hop_head_group(hp.Hkv * hp.gsplit);
-    hp.scale_log2 = scale * 1.4426950408889634f;
+    hp.scale_log2 = a.scale_log2;
+    hp.a = a;
     hp.q_bytes = (uint32_t)(x->D * hp.hc * hp.tpc * 2);
     const int64_t blocks = ((int64_t)hp.nat + hp.nlt) * hp.Hkv * hp.gsplit;
     if (blocks > INT_MAX)
