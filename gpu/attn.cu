@@ -10,7 +10,8 @@
  * Two kernels compute the same function:
  *   SIMPLE  one warp per (row, query head): fp32 CUDA-core math (no TF32), online softmax over chunks of
  *           32 keys (lane i scores key c+i with a compensated dot product; the warp then accumulates
- *           p*v, each lane owning D/32 columns). F32 or BF16 storage, any D <= 256. The tight-validation path and the fallback.
+ *           p*v, each lane owning D/32 columns; attn_row_exact in gpu/attn_row.cuh). F32 or BF16
+ *           storage, any D <= 256. The tight-validation path and the fallback.
  *   TC      FlashAttention-2 style, BF16 storage, fp32 accumulation: mma.sync m16n8k16 with ldmatrix
  *           from XOR-swizzled shared memory, K and V tiles double-buffered with cp.async (tile t+1
  *           streams in while tile t is computed; one barrier per tile), online softmax in registers.
@@ -23,6 +24,9 @@
  *           any tile size: tiles are clipped and zero-filled. CTAs run longest first (the last local
  *           row tiles see the most keys). Fast paths D = 64 and 128; D <= 256 with D % 8 == 0 runs
  *           padded to 64, 128 or 256; other D (or pointers not 16-byte aligned) fall back to SIMPLE.
+ *           Its P V product multiplies a masked key's p = 0 by that key's value, so an Inf or NaN
+ *           value can poison rows that never see the key: the epilogue recomputes such rows exactly
+ *           (attn_repair_rows, gpu/attn_row.cuh; docs/gpu-attention.md), as the Hopper kernel does.
  *
  * What it is not: a Hopper wgmma/TMA kernel (a later issue), a varlen or batched API, or a backward.
  *

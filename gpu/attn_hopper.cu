@@ -35,6 +35,8 @@
  *     does its softmax). Stages S: 2 at D = 128, 4 at D = 64; variants 4 and 5 are 2 and 3 with one
  *     more stage (3 at D = 128 fills the 227 KiB of shared memory). APB_CUDA_ATTN_HOPPER runs 2 at
  *     D = 128 and 3 at D = 64, the fastest on an H100 (docs/performance.md).
+ *   - The epilogue recomputes exactly a row that a masked key's Inf or NaN value made non-finite
+ *     (p = 0 times Inf in P V; attn_repair_rows, gpu/attn_row.cuh): nothing but a vote on finite data.
  *   - CTAs are numbered one KV head after another and, within a head, longest first (the last local
  *     row tiles see the most keys); the grid is not persistent: the hardware hands the next CTA to
  *     whichever SM frees up first, which is the longest-first greedy schedule for causal balance, and
