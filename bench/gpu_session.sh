@@ -8,7 +8,7 @@
 #
 #   bash bench/gpu_session.sh [STAGE ...]      stages: build check gpucheck bench-attn attn-rounds
 #                                              bench-ops sanitize prefill prefill-balance prefill-ab
-#                                              cache-ab attn-ab torch-prefill
+#                                              cache-ab ab torch-prefill
 #   bash bench/gpu_session.sh pack             (here) source tarball into .gpudist when make dist fails
 #
 # Default stages: build gpucheck. Logs and results go to $OUT (or ./.out when OUT is unset).
@@ -132,23 +132,25 @@ for st in "${stages[@]}"; do
     ng=$(nvidia-smi -L | wc -l)
     (cd $bld && ./apb bench prefill ${PREFILL_BALANCE_ARGS:---tokens 131072 --gpus $ng --anchor 4096 --passing 2048 --warmup 1 --reps 2 --profile 0} \
        --method star,apb --balance --json "$OUT/prefill-balance.json" 2>&1 | tee "$OUT/prefill-balance.txt") ;;
-  attn-ab)
-    # `apb bench gpu-attn` of this tree against a base tarball (.gpudist/base/apb-*.tar.gz, e.g. `make
-    # dist` of the previous commit), alternating over $ATTN_AB_ROUNDS rounds (default 2) on this GPU:
-    # impls $ATTN_AB_IMPL (default tc,hopper), $ATTN_AB_ARGS (default --tokens 32768,131072 --apb-shape).
+  ab)
+    # `apb $AB_ARGS` (default: bench gpu-attn --impl tc,hopper --tokens 32768,131072 --apb-shape) of this
+    # tree against a base tarball (.gpudist/base/apb-*.tar.gz, e.g. `make dist` of the previous commit),
+    # alternating over $AB_ROUNDS rounds (default 2) on this GPU, the base first in odd rounds and
+    # second in even ones. Lines go to $OUT/ab.txt prefixed "ab ROUND base|new:".
     btar=$(ls "$root"/.gpudist/base/apb-*.tar.gz 2>/dev/null | head -n1)
-    [ -n "$btar" ] || { log "attn-ab: no .gpudist/base/apb-*.tar.gz"; rc_all=1; continue; }
+    [ -n "$btar" ] || { log "ab: no .gpudist/base/apb-*.tar.gz"; rc_all=1; continue; }
     if [ ! -x /tmp/apbbase/bld/apb ]; then
       rm -rf /tmp/apbbase; mkdir -p /tmp/apbbase/src /tmp/apbbase/bld
       tar -xzf "$btar" -C /tmp/apbbase/src --strip-components=1
       (cd /tmp/apbbase/bld && ../src/configure -q --with-cuda --with-nccl >"$OUT/base_configure.log" 2>&1 \
-         && make -j16 apb >"$OUT/base_make.log" 2>&1) || { log "attn-ab: the base did not build"; rc_all=1; continue; }
+         && make -j16 apb >"$OUT/base_make.log" 2>&1) || { log "ab: the base did not build"; rc_all=1; continue; }
     fi
-    for round in $(seq 1 "${ATTN_AB_ROUNDS:-2}"); do
-      for v in base new; do
+    for round in $(seq 1 "${AB_ROUNDS:-2}"); do
+      order="base new"; [ $((round % 2)) -eq 0 ] && order="new base"
+      for v in $order; do
         dir=$bld; [ $v = base ] && dir=/tmp/apbbase/bld
-        (cd $dir && ./apb bench gpu-attn --impl ${ATTN_AB_IMPL:-tc,hopper} ${ATTN_AB_ARGS:---tokens 32768,131072 --apb-shape} 2>&1 \
-           | sed "s/^/attn-ab $round $v: /" | tee -a "$OUT/attn_ab.txt")
+        (cd $dir && ./apb ${AB_ARGS:-bench gpu-attn --impl tc,hopper --tokens 32768,131072 --apb-shape} 2>&1 \
+           | sed "s/^/ab $round $v: /" | tee -a "$OUT/ab.txt")
       done
     done ;;
   cache-ab)

@@ -15,8 +15,8 @@
  *     so F32 agrees with the oracle to the last bit in practice (an fp32 angle would be off by up to
  *     pos * 2^-24 ~ 8e-3 rad at 128K positions). v is a strided 2-D copy (exact);
  *   - swiglu: silu(g) * u = g / (1 + exp(-g)) * u, in double for F32 storage and in fp32 for BF16
- *     (where a gate below -88.7 gives -0 while silu(g) is a tiny nonzero number, below 2e-37 in size;
- *     the CPU paths keep those, so only a row whose every gate is that negative compares badly);
+ *     (gates below -80 in double there, where expf(-g) would overflow and turn silu(g) into -0: the
+ *     CPU fast path's arithmetic);
  *   - add: one fp32 addition per element, rounded once (bitwise the CPU's);
  *   - merge (APB.md 4): one warp per (row, head): m = max lse_i (NaN if any is NaN), weights
  *     exp(lse_i - m) / sum in double, skipping -inf partials; rows that no partial saw get o = 0 and
@@ -354,6 +354,13 @@ done:
 
 /* silu(g) * u in the arithmetic M of the storage type (cu_math). */
 template <typename M> __device__ __forceinline__ M silu_mul(M g, M u) { return g / ((M)1 + exp(-g)) * u; }
+/* fp32 (BF16 storage): below -80, expf(-g) nears fp32's overflow (past -88.7 it is Inf and g / Inf = -0,
+ * while silu(g) is a normal number down to about -91 and a subnormal down to -103.9): there g e^g in
+ * double, rounded once, as the CPU fast path does (ref/backend_fast.c); a rare branch, every other
+ * gate's bits unchanged. */
+template <> __device__ __forceinline__ float silu_mul<float>(float g, float u) {
+  return g >= -80.0f ? g / (1.0f + expf(-g)) * u : (float)((double)g * exp((double)g)) * u;
+}
 
 template <typename T>
 __global__ void swiglu_kernel(const T *gu, int64_t nt, int64_t F, T *out) {

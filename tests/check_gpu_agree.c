@@ -567,6 +567,21 @@ START_TEST(test_swiglu_add) {
   run_swiglu(ref_be(), gu, T, F, sr);
   if (emu) run_swiglu(emu, gu, T, F, se);
   agree("op:swiglu", "-", 1, dt, sg, sr, emu ? se : NULL, T * F, 1);
+  if (j == 0) {
+    /* gates in [-91, -89]: expf(-g) overflows fp32, yet silu(g) is a normal number in fp32 and bf16
+     * (-2e-37 to -3e-38), not -0; F = 8 takes BF16's 16-byte kernel, F = 3 its scalar one */
+    for (int64_t Fd = 8; Fd >= 3; Fd -= 5) {
+      float deep[16], od[8];
+      for (int i = 0; i < Fd; i++) deep[i] = -89.0f - (float)(i % 3), deep[Fd + i] = 1.0f;
+      run_swiglu(gpu_be(dt), deep, 1, Fd, od);
+      for (int i = 0; i < Fd; i++) {
+        const double g = deep[i], want = g / (1.0 + exp(-g));
+        ck_assert_msg(fabs(od[i] - want) <= (dt == APB_DT_BF16 ? 0x1p-8 : 0x1p-23) * fabs(want),
+                      "swiglu %s, F=%lld: silu(%g) = %g, want %g", apb_dtype_name(dt), (long long)Fd, g,
+                      (double)od[i], want);
+      }
+    }
+  }
   /* add: one fp32 addition (then one bf16 rounding) per element: bitwise the oracle's (F32) or the
    * emulation's (BF16) */
   float *y = rnd_in((size_t)(T * F), 90 + _i, 1.0f, dt), *x = rnd_in((size_t)(T * F), 95 + _i, 1.0f, dt);
