@@ -9,6 +9,13 @@
  * run the splitting without 2 GiB transfers. Counts are logical, as in sim/comm_sim.c, so that both
  * give the same figures.
  * MPI errors are returned (MPI_ERRORS_RETURN) as APB_ECOMM with MPI's error string.
+ * Every transfer is posted non-blocking and polled (MPI_Testall, sleeping up to 1 ms between polls once
+ * it has waited 200 us), so that a peer that never comes (crashed outside MPI's sight, diverged, stuck)
+ * ends in APB_ETIMEOUT after APB_MPI_TIMEOUT_S seconds (default 300; 0 waits forever) instead of a
+ * hang. The requests of a timed-out or failed transfer cannot be taken back, so the communicator then
+ * stays failed: every later call returns the first failure (the program ends the job with MPI_Abort).
+ * Test-only fault hook: APB_MPI_STALL_RANK=r makes rank r sleep APB_MPI_STALL_S seconds (default 60)
+ * before its first transfer, a peer that comes late or never.
  * Tested by tests/check_sched.c, which runs `mpirun -np 2|4 apb run` and compares bitwise with the
  * in-process simulation.
  */
@@ -16,6 +23,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -34,15 +42,75 @@ static double now_s(void) {
 static int we_initialised;
 static size_t piece = (size_t)INT_MAX; /* bytes per MPI message of a split transfer (APB_MPI_PIECE) */
 
+/* What a communicator keeps besides apb_comm (c->impl). */
+typedef struct {
+  double timeout_s;              /* APB_MPI_TIMEOUT_S: give up on a transfer after this long (0: never) */
+  int stall_rank;                /* APB_MPI_STALL_RANK (-1: none) */
+  double stall_s;                /* APB_MPI_STALL_S */
+  apb_error failed;              /* the first failure; code APB_OK while the communicator is usable */
+} mpi_state;
+
+static mpi_state *state_of(apb_comm *c) { return (mpi_state *)c->impl; }
+
 /* messages of a transfer of b bytes: at least one (a 0-byte one too) */
 static size_t pieces(size_t b) { return b == 0 ? 1 : b / piece + (b % piece != 0); }
+
+/* Record err's failure as the communicator's (the first one stays) and return it. */
+static apb_status fail_stays(apb_comm *c, apb_status st, apb_error *err) {
+  mpi_state *ms = state_of(c);
+  if (ms->failed.code == APB_OK) {
+    ms->failed.code = st;
+    snprintf(ms->failed.msg, sizeof ms->failed.msg, "%s", err && err->msg[0] ? err->msg : apb_status_str(st));
+  }
+  return st;
+}
 
 static apb_status mpi_fail(apb_comm *c, int rc, const char *what, apb_error *err) {
   char s[MPI_MAX_ERROR_STRING];
   int len = 0;
   MPI_Error_string(rc, s, &len);
   s[len < MPI_MAX_ERROR_STRING ? len : MPI_MAX_ERROR_STRING - 1] = 0;
-  return apb_error_set(err, APB_ECOMM, "MPI rank %d: %s failed: %s", c->rank, what, s);
+  return fail_stays(c, apb_error_set(err, APB_ECOMM, "MPI rank %d: %s failed: %s", c->rank, what, s), err);
+}
+
+/* Before a transfer: a failed communicator returns its first failure; the stall hook sleeps once. */
+static apb_status enter(apb_comm *c, apb_error *err) {
+  mpi_state *ms = state_of(c);
+  if (ms->failed.code != APB_OK)
+    return apb_error_set(err, ms->failed.code, "%s (the MPI communicator failed earlier)", ms->failed.msg);
+  if (ms->stall_rank == c->rank) {
+    ms->stall_rank = -1;
+    struct timespec ts = {(time_t)ms->stall_s, (long)((ms->stall_s - (double)(time_t)ms->stall_s) * 1e9)};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+  }
+  return APB_OK;
+}
+
+/* Wait for n posted requests, polling: APB_ETIMEOUT once the transfer has taken longer than the
+ * timeout (counted from t0). Polls back to back for the first 200 us, then sleeps between polls,
+ * 10 us doubling up to 1 ms: a long wait costs little CPU, a short one no added latency. */
+static apb_status settle(apb_comm *c, MPI_Request *r, int n, const char *what, double t0, apb_error *err) {
+  const double limit = state_of(c)->timeout_s;
+  long nap_ns = 10000;
+  for (;;) {
+    int flag = 0, rc = MPI_Testall(n, r, &flag, MPI_STATUSES_IGNORE);
+    if (rc != MPI_SUCCESS) return mpi_fail(c, rc, what, err);
+    if (flag) return APB_OK;
+    const double waited = now_s() - t0;
+    if (limit > 0 && waited > limit)
+      return fail_stays(c,
+                        apb_error_set(err, APB_ETIMEOUT,
+                                      "MPI rank %d: %s did not complete within %.3g s (APB_MPI_TIMEOUT_S): a peer "
+                                      "failed, diverged or never called it",
+                                      c->rank, what, limit),
+                        err);
+    if (waited > 200e-6) {
+      struct timespec ts = {0, nap_ns};
+      nanosleep(&ts, NULL);
+      if (nap_ns < 1000000) nap_ns *= 2;
+    }
+  }
 }
 
 static apb_status check_int(apb_comm *c, size_t n, const char *what, apb_error *err) {
@@ -67,14 +135,14 @@ static apb_status mpi_allgatherv(apb_comm *c, const void *send, void *recv, cons
     dis[r] = (int)off;
     off += bytes[r];
   }
+  if ((st = enter(c, err))) goto done;
   double t0 = now_s();
   const void *sb = (const char *)send == (const char *)recv + dis[c->rank] ? MPI_IN_PLACE : send;
-  int rc = MPI_Allgatherv(sb, cnt[c->rank], MPI_BYTE, recv, cnt, dis, MPI_BYTE, MPI_COMM_WORLD);
+  MPI_Request rq;
+  int rc = MPI_Iallgatherv(sb, cnt[c->rank], MPI_BYTE, recv, cnt, dis, MPI_BYTE, MPI_COMM_WORLD, &rq);
+  st = rc != MPI_SUCCESS ? mpi_fail(c, rc, "MPI_Iallgatherv", err) : settle(c, &rq, 1, "allgather", t0, err);
   c->stats.wait_s += now_s() - t0;
-  if (rc != MPI_SUCCESS) {
-    st = mpi_fail(c, rc, "MPI_Allgatherv", err);
-    goto done;
-  }
+  if (st) goto done;
   c->stats.calls[APB_COLL_ALLGATHER]++;
   c->stats.bytes_sent[APB_COLL_ALLGATHER] += (int64_t)bytes[c->rank] * (H - 1);
   c->stats.bytes_recv[APB_COLL_ALLGATHER] += (int64_t)(off - bytes[c->rank]);
@@ -94,6 +162,8 @@ static apb_status mpi_sendrecv(apb_comm *c, const void *send, size_t sbytes, int
                                int src, apb_error *err) {
   if (dst >= c->size || src >= c->size || dst < -1 || src < -1) /* -1: no peer */
     return apb_error_set(err, APB_EINVAL, "sendrecv: rank %d names peer %d/%d of %d", c->rank, dst, src, c->size);
+  apb_status st = enter(c, err);
+  if (st) return st;
   double t0 = now_s();
   /* pieces of at most `piece` bytes, both directions in step; a direction whose pieces are all sent
    * talks to MPI_PROC_NULL, so that each end exchanges exactly pieces(bytes) messages with a peer */
@@ -103,10 +173,13 @@ static apb_status mpi_sendrecv(apb_comm *c, const void *send, size_t sbytes, int
     size_t ns = i < ps ? sbytes - done_s : 0, nr = i < pr ? rbytes - done_r : 0;
     if (ns > piece) ns = piece;
     if (nr > piece) nr = piece;
-    int rc = MPI_Sendrecv((const char *)send + done_s, (int)ns, MPI_BYTE, i < ps ? dst : MPI_PROC_NULL, 17,
-                          (char *)recv + done_r, (int)nr, MPI_BYTE, i < pr ? src : MPI_PROC_NULL, 17,
-                          MPI_COMM_WORLD, MPI_STATUS_IGNORE);
-    if (rc != MPI_SUCCESS) return mpi_fail(c, rc, "MPI_Sendrecv", err);
+    MPI_Request rq[2];
+    int rc = MPI_Irecv((char *)recv + done_r, (int)nr, MPI_BYTE, i < pr ? src : MPI_PROC_NULL, 17, MPI_COMM_WORLD, &rq[0]);
+    if (rc != MPI_SUCCESS) return mpi_fail(c, rc, "MPI_Irecv", err);
+    rc = MPI_Isend((const char *)send + done_s, (int)ns, MPI_BYTE, i < ps ? dst : MPI_PROC_NULL, 17, MPI_COMM_WORLD,
+                   &rq[1]);
+    if (rc != MPI_SUCCESS) return mpi_fail(c, rc, "MPI_Isend", err);
+    if ((st = settle(c, rq, 2, "sendrecv", t0, err))) return st;
     done_s += ns, done_r += nr;
   }
   c->stats.wait_s += now_s() - t0;
@@ -136,13 +209,13 @@ static apb_status mpi_alltoallv(apb_comm *c, const void *send, const size_t *sby
     sc[r] = (int)sbytes[r], sd[r] = (int)so, rc_[r] = (int)rbytes[r], rd[r] = (int)ro;
     so += sbytes[r], ro += rbytes[r];
   }
+  if ((st = enter(c, err))) goto done;
   double t0 = now_s();
-  int rc = MPI_Alltoallv(send, sc, sd, MPI_BYTE, recv, rc_, rd, MPI_BYTE, MPI_COMM_WORLD);
+  MPI_Request rq;
+  int rc = MPI_Ialltoallv(send, sc, sd, MPI_BYTE, recv, rc_, rd, MPI_BYTE, MPI_COMM_WORLD, &rq);
+  st = rc != MPI_SUCCESS ? mpi_fail(c, rc, "MPI_Ialltoallv", err) : settle(c, &rq, 1, "alltoall", t0, err);
   c->stats.wait_s += now_s() - t0;
-  if (rc != MPI_SUCCESS) {
-    st = mpi_fail(c, rc, "MPI_Alltoallv", err);
-    goto done;
-  }
+  if (st) goto done;
   c->stats.calls[APB_COLL_ALLTOALL]++; /* counted on success only, as the other collectives */
   for (int r = 0; r < H; r++)
     if (r != c->rank) {
@@ -163,11 +236,15 @@ static apb_status mpi_ialltoallv(apb_comm *c, const void *send, const size_t *sb
 static apb_status mpi_bcast(apb_comm *c, void *buf, size_t bytes, int root, apb_error *err) {
   if (root < 0 || root >= c->size)
     return apb_error_set(err, APB_EINVAL, "bcast: root %d is not a rank of %d", root, c->size);
+  apb_status st = enter(c, err);
+  if (st) return st;
   double t0 = now_s();
   for (size_t i = 0, off = 0, np = pieces(bytes); i < np; i++) { /* every rank: the same pieces */
     size_t n = bytes - off > piece ? piece : bytes - off;
-    int rc = MPI_Bcast((char *)buf + off, (int)n, MPI_BYTE, root, MPI_COMM_WORLD);
-    if (rc != MPI_SUCCESS) return mpi_fail(c, rc, "MPI_Bcast", err);
+    MPI_Request rq;
+    int rc = MPI_Ibcast((char *)buf + off, (int)n, MPI_BYTE, root, MPI_COMM_WORLD, &rq);
+    if (rc != MPI_SUCCESS) return mpi_fail(c, rc, "MPI_Ibcast", err);
+    if ((st = settle(c, &rq, 1, "bcast", t0, err))) return st;
     off += n;
   }
   c->stats.wait_s += now_s() - t0;
@@ -180,10 +257,14 @@ static apb_status mpi_bcast(apb_comm *c, void *buf, size_t bytes, int root, apb_
 }
 
 static apb_status mpi_barrier(apb_comm *c, apb_error *err) {
+  apb_status st = enter(c, err);
+  if (st) return st;
   double t0 = now_s();
-  int rc = MPI_Barrier(MPI_COMM_WORLD);
+  MPI_Request rq;
+  int rc = MPI_Ibarrier(MPI_COMM_WORLD, &rq);
+  st = rc != MPI_SUCCESS ? mpi_fail(c, rc, "MPI_Ibarrier", err) : settle(c, &rq, 1, "barrier", t0, err);
   c->stats.wait_s += now_s() - t0;
-  if (rc != MPI_SUCCESS) return mpi_fail(c, rc, "MPI_Barrier", err);
+  if (st) return st;
   c->stats.calls[APB_COLL_BARRIER]++;
   return APB_OK;
 }
@@ -193,7 +274,10 @@ static apb_status mpi_wait(apb_comm *c, apb_comm_req *req, apb_error *err) {
   return APB_OK;
 }
 
-static void mpi_destroy(apb_comm *c) { free(c); }
+static void mpi_destroy(apb_comm *c) {
+  if (c) free(c->impl);
+  free(c);
+}
 
 static void mpi_abort(apb_comm *c, const char *why) {
   (void)c, (void)why; /* the program has reported why on stderr; MPI_Abort ends every rank */
@@ -242,6 +326,31 @@ apb_status apb_comm_mpi(apb_backend *be, apb_comm **out, apb_error *err) {
                            INT_MAX);
     piece = (size_t)v;
   }
+  double timeout_s = 300, stall_s = 60;
+  long stall_rank = -1;
+  const struct {
+    const char *name;
+    double *x;
+  } secs[] = {{"APB_MPI_TIMEOUT_S", &timeout_s}, {"APB_MPI_STALL_S", &stall_s}};
+  for (size_t i = 0; i < sizeof secs / sizeof *secs; i++) {
+    const char *v = getenv(secs[i].name);
+    if (!v || !*v) continue;
+    char *end = NULL;
+    errno = 0;
+    const double x = strtod(v, &end);
+    if (errno || *end || !(x >= 0 && x <= 1e9))
+      return apb_error_set(err, APB_EINVAL, "%s='%s' is not a number of seconds in [0, 1e9] (0: %s)", secs[i].name, v,
+                           i == 0 ? "no timeout" : "no stall");
+    *secs[i].x = x;
+  }
+  const char *sr = getenv("APB_MPI_STALL_RANK");
+  if (sr && *sr) {
+    char *end = NULL;
+    errno = 0;
+    stall_rank = strtol(sr, &end, 10);
+    if (errno || *end || stall_rank < 0 || stall_rank > INT_MAX)
+      return apb_error_set(err, APB_EINVAL, "APB_MPI_STALL_RANK='%s' is not a rank number (a test-only fault hook)", sr);
+  }
   int init = 0;
   MPI_Initialized(&init);
   if (!init) {
@@ -252,7 +361,13 @@ apb_status apb_comm_mpi(apb_backend *be, apb_comm **out, apb_error *err) {
   }
   MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
   apb_comm *c = calloc(1, sizeof *c);
-  if (!c) return apb_error_set(err, APB_ENOMEM, "MPI communicator: out of memory");
+  mpi_state *ms = calloc(1, sizeof *ms);
+  if (!c || !ms) {
+    free(c), free(ms);
+    return apb_error_set(err, APB_ENOMEM, "MPI communicator: out of memory");
+  }
+  ms->timeout_s = timeout_s, ms->stall_rank = (int)stall_rank, ms->stall_s = stall_s;
+  c->impl = ms;
   MPI_Comm_rank(MPI_COMM_WORLD, &c->rank);
   MPI_Comm_size(MPI_COMM_WORLD, &c->size);
   c->name = "mpi";

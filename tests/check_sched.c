@@ -21,6 +21,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "apb/cost.h"
 #include "apb/sim.h"
@@ -899,6 +900,12 @@ START_TEST(test_mpi_bitwise) {
 }
 END_TEST
 
+static double now_wall(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
 static int count_of(const char *hay, const char *needle) {
   int k = 0;
   for (const char *p = hay; (p = strstr(p, needle)); p++) k++;
@@ -959,6 +966,34 @@ START_TEST(test_mpi_errors) {
   free(wrap), free((char *)tokens);
 }
 END_TEST
+
+/* A rank that never comes to a collective: rank 1 sleeps 60 s before its first transfer (the test-only
+ * APB_MPI_STALL_RANK), so rank 0 must give up after APB_MPI_TIMEOUT_S=1 s, say so once naming itself,
+ * and end the job: a non-zero exit well before rank 1 would have woken. _i 1: a timeout that is not a
+ * number is refused on every rank before any transfer. */
+START_TEST(test_mpi_timeout) {
+  char cmd[1024], *out = NULL;
+  const char *env = _i == 0 ? "-x APB_MPI_TIMEOUT_S=1 -x APB_MPI_STALL_RANK=1 -x APB_MPI_STALL_S=60"
+                            : "-x APB_MPI_TIMEOUT_S=soon";
+  snprintf(cmd, sizeof cmd,
+           "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl=self,vader timeout 120 %s "
+           "--oversubscribe -x ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 %s -np 2 %s run --quiet --synthetic 1025 "
+           "--method ring --query-len 5 --max-new-tokens 2 --threads 1",
+           APB_MPIRUN, env, bin());
+  const double t0 = now_wall();
+  int rc = tu_sh(cmd, &out);
+  const double took = now_wall() - t0;
+  const char *expect = _i == 0 ? "rank 0 of 2: MPI rank 0: allgather did not complete within 1 s (APB_MPI_TIMEOUT_S)"
+                               : "APB_MPI_TIMEOUT_S='soon' is not a number of seconds";
+  const int k = count_of(out, expect);
+  if (rc == 0 || rc == 124 || k < 1 || (_i == 0 && (k != 1 || took > 40)))
+    fprintf(stderr, "`%s`: exit %d after %.1f s, '%s' %d times:\n%s\n", cmd, rc, took, expect, k, out);
+  ck_assert_msg(rc != 0 && rc != 124, "exit %d (0: passed; 124: hung)", rc);
+  ck_assert_msg(k >= 1 && (_i == 1 || k == 1), "the message came %d times: the output is above", k);
+  ck_assert_msg(_i == 1 || took < 40, "the job took %.1f s to end after a 1 s timeout", took);
+  free(out);
+}
+END_TEST
 #endif
 
 int main(void) {
@@ -990,6 +1025,7 @@ int main(void) {
 #if defined(HAVE_MPI) && defined(APB_MPIRUN)
   tcase_add_loop_test(tc, test_mpi_bitwise, 0, 3);
   tcase_add_test(tc, test_mpi_errors);
+  tcase_add_loop_test(tc, test_mpi_timeout, 0, 2);
 #else
   fprintf(stderr, "check_sched: built without MPI (or no mpirun): the mpirun comparison is not compiled in\n");
 #endif

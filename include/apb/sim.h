@@ -72,7 +72,12 @@ int apb_mpi_detect(void);
 /* Initialise MPI (if needed) and make the world communicator; be is this rank's backend (host memory
  * only: a backend with device memory is APB_EUNSUPPORTED, GPUs use NCCL). APB_EUNSUPPORTED without MPI.
  * Transfers over INT_MAX bytes go as several messages; APB_MPI_PIECE (bytes, 1 to INT_MAX) sets a
- * smaller message size (the tests use it to run the splitting); another value is APB_EINVAL. */
+ * smaller message size (the tests use it to run the splitting); another value is APB_EINVAL.
+ * A transfer that has not completed after APB_MPI_TIMEOUT_S seconds (default 300; 0 waits forever;
+ * not a number in [0, 1e9]: APB_EINVAL here) returns APB_ETIMEOUT naming the collective, and the
+ * communicator then returns that first failure from every call (its requests cannot be taken back:
+ * end the job, e.g. with its abort op). Test-only: APB_MPI_STALL_RANK=r makes rank r sleep
+ * APB_MPI_STALL_S seconds (default 60) before its first transfer. */
 apb_status apb_comm_mpi(apb_backend *be, apb_comm **out, apb_error *err);
 void apb_mpi_finalize(void);
 
