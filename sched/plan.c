@@ -176,16 +176,19 @@ apb_status apb_plan_make(const apb_run_opts *o, int64_t n, int64_t q_len, const 
   p->lp = o->passing >= 0 ? o->passing : p->la / 2;
   if (p->pool < 1 || p->pool % 2 == 0)
     return apb_error_set(err, APB_EINVAL, "--pool must be an odd window >= 1, got %d", p->pool);
-  if (p->lp > 0 && o->scorer == APB_SCORER_RETAINING && scorer_width <= 0)
-    return apb_error_set(err, APB_EINVAL, "the retaining scorer needs retaining heads (fc1/fc2), and this model has "
-                         "none (scorer width 0): load them (apb run --heads FILE), generate them (--scorer-width "
-                         ">= 1), or choose another scorer (apb run --scorer random|uniform)");
   p->excl0 = p->embed_query ? p->la - q_len : p->la;
+  int64_t selected = 0;
   for (int v = 0; v < p->V; v++) {
     int64_t len = p->block_start[v + 1] - p->block_start[v];
     int64_t eligible = v == 0 ? len - p->excl0 : len;
     if (eligible < 0) eligible = 0;
     p->n_sel[v] = v == p->V - 1 ? 0 : (p->lp < eligible ? p->lp : eligible);
+    selected += p->n_sel[v];
   }
+  /* The scorer runs only where a host selects (one host, or l_p = 0, selects nothing). */
+  if (selected > 0 && o->scorer == APB_SCORER_RETAINING && scorer_width <= 0)
+    return apb_error_set(err, APB_EINVAL, "the retaining scorer needs retaining heads (fc1/fc2), and this model has "
+                         "none (scorer width 0): load them (apb run --heads FILE), generate them (--scorer-width "
+                         ">= 1), or choose another scorer (apb run --scorer random|uniform)");
   return APB_OK;
 }

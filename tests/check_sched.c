@@ -642,6 +642,16 @@ START_TEST(test_plan_cost_validation) {
   ck_assert_int_eq(apb_sim_execute(&plan, tiny, &so, doc, query, res, NULL, &err), APB_EUNSUPPORTED);
   ck_assert_msg(strstr(err.msg, "int32"), "%s", err.msg);
   free(doc), free(query);
+  /* the retaining scorer without retaining heads: refused where a host selects, not on one host (which
+   * selects nothing) nor with l_p = 0 */
+  b = o;
+  apb_error_clear(&err);
+  ck_assert_int_eq(apb_plan_make(&b, 64, 2, &tiny->cfg, 0, &plan, &err), APB_EINVAL);
+  ck_assert_msg(strstr(err.msg, "retaining heads"), "%s", err.msg);
+  b.hosts = 1;
+  ck_assert_int_eq(apb_plan_make(&b, 64, 2, &tiny->cfg, 0, &plan, &err), APB_OK);
+  b = o, b.passing = 0;
+  ck_assert_int_eq(apb_plan_make(&b, 64, 2, &tiny->cfg, 0, &plan, &err), APB_OK);
   /* the cost model: rates must be finite and positive, the configuration valid */
   ck_assert_int_eq(apb_plan_make(&o, 64, 2, &tiny->cfg, tiny->scorer_width, &plan, &err), APB_OK);
   apb_hw hw, h0;
