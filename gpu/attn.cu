@@ -414,7 +414,7 @@ __global__ void __launch_bounds__(TcCfg<DP, BN, MT>::kThreads, TcCfg<DP, BN, MT>
     }
   /* A row made non-finite by the P V product of a key it does not see: recomputed exactly
    * (gpu/attn_row.cuh). Phase 1 loaded the row segment's keys [0, r0 + ntok), zeros past that. */
-  attn_repair_rows<2 * MT>(p, anchor, r0, r0 + ntok, bad, row_of, lane);
+  attn_repair_rows<2 * MT>(p, hk, anchor, r0, r0 + ntok, bad, row_of, lane);
 }
 
 /* ================================================================ helpers for the C side */

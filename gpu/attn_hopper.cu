@@ -616,7 +616,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_hopper_kernel(const __grid_c
     };
     const int ntown = w.anchor ? w.nA : w.nB;
     const int64_t kend = min((int64_t)ntown * kBN, (int64_t)(w.anchor ? p.A : p.B));
-    apb_attn::attn_repair_rows<2>(p.a, w.anchor, w.r0, kend, bad, row_of, lane);
+    apb_attn::attn_repair_rows<2>(p.a, w.hk, w.anchor, w.r0, kend, bad, row_of, lane);
   }
 }
 

@@ -162,27 +162,25 @@ __device__ __forceinline__ int64_t first_nonfinite_key(const bf16 *seg, int64_t 
  * recomputes it exactly, o and lse. Rows at i >= j see key j: their non-finite output is the
  * definition's. Called by the whole warp after its rows were stored, with this lane's NS row slots:
  * bit s of bad set when slot s stored a non-finite element, and row_of(s, &row, &head) giving the
- * slot's q/o row and query head; the lanes that share a row pool their bits here. anchor says which
- * segment the CTA's rows are in. Costs two shuffles and a vote unless some lane has a bad row. */
+ * slot's q/o row and query head; the lanes that share a row pool their bits here. hk is the CTA's KV
+ * head, anchor says which segment its rows are in. Costs two shuffles and a vote unless some lane has a bad row. */
 template <int NS, typename RowOf>
-__device__ __forceinline__ void attn_repair_rows(const AttnParams &p, bool anchor, int64_t r0, int64_t kend,
+__device__ __forceinline__ void attn_repair_rows(const AttnParams &p, int hk, bool anchor, int64_t r0, int64_t kend,
                                                  unsigned bad, RowOf row_of, int lane) {
   bad |= __shfl_xor_sync(0xffffffffu, bad, 1); /* the quad of lanes that share each row */
   bad |= __shfl_xor_sync(0xffffffffu, bad, 2);
   if (!__any_sync(0xffffffffu, bad != 0)) return;
   __syncwarp(); /* the stores above are visible to the whole warp */
   if (!(anchor || p.local_keys) || kend <= r0) return; /* no key of the row's own segment was multiplied unseen */
-  int64_t row;
-  int head;
-  row_of(0, &row, &head);
-  const int hk = head / p.G; /* a CTA's rows share one KV head */
   const bf16 *seg = (const bf16 *)(anchor ? p.va : p.vb);
   const int64_t j = first_nonfinite_key(seg, r0, kend, p.Hkv, hk, p.D, lane);
   if (j == kend) return;
   const int64_t seg0 = anchor ? 0 : p.A; /* row index of the segment's position 0 */
 #pragma unroll
   for (int s = 0; s < NS; s++) {
-    row_of(s, &row, &head);
+    int64_t row;
+    int head;
+    row_of(s, &row, &head); /* a slot past the CTA's rows or heads has no bad bit */
     unsigned todo = __ballot_sync(0xffffffffu, (bad >> s & 1u) && row - seg0 < j);
     while (todo) {
       const int src = __ffs(todo) - 1;
