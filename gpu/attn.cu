@@ -396,7 +396,7 @@ __global__ void __launch_bounds__(TcCfg<DP, BN, MT>::kThreads, TcCfg<DP, BN, MT>
       const int m = warp * 16 * MT + mt * 16 + (lane >> 2) + 8 * hf;
       const int tok = m / tp.hc, g = m % tp.hc;
       if (tok >= ntok || g >= hcount) continue;
-      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+      const float inv = l == 0.0f ? 0.0f : 1.0f / l; /* a NaN l stays NaN */
       const int h = hk * p.G + g0 + g;
       bf16 *orow = og + ((row0 + tok) * p.Hq + h) * (int64_t)D + 2 * (lane & 3);
       bool nf = false;
@@ -409,7 +409,7 @@ __global__ void __launch_bounds__(TcCfg<DP, BN, MT>::kThreads, TcCfg<DP, BN, MT>
       }
       if (p.lse && (lane & 3) == 0)
         p.lse[(int64_t)h * p.T + row0 + tok] =
-            l > 0.0f ? mrow[mt][hf] * 0.69314718055994531f + logf(l) : -INFINITY;
+            l == 0.0f ? -INFINITY : mrow[mt][hf] * 0.69314718055994531f + logf(l);
       bad |= (unsigned)nf << (2 * mt + hf);
     }
   /* A row made non-finite by the P V product of a key it does not see: recomputed exactly

@@ -593,7 +593,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_hopper_kernel(const __grid_c
       lt += __shfl_xor_sync(0xffffffffu, lt, 2);
       const int mr = mrow + 8 * h, tok = rtok[h], g = mr - tok * p.hc;
       if (tok >= w.ntok || g >= w.hcount) continue;
-      const float inv = lt > 0.0f ? 1.0f / lt : 0.0f;
+      const float inv = lt == 0.0f ? 0.0f : 1.0f / lt; /* a NaN l stays NaN */
       const int head = w.hk * p.G + w.g0 + g;
       bf16 *orow = p.o + ((int64_t)(w.row0 + tok) * p.Hq + head) * D + 2 * (lane & 3);
       bool nf = false;
@@ -604,7 +604,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_hopper_kernel(const __grid_c
         *(uint32_t *)(orow + 8 * j) = apb_pack_bf16x2(v0, v1);
       }
       if (p.lse && (lane & 3) == 0)
-        p.lse[(int64_t)head * p.T + w.row0 + tok] = lt > 0.0f ? m[h] * 0.69314718055994531f + logf(lt) : -INFINITY;
+        p.lse[(int64_t)head * p.T + w.row0 + tok] = lt == 0.0f ? -INFINITY : m[h] * 0.69314718055994531f + logf(lt);
       bad |= (unsigned)nf << h;
     }
     /* A row made non-finite by the P V product of a key it does not see: recomputed exactly

@@ -67,7 +67,8 @@ __device__ __forceinline__ float dot_compensated(const TQ *q, const T *k, int D)
     c = __fadd_rn(c, __fadd_rn(e, pe));
     s = t;
   }
-  return __fadd_rn(s, c);
+  /* An infinite product makes the error terms Inf - Inf = NaN: then the plain sum (+-Inf, or NaN). */
+  return isfinite(s) ? __fadd_rn(s, c) : s;
 }
 
 /* Key j (0 <= j < the row's key count) of a row, in the order [P | A | B] (an anchor row's keys are
@@ -89,7 +90,8 @@ __device__ __forceinline__ const T *row_key(const T *seg_p, const T *seg_a, cons
  * Online softmax over chunks of 32 keys: lane i scores key c+i with a compensated dot product, then
  * the warp accumulates p*v for the chunk's keys, each lane owning columns lane, lane+32, ...; only
  * the keys the row sees are read, so a key it does not see cannot reach it. A row whose every score
- * is -inf gets o = 0 and lse = -inf, as one that sees no key (apb/attn.h). */
+ * is -inf gets o = 0 and lse = -inf, as one that sees no key (apb/attn.h); a NaN or +Inf score makes
+ * o and lse NaN, as in the definition. */
 template <typename T, typename TQ>
 __device__ __forceinline__ void attn_row_exact(const AttnParams &p, const TQ *q, int64_t r, int h, int lane) {
   const int hk = h / p.G, D = p.D;
@@ -133,37 +135,30 @@ __device__ __forceinline__ void attn_row_exact(const AttnParams &p, const TQ *q,
 #pragma unroll
   for (int i = 0; i < kMaxD / 32; i++) {
     const int d = lane + 32 * i;
-    if (d < D) store_val(o + d, l > 0.0f ? acc[i] / l : 0.0f); /* no visible key: o = 0 */
+    if (d < D) store_val(o + d, l == 0.0f ? 0.0f : acc[i] / l); /* no visible key: o = 0; NaN stays */
   }
-  if (p.lse && lane == 0) p.lse[(int64_t)h * p.T + r] = l > 0.0f ? m + logf(l) : -INFINITY;
-}
-
-/* The first key of [k0, k1) of a segment ([len, Hkv, D] bf16) whose value for KV head hk has an Inf
- * or NaN element, or k1 when none has; the whole warp reads, every lane gets the answer. */
-__device__ __forceinline__ int64_t first_nonfinite_key(const bf16 *seg, int64_t k0, int64_t k1, int Hkv, int hk,
-                                                       int D, int lane) {
-  for (int64_t k = k0; k < k1; k++) {
-    const unsigned short *v = (const unsigned short *)(seg + (k * Hkv + hk) * (int64_t)D);
-    bool bad = false;
-    for (int d = lane; d < D; d += 32) bad |= (v[d] & 0x7f80u) == 0x7f80u; /* bf16 Inf or NaN */
-    if (__any_sync(0xffffffffu, bad)) return k;
-  }
-  return k1;
+  if (p.lse && lane == 0) p.lse[(int64_t)h * p.T + r] = l == 0.0f ? -INFINITY : m + logf(l);
 }
 
 /* The rare path of the tensor-core kernels' epilogues. Their P V product multiplies a whole key tile:
  * a key that a row does not see enters with p = 0, and if its value is Inf or NaN, 0 * Inf = NaN
  * reaches a row that never sees it (a later token's value poisoning earlier rows of its row tile,
- * where apb_attn_naive stays finite). Only keys of the row's own segment (anchor rows: A; local rows:
- * B) past the row's position can do that, and only those the CTA loaded: [r0, kend), r0 the CTA's
- * first token in the segment. The warp finds the first such key j with a non-finite value; a row at
- * position i < j whose stored output has a non-finite element sees no non-finite value in [r0, i]
- * and was poisoned (or sees one before r0, and the exact row is non-finite again), so the warp
- * recomputes it exactly, o and lse. Rows at i >= j see key j: their non-finite output is the
- * definition's. Called by the whole warp after its rows were stored, with this lane's NS row slots:
- * bit s of bad set when slot s stored a non-finite element, and row_of(s, &row, &head) giving the
- * slot's q/o row and query head; the lanes that share a row pool their bits here. hk is the CTA's KV
- * head, anchor says which segment its rows are in. Costs two shuffles and a vote unless some lane has a bad row. */
+ * where apb_attn_naive stays finite), column by column. Only keys of the row's own segment (anchor
+ * rows: A; local rows: B) past the row's position can do that, and only those the CTA loaded:
+ * [r0, kend), r0 the CTA's first token in the segment.
+ *
+ * The warp reads those value rows once and keeps, per column d, the last key whose value there is Inf
+ * or NaN (last_bad) and the first whose value is NaN (first_nan). A row at position i whose stored
+ * output has a non-finite element is recomputed exactly (o and lse, attn_row_exact) when some column
+ * has last_bad > i (an unseen non-finite value was multiplied into it) and first_nan > i (the row sees
+ * no NaN there in [r0, i], which would make that column NaN in the definition too). Every other row
+ * keeps what the tile gave, which the definition also has: a layer whose values are all NaN costs one
+ * scan per warp with a bad row, not a recomputation.
+ *
+ * Called by the whole warp after its rows were stored, with this lane's NS row slots: bit s of bad set
+ * when slot s stored a non-finite element, and row_of(s, &row, &head) giving the slot's q/o row and
+ * query head; the lanes that share a row pool their bits here. hk is the CTA's KV head, anchor says
+ * which segment its rows are in. Costs two shuffles and a vote unless some lane has a bad row. */
 template <int NS, typename RowOf>
 __device__ __forceinline__ void attn_repair_rows(const AttnParams &p, int hk, bool anchor, int64_t r0, int64_t kend,
                                                  unsigned bad, RowOf row_of, int lane) {
@@ -172,22 +167,46 @@ __device__ __forceinline__ void attn_repair_rows(const AttnParams &p, int hk, bo
   if (!__any_sync(0xffffffffu, bad != 0)) return;
   __syncwarp(); /* the stores above are visible to the whole warp */
   if (!(anchor || p.local_keys) || kend <= r0) return; /* no key of the row's own segment was multiplied unseen */
-  const bf16 *seg = (const bf16 *)(anchor ? p.va : p.vb);
-  const int64_t j = first_nonfinite_key(seg, r0, kend, p.Hkv, hk, p.D, lane);
-  if (j == kend) return;
-  const int64_t seg0 = anchor ? 0 : p.A; /* row index of the segment's position 0 */
+  const int D = p.D, nk = (int)(kend - r0); /* nk: at most a row tile plus a key tile */
+  const unsigned short *seg = (const unsigned short *)(anchor ? p.va : p.vb) + hk * (int64_t)D;
+  /* per column lane + 32 c, as offsets from r0: -1 / nk when no such key */
+  int last_bad[kMaxD / 32], first_nan[kMaxD / 32];
+#pragma unroll
+  for (int c = 0; c < kMaxD / 32; c++) last_bad[c] = -1, first_nan[c] = nk;
+  for (int k = 0; k < nk; k++) {
+    const unsigned short *v = seg + (r0 + k) * (int64_t)p.Hkv * D;
+#pragma unroll
+    for (int c = 0; c < kMaxD / 32; c++) {
+      const int d = lane + 32 * c;
+      const unsigned short b = d < D ? v[d] : 0;
+      if ((b & 0x7f80u) == 0x7f80u) { /* bf16 Inf or NaN */
+        last_bad[c] = k;
+        if ((b & 0x7fu) && first_nan[c] == nk) first_nan[c] = k;
+      }
+    }
+  }
+  bool any = false;
+#pragma unroll
+  for (int c = 0; c < kMaxD / 32; c++) any |= last_bad[c] >= 0;
+  if (!__any_sync(0xffffffffu, any)) return;
+  const int64_t seg0 = (anchor ? 0 : p.A) + r0; /* row index of the segment's position r0 */
 #pragma unroll
   for (int s = 0; s < NS; s++) {
     int64_t row;
     int head;
     row_of(s, &row, &head); /* a slot past the CTA's rows or heads has no bad bit */
-    unsigned todo = __ballot_sync(0xffffffffu, (bad >> s & 1u) && row - seg0 < j);
+    unsigned todo = __ballot_sync(0xffffffffu, bad >> s & 1u);
     while (todo) {
       const int src = __ffs(todo) - 1;
       const int64_t r = __shfl_sync(0xffffffffu, row, src);
       const int h = __shfl_sync(0xffffffffu, head, src);
       todo &= __ballot_sync(0xffffffffu, !(row == r && head == h)); /* every lane holding that row */
-      attn_row_exact<bf16>(p, (const bf16 *)p.q + (r * p.Hq + h) * (int64_t)p.D, r, h, lane);
+      const int64_t i = r - seg0; /* the row's position, from r0 */
+      bool poisoned = false;
+#pragma unroll
+      for (int c = 0; c < kMaxD / 32; c++) poisoned |= last_bad[c] > i && first_nan[c] > i;
+      if (__any_sync(0xffffffffu, poisoned))
+        attn_row_exact<bf16>(p, (const bf16 *)p.q + (r * p.Hq + h) * (int64_t)D, r, h, lane);
     }
   }
 }
