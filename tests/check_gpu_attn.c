@@ -479,11 +479,11 @@ START_TEST(test_nonfinite_unseen_value) {
     unsigned char *o_raw = malloc(h.nq * apb_dtype_size(dt) + GUARD_BYTES);
     ck_assert(o_raw != NULL);
     oracle(&h, ref, ref_lse);
-    apb_cmp cm;
-    apb_compare(ref, ref, (int64_t)h.nq, &cm);
-    ck_assert_msg(cm.n_nan + cm.n_inf > 0 && cm.n_nan + cm.n_inf < (int64_t)h.nq,
-                  "%s: the oracle's o has %lld non-finite values of %zu: the case tests nothing", c->name,
-                  (long long)(cm.n_nan + cm.n_inf), h.nq);
+    size_t nonfinite = 0;
+    for (size_t i = 0; i < h.nq; i++) nonfinite += !isfinite(ref[i]);
+    ck_assert_msg(nonfinite > 0 && nonfinite < h.nq,
+                  "%s: the oracle's o has %zu non-finite values of %zu: the case tests nothing", c->name, nonfinite,
+                  h.nq);
     dprob d;
     dprob_init(&d, &h, dt);
     const apb_tol tol = apb_tolerance(mode ? APB_PREC_BF16 : APB_PREC_F32, h.k);
