@@ -414,6 +414,42 @@ START_TEST(test_nonfinite_value_causal) {
 }
 END_TEST
 
+/* The fast path against the oracle over every element, by class (NaN, the same Inf, finite) and, where
+ * finite, within the tolerance, o and lse: _i 0, +Inf and -Inf values in one column at local keys 25
+ * and 30 (the rows between see only the +Inf: +Inf there, NaN from 30 on); _i 1, a -Inf in a local
+ * key (scores of +-Inf: -Inf weighs nothing, +Inf makes the row NaN). */
+START_TEST(test_nonfinite_mixed) {
+  const int64_t P = 3, A = 20, B = 40;
+  const int Hq = 4, Hkv = 2, D = 16;
+  prob p;
+  prob_init(&p, P, A, B, Hq, Hkv, D, 1, 29 + (uint64_t)_i, 1.0f);
+  if (_i == 0) p.vb[(25 * Hkv + 0) * D + 3] = INFINITY, p.vb[(30 * Hkv + 0) * D + 3] = -INFINITY;
+  else p.kb[(25 * Hkv + 1) * D + 0] = -INFINITY;
+  float *o[2], *lse[2];
+  for (int i = 0; i < 2; i++) {
+    run(impls[i], impl_names[i], &p);
+    o[i] = dup(p.o, p.nq), lse[i] = dup(p.lse, p.nlse);
+  }
+  int64_t nonfinite = 0;
+  for (int k = 0; k < 2; k++) {
+    float *got = k ? lse[1] : o[1], *ref = k ? lse[0] : o[0];
+    const size_t n = k ? p.nlse : p.nq;
+    for (size_t e = 0; e < n; e++) {
+      const int ok = isnan(ref[e]) ? isnan(got[e]) : isinf(ref[e]) ? got[e] == ref[e] : isfinite(got[e]);
+      ck_assert_msg(ok, "seed %llu: case %d: fast %s[%zu] = %g, the oracle %g", (unsigned long long)tu_seed(), _i,
+                    k ? "lse" : "o", e, (double)got[e], (double)ref[e]);
+      nonfinite += !isfinite(ref[e]);
+      if (!isfinite(ref[e])) got[e] = ref[e] = 0.0f; /* the class is checked above */
+    }
+  }
+  ck_assert_msg(nonfinite > 0, "case %d: the oracle is finite everywhere: the case tests nothing", _i);
+  tu_assert_close("non-finite mix: o", o[1], o[0], (int64_t)p.nq, apb_tolerance(APB_PREC_F32, red_len(&p.a)));
+  tu_assert_close("non-finite mix: lse", lse[1], lse[0], (int64_t)p.nlse, apb_tolerance(APB_PREC_F32, red_len(&p.a)));
+  for (int i = 0; i < 2; i++) tu_free(o[i]), tu_free(lse[i]);
+  prob_free(&p);
+}
+END_TEST
+
 /* scale = 0 means 1/sqrt(D); the same value given explicitly gives the same bits. */
 START_TEST(test_scale) {
   apb_attn_args a = {.D = 64};
@@ -842,6 +878,7 @@ static Suite *attn_suite(void) {
   tcase_add_loop_test(tc, test_huge_scores, 0, 2);
   tcase_add_loop_test(tc, test_nan_propagates, 0, 2);
   tcase_add_test(tc, test_nonfinite_value_causal);
+  tcase_add_loop_test(tc, test_nonfinite_mixed, 0, 2);
   tcase_add_test(tc, test_all_scores_neg_inf);
   tcase_add_test(tc, test_fast_fp32_limits);
   tcase_add_test(tc, test_scale);
