@@ -9,13 +9,15 @@
  * run the splitting without 2 GiB transfers. Counts are logical, as in sim/comm_sim.c, so that both
  * give the same figures.
  * MPI errors are returned (MPI_ERRORS_RETURN) as APB_ECOMM with MPI's error string.
- * Every transfer is posted non-blocking and polled (MPI_Testall, sleeping up to 1 ms between polls once
- * it has waited 200 us), so that a peer that never comes (crashed outside MPI's sight, diverged, stuck)
- * ends in APB_ETIMEOUT after APB_MPI_TIMEOUT_S seconds (default 300; 0 waits forever) instead of a
- * hang. The requests of a timed-out or failed transfer cannot be taken back, so the communicator then
- * stays failed: every later call returns the first failure (the program ends the job with MPI_Abort).
- * Test-only fault hook: APB_MPI_STALL_RANK=r makes rank r sleep APB_MPI_STALL_S seconds (default 60)
- * before its first transfer, a peer that comes late or never.
+ * Every transfer is posted non-blocking and polled (MPI_Testall; back to back for 200 us per message or
+ * collective, then sleeping 10 us doubling up to 160 us between polls), so that a peer that never comes
+ * (crashed outside MPI's sight, diverged, stuck) ends in APB_ETIMEOUT after APB_MPI_TIMEOUT_S seconds
+ * (default 300; 0 waits forever) instead of a hang. The requests of a timed-out or failed transfer
+ * cannot be taken back, so the communicator then stays failed: every later call returns the first
+ * failure, and the transfer's buffers (the count arrays here are left allocated) must stay valid until
+ * the job ends (the program ends it with MPI_Abort). Test-only fault hook: APB_MPI_STALL_RANK=r makes
+ * rank r sleep APB_MPI_STALL_S seconds (default 60) before its first transfer, once per process: a peer
+ * that comes late or never.
  * Tested by tests/check_sched.c, which runs `mpirun -np 2|4 apb run` and compares bitwise with the
  * in-process simulation.
  */
@@ -51,6 +53,7 @@ typedef struct {
 } mpi_state;
 
 static mpi_state *state_of(apb_comm *c) { return (mpi_state *)c->impl; }
+static int stalled; /* the stall hook has slept (once per process, whatever the communicators) */
 
 /* messages of a transfer of b bytes: at least one (a 0-byte one too) */
 static size_t pieces(size_t b) { return b == 0 ? 1 : b / piece + (b % piece != 0); }
@@ -78,8 +81,8 @@ static apb_status enter(apb_comm *c, apb_error *err) {
   mpi_state *ms = state_of(c);
   if (ms->failed.code != APB_OK)
     return apb_error_set(err, ms->failed.code, "%s (the MPI communicator failed earlier)", ms->failed.msg);
-  if (ms->stall_rank == c->rank) {
-    ms->stall_rank = -1;
+  if (ms->stall_rank == c->rank && !stalled) {
+    stalled = 1;
     struct timespec ts = {(time_t)ms->stall_s, (long)((ms->stall_s - (double)(time_t)ms->stall_s) * 1e9)};
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
     }
@@ -87,28 +90,29 @@ static apb_status enter(apb_comm *c, apb_error *err) {
   return APB_OK;
 }
 
-/* Wait for n posted requests, polling: APB_ETIMEOUT once the transfer has taken longer than the
- * timeout (counted from t0). Polls back to back for the first 200 us, then sleeps between polls,
- * 10 us doubling up to 1 ms: a long wait costs little CPU, a short one no added latency. */
+/* Wait for n posted requests, polling: APB_ETIMEOUT once the whole transfer has taken longer than the
+ * timeout (counted from t0, across its pieces). Polls back to back for the first 200 us of this wait,
+ * then sleeps between polls, 10 us doubling up to 160 us (a sleeping rank does not progress MPI for
+ * its peers): a long wait costs little CPU, a short one no added latency. */
 static apb_status settle(apb_comm *c, MPI_Request *r, int n, const char *what, double t0, apb_error *err) {
-  const double limit = state_of(c)->timeout_s;
+  const double limit = state_of(c)->timeout_s, tp = now_s();
   long nap_ns = 10000;
   for (;;) {
     int flag = 0, rc = MPI_Testall(n, r, &flag, MPI_STATUSES_IGNORE);
     if (rc != MPI_SUCCESS) return mpi_fail(c, rc, what, err);
     if (flag) return APB_OK;
-    const double waited = now_s() - t0;
-    if (limit > 0 && waited > limit)
+    const double t = now_s();
+    if (limit > 0 && t - t0 > limit)
       return fail_stays(c,
                         apb_error_set(err, APB_ETIMEOUT,
-                                      "MPI rank %d: %s did not complete within %.3g s (APB_MPI_TIMEOUT_S): a peer "
+                                      "MPI rank %d: %s did not complete within %g s (APB_MPI_TIMEOUT_S): a peer "
                                       "failed, diverged or never called it",
                                       c->rank, what, limit),
                         err);
-    if (waited > 200e-6) {
+    if (t - tp > 200e-6) {
       struct timespec ts = {0, nap_ns};
       nanosleep(&ts, NULL);
-      if (nap_ns < 1000000) nap_ns *= 2;
+      if (nap_ns < 160000) nap_ns *= 2;
     }
   }
 }
@@ -142,6 +146,7 @@ static apb_status mpi_allgatherv(apb_comm *c, const void *send, void *recv, cons
   int rc = MPI_Iallgatherv(sb, cnt[c->rank], MPI_BYTE, recv, cnt, dis, MPI_BYTE, MPI_COMM_WORLD, &rq);
   st = rc != MPI_SUCCESS ? mpi_fail(c, rc, "MPI_Iallgatherv", err) : settle(c, &rq, 1, "allgather", t0, err);
   c->stats.wait_s += now_s() - t0;
+  if (st == APB_ETIMEOUT) cnt = dis = NULL; /* the pending request still reads them: left allocated */
   if (st) goto done;
   c->stats.calls[APB_COLL_ALLGATHER]++;
   c->stats.bytes_sent[APB_COLL_ALLGATHER] += (int64_t)bytes[c->rank] * (H - 1);
@@ -215,6 +220,7 @@ static apb_status mpi_alltoallv(apb_comm *c, const void *send, const size_t *sby
   int rc = MPI_Ialltoallv(send, sc, sd, MPI_BYTE, recv, rc_, rd, MPI_BYTE, MPI_COMM_WORLD, &rq);
   st = rc != MPI_SUCCESS ? mpi_fail(c, rc, "MPI_Ialltoallv", err) : settle(c, &rq, 1, "alltoall", t0, err);
   c->stats.wait_s += now_s() - t0;
+  if (st == APB_ETIMEOUT) sc = NULL; /* the pending request still reads the counts: left allocated */
   if (st) goto done;
   c->stats.calls[APB_COLL_ALLTOALL]++; /* counted on success only, as the other collectives */
   for (int r = 0; r < H; r++)
@@ -370,6 +376,12 @@ apb_status apb_comm_mpi(apb_backend *be, apb_comm **out, apb_error *err) {
   c->impl = ms;
   MPI_Comm_rank(MPI_COMM_WORLD, &c->rank);
   MPI_Comm_size(MPI_COMM_WORLD, &c->size);
+  if (stall_rank >= c->size) {
+    apb_error_set(err, APB_EINVAL, "APB_MPI_STALL_RANK=%ld names no rank of %d (a test-only fault hook)", stall_rank,
+                  c->size);
+    mpi_destroy(c);
+    return APB_EINVAL;
+  }
   c->name = "mpi";
   c->ops = &mpi_ops;
   *out = c;

@@ -76,8 +76,9 @@ int apb_mpi_detect(void);
  * A transfer that has not completed after APB_MPI_TIMEOUT_S seconds (default 300; 0 waits forever;
  * not a number in [0, 1e9]: APB_EINVAL here) returns APB_ETIMEOUT naming the collective, and the
  * communicator then returns that first failure from every call (its requests cannot be taken back:
- * end the job, e.g. with its abort op). Test-only: APB_MPI_STALL_RANK=r makes rank r sleep
- * APB_MPI_STALL_S seconds (default 60) before its first transfer. */
+ * end the job, e.g. with its abort op; the buffers of the timed-out transfer must stay valid until
+ * then). Test-only: APB_MPI_STALL_RANK=r (< the number of ranks) makes rank r sleep APB_MPI_STALL_S
+ * seconds (default 60) before its first transfer, once per process. */
 apb_status apb_comm_mpi(apb_backend *be, apb_comm **out, apb_error *err);
 void apb_mpi_finalize(void);
 
