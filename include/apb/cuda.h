@@ -39,7 +39,9 @@ apb_status apb_cuda_device_describe(int dev, char *buf, size_t len, apb_error *e
  * layouts and the same visibility rules as apb_attn_naive in apb/attn.h (anchor row i: anchor keys
  * 0..i; local row j: all P, all A, local keys 0..j when local_keys; a row with no visible key gets
  * o = 0 and lse = -inf; scale 0 means 1/sqrt(D)). Every pointer is a DEVICE pointer, token-major; the
- * three key segments stay separate arrays (never copied into one buffer). Legend as apb/attn.h. */
+ * three key segments stay separate arrays (never copied into one buffer). o and lse must not overlap
+ * q or the keys and values (a row that an unseen key's Inf or NaN value poisoned is recomputed from q
+ * after o was stored, docs/gpu-attention.md). Legend as apb/attn.h. */
 typedef struct apb_cuda_attn_args {
   int64_t P, A, B;        /* passing keys, anchor rows/keys, local rows (and local keys if local_keys) */
   int Hq, Hkv, D;         /* Hq % Hkv == 0; 1 <= D <= APB_CUDA_MAX_HEAD_DIM */
