@@ -1,8 +1,8 @@
 /* src/cmd_cmp.c: `apb cmp A B`, every tensor of safetensors file A against the same-named tensor of the
  * reference file B, through the one comparison helper (apb_compare / apb_cmp_within) and the one
  * tolerance table (apb_tolerance), with one table row per tensor. When equality is asked for, two
- * integer tensors are also compared as int64 and two F64 tensors as double (fp32 cannot hold all their
- * values), and a failure shows the file's values.
+ * integer tensors are also compared as int64 and an F64 tensor against a float one as double (fp32
+ * cannot hold all their values), and a failure shows the file's values.
  *
  * Exit codes follow cmp(1) and diff(1): 0 all within tolerance, 1 some tensor differs (out of
  * tolerance, non-finite, different shape, or present in one file only), 2 trouble (usage, a file that
@@ -25,8 +25,8 @@ static const char help_text[] =
     "Compares every tensor of safetensors file A with the tensor of the same name in B, the reference.\n"
     "Shapes must match; dtypes may differ (both are widened to F32; an F64 value beyond the F32 range\n"
     "is refused as a file that cannot be read). When equality is asked for, two integer tensors are\n"
-    "also compared as int64 and two F64 tensors as double, values F32 cannot all hold. One row per\n"
-    "tensor:\n"
+    "also compared as int64 and an F64 tensor against a float one as double, values F32 cannot all\n"
+    "hold. One row per tensor:\n"
     "  tensor, shape, n             what was compared\n"
     "  nan, inf                     non-finite mismatches, checked first: any NaN fails, and so does an\n"
     "                               Inf in A that B does not have at the same place\n"
@@ -144,13 +144,14 @@ static void header(const widths *w) {
 }
 
 /* Equality asked for, and values that fp32 cannot all hold (integers past 2^24, F64): the fp32
- * comparison may call two different values equal, so two integer tensors are compared as int64 and two
- * F64 tensors as double. The index of the first unequal element (its values in got, ref), -1 when
- * all are equal or the pair is of another kind (mixed float widths stay compared in fp32), -2 when a
- * tensor could not be read (err says why). */
+ * comparison may call two different values equal, so two integer tensors are compared as int64, and an
+ * F64 tensor against a float one (F64, F32, BF16 or F16; xf, yf are the files' values read as fp32,
+ * exact for all but F64) as double. The index of the first unequal element (its values in got, ref),
+ * -1 when all are equal or the pair is of another kind (an integer against a float tensor stays
+ * compared in fp32), -2 when a tensor could not be read (err says why). */
 static int64_t unequal_in_own_type(const apb_st_file *fa, const apb_st_tensor *ta, const apb_st_file *fb,
-                                   const apb_st_tensor *tb, int64_t n, char *got, char *ref, size_t cap,
-                                   apb_status *st, apb_error *err) {
+                                   const apb_st_tensor *tb, int64_t n, const float *xf, const float *yf, char *got,
+                                   char *ref, size_t cap, apb_status *st, apb_error *err) {
   const int ia = !apb_dtype_is_float(ta->dtype), ib = !apb_dtype_is_float(tb->dtype);
   if (ia && ib) {
     int64_t *x = malloc(sizeof *x * (size_t)(n ? n : 1)), *y = malloc(sizeof *y * (size_t)(n ? n : 1));
@@ -162,10 +163,11 @@ static int64_t unequal_in_own_type(const apb_st_file *fa, const apb_st_tensor *t
     free(x), free(y);
     return *st ? -2 : at;
   }
-  if (ta->dtype == APB_DT_F64 && tb->dtype == APB_DT_F64)
+  if ((ta->dtype == APB_DT_F64 || tb->dtype == APB_DT_F64) && !ia && !ib)
     for (int64_t i = 0; i < n; i++) {
-      double x, y; /* the mapping need not be 8-byte aligned */
-      memcpy(&x, (const char *)ta->data + 8 * i, 8), memcpy(&y, (const char *)tb->data + 8 * i, 8);
+      double x = xf[i], y = yf[i]; /* the mapping need not be 8-byte aligned */
+      if (ta->dtype == APB_DT_F64) memcpy(&x, (const char *)ta->data + 8 * i, 8);
+      if (tb->dtype == APB_DT_F64) memcpy(&y, (const char *)tb->data + 8 * i, 8);
       if (!(x == y)) {
         snprintf(got, cap, "%.17g", x), snprintf(ref, cap, "%.17g", y);
         return i;
@@ -209,7 +211,7 @@ static int compare_one(const cmp_opts *o, const widths *w, const apb_st_file *fa
   const int equality = o->exact_elem || (o->tol.rel_fro == 0 && o->tol.atol == 0 && o->tol.atol_rms == 0 &&
                                          o->tol.rtol == 0);
   if (equality && !c.n_nan && !c.n_inf) { /* also when fp32 failed: the values then shown are the file's */
-    int64_t u = unequal_in_own_type(fa, ta, fb, tb, n, got, ref, sizeof got, &st, &err);
+    int64_t u = unequal_in_own_type(fa, ta, fb, tb, n, x, y, got, ref, sizeof got, &st, &err);
     if (u == -2) {
       free(x), free(y);
       cli_report(cmd, st, &err);

@@ -384,23 +384,27 @@ START_TEST(f64_beyond_f32) {
 END_TEST
 
 /* Equality asked for on values fp32 cannot hold apart: int64 2^53 against 2^53 + 1, int32 2^24 + 1
- * against 2^24 (the fp32 widening made each pair equal), F64 1 against 1 + 2^-40; each fails, naming the
- * element with its exact values, with --prec exact and with --rtol 0 --atol 0; equal tensors pass. */
+ * against 2^24 (the fp32 widening made each pair equal), F64 1 against 1 + 2^-40, F64 0.1 against F32
+ * 0.1f; each fails, naming the element with its exact values, with --prec exact and with --rtol 0
+ * --atol 0; equal tensors pass. */
 START_TEST(cmp_exact_in_own_type) {
   char *a = tu_tmpname(".safetensors"), *b = tu_tmpname(".safetensors"), *out = NULL;
   int64_t ia[2] = {5, (int64_t)1 << 53}, ib[2] = {5, ((int64_t)1 << 53) + 1};
   int32_t ja[3] = {0, 1, (1 << 24) + 1}, jb[3] = {0, 1, 1 << 24};
   int32_t ka[1] = {(1 << 24) + 1}, kb[1] = {(1 << 24) + 3}; /* fp32 tells these apart, as 2^24 and 2^24 + 4 */
   double fa[1] = {1 + 0x1p-40}, fb[1] = {1};
+  double ma[2] = {1.0, 0.1}; /* F64 in A against F32 in B: 0.1 is not 0.1f */
+  float mb[2] = {1.0f, 0.1f};
   apb_error err;
   apb_error_clear(&err);
-  apb_st_entry e[4] = {{.name = "i64", .dtype = APB_DT_I64, .ndim = 1, .shape = {2}, .data = ia},
+  apb_st_entry e[5] = {{.name = "i64", .dtype = APB_DT_I64, .ndim = 1, .shape = {2}, .data = ia},
                        {.name = "i32", .dtype = APB_DT_I32, .ndim = 1, .shape = {3}, .data = ja},
                        {.name = "f64", .dtype = APB_DT_F64, .ndim = 1, .shape = {1}, .data = fa},
-                       {.name = "i32far", .dtype = APB_DT_I32, .ndim = 1, .shape = {1}, .data = ka}};
-  ck_assert_msg(apb_st_write(a, 4, e, 0, NULL, NULL, &err) == APB_OK, "%s", err.msg);
-  e[0].data = ib, e[1].data = jb, e[2].data = fb, e[3].data = kb;
-  ck_assert_msg(apb_st_write(b, 4, e, 0, NULL, NULL, &err) == APB_OK, "%s", err.msg);
+                       {.name = "i32far", .dtype = APB_DT_I32, .ndim = 1, .shape = {1}, .data = ka},
+                       {.name = "mixed", .dtype = APB_DT_F64, .ndim = 1, .shape = {2}, .data = ma}};
+  ck_assert_msg(apb_st_write(a, 5, e, 0, NULL, NULL, &err) == APB_OK, "%s", err.msg);
+  e[0].data = ib, e[1].data = jb, e[2].data = fb, e[3].data = kb, e[4].data = mb, e[4].dtype = APB_DT_F32;
+  ck_assert_msg(apb_st_write(b, 5, e, 0, NULL, NULL, &err) == APB_OK, "%s", err.msg);
   const char *modes[] = {"--prec exact", "--rtol 0 --atol 0"};
   for (int m = 0; m < 2; m++) {
     ck_assert_int_eq(apb(&out, "cmp '%s' '%s' %s", a, b, modes[m]), 1);
@@ -410,6 +414,8 @@ START_TEST(cmp_exact_in_own_type) {
     assert_has(out, "f64: FAIL: values differ and equality was asked for; [0] differs (A 1.0000000000009095, B 1)");
     /* unequal in fp32 as well: the values shown are still the file's, not their fp32 roundings */
     assert_has(out, "i32far: FAIL: values differ and equality was asked for; [0] differs (A 16777217, B 16777219)");
+    assert_has(out, "mixed: FAIL: values differ and equality was asked for; [1] differs (A 0.10000000000000001, B "
+                    "0.10000000149011612)");
     free(out);
     ck_assert_int_eq(apb(&out, "cmp '%s' '%s' %s", a, a, modes[m]), 0);
     free(out);
