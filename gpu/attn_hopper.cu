@@ -118,9 +118,9 @@ struct HopParams {
   int nat, nlt;             /* anchor and local row tiles: ceil(A / tpc), ceil(B / tpc) */
   int local_keys;
   int hgroup;               /* CTA order: head slots interleaved per row tile (1..Hkv*gsplit), see get_work */
-  float scale_log2;         /* scale * log2(e) */
   uint32_t q_bytes;         /* bytes one Q load brings: D/64 boxes of 64 x hc x tpc bf16 */
-  apb_attn::AttnParams a;   /* the raw pointers and shape, for the rows the epilogue recomputes */
+  apb_attn::AttnParams a;   /* the call as every kernel sees it: scale_log2, and the raw pointers and
+                             * shape of the rows the epilogue recomputes */
 };
 
 /* The CTA's rows and key tiles (APB.md 3.6), the same in every thread. */
@@ -503,7 +503,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_hopper_kernel(const __grid_c
     const int mrow = 64 * c + 16 * warp + (lane >> 2); /* this thread's rows: mrow, mrow + 8 */
     const int rtok[2] = {mrow / p.hc, (mrow + 8) / p.hc};
     const uint32_t qb = sQ + (uint32_t)c * 64u * 128u;
-    const float sl2 = p.scale_log2;
+    const float sl2 = p.a.scale_log2;
     const int nt = w.ntiles;
     float o[D / 2], s[64], m[2], l[2], alpha[2];
     uint32_t pf[kBN / 16][4];
@@ -727,7 +727,6 @@ apb_status apb_cuda_attn_hopper(const apb_cuda_attn_args *x, const apb_attn::Att
     hp.nlt = (hp.B + hp.tpc - 1) / hp.tpc;
     hp.local_keys = x->local_keys;
     hp.hgroup = hop_head_group(hp.Hkv * hp.gsplit);
-    hp.scale_log2 = a.scale_log2;
     hp.a = a;
     hp.q_bytes = (uint32_t)(x->D * hp.hc * hp.tpc * 2);
     const int64_t blocks = ((int64_t)hp.nat + hp.nlt) * hp.Hkv * hp.gsplit;

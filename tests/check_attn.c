@@ -431,20 +431,12 @@ START_TEST(test_nonfinite_mixed) {
     o[i] = dup(p.o, p.nq), lse[i] = dup(p.lse, p.nlse);
   }
   int64_t nonfinite = 0;
-  for (int k = 0; k < 2; k++) {
-    float *got = k ? lse[1] : o[1], *ref = k ? lse[0] : o[0];
-    const size_t n = k ? p.nlse : p.nq;
-    for (size_t e = 0; e < n; e++) {
-      const int ok = isnan(ref[e]) ? isnan(got[e]) : isinf(ref[e]) ? got[e] == ref[e] : isfinite(got[e]);
-      ck_assert_msg(ok, "seed %llu: case %d: fast %s[%zu] = %g, the oracle %g", (unsigned long long)tu_seed(), _i,
-                    k ? "lse" : "o", e, (double)got[e], (double)ref[e]);
-      nonfinite += !isfinite(ref[e]);
-      if (!isfinite(ref[e])) got[e] = ref[e] = 0.0f; /* the class is checked above */
-    }
-  }
+  for (size_t e = 0; e < p.nq; e++) nonfinite += !isfinite(o[0][e]);
   ck_assert_msg(nonfinite > 0, "case %d: the oracle is finite everywhere: the case tests nothing", _i);
-  tu_assert_close("non-finite mix: o", o[1], o[0], (int64_t)p.nq, apb_tolerance(APB_PREC_F32, red_len(&p.a)));
-  tu_assert_close("non-finite mix: lse", lse[1], lse[0], (int64_t)p.nlse, apb_tolerance(APB_PREC_F32, red_len(&p.a)));
+  const apb_tol tol = apb_tolerance(APB_PREC_F32, red_len(&p.a));
+  ck_assert_msg(tu_same_class_close("non-finite mix: fast o", o[1], o[0], (int64_t)p.nq, tol), "case %d: o (above)", _i);
+  ck_assert_msg(tu_same_class_close("non-finite mix: fast lse", lse[1], lse[0], (int64_t)p.nlse, tol),
+                "case %d: lse (above)", _i);
   for (int i = 0; i < 2; i++) tu_free(o[i]), tu_free(lse[i]);
   prob_free(&p);
 }

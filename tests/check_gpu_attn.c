@@ -404,27 +404,6 @@ START_TEST(test_bf16) {
 }
 END_TEST
 
-/* Non-finite inputs, every path against the oracle over all rows: the same class per element (NaN
- * where the oracle has NaN, the same Inf where it has one, finite where it is finite) and, where the
- * oracle is finite, within the tolerance; o and lse alike. 1 when it holds, else 0 after printing why. */
-static int same_classes_close(const char *what, const float *got, const float *ref, int64_t n, apb_tol tol) {
-  float *g = xmalloc_f((size_t)n), *r = xmalloc_f((size_t)n);
-  int64_t bad = -1;
-  for (int64_t i = 0; i < n; i++) {
-    const int ok = isnan(ref[i]) ? isnan(got[i]) : isinf(ref[i]) ? got[i] == ref[i] : isfinite(got[i]);
-    if (!ok && bad < 0) bad = i;
-    const int fin = isfinite(ref[i]) && isfinite(got[i]);
-    g[i] = fin ? got[i] : 0.0f, r[i] = fin ? ref[i] : 0.0f;
-  }
-  apb_cmp cm;
-  const int close = apb_cmp_within(g, r, n, &tol, &cm);
-  if (bad >= 0) fprintf(stderr, "FAIL %s: element %lld is %g where the oracle has %g\n", what, (long long)bad,
-                        (double)got[bad], (double)ref[bad]);
-  if (!close) fprintf(stderr, "FAIL "), apb_cmp_print(stderr, what, &cm);
-  free(g), free(r);
-  return bad < 0 && close;
-}
-
 /* An Inf or NaN in the value of key j of a causal segment (local: seg 'b'; anchor: seg 'a'), column
  * col of KV head kv, and optionally a second one (j2 >= 0). The tensor-core kernels multiply a masked
  * key's p = 0 by its value on the causal boundary tile, 0 * Inf = NaN in rows that never see the key
@@ -494,9 +473,9 @@ START_TEST(test_nonfinite_unseen_value) {
       run_gpu(c, &h, &d, dt, impl, 1, o_raw, o, lse);
       char what[200];
       snprintf(what, sizeof what, "%s: %s %s o", c->name, apb_dtype_name(dt), impl_names[impl]);
-      int ok = same_classes_close(what, o, ref, (int64_t)h.nq, tol);
+      int ok = tu_same_class_close(what, o, ref, (int64_t)h.nq, tol);
       snprintf(what, sizeof what, "%s: %s %s lse", c->name, apb_dtype_name(dt), impl_names[impl]);
-      ok &= same_classes_close(what, lse, ref_lse, (int64_t)h.nlse, tol_lse);
+      ok &= tu_same_class_close(what, lse, ref_lse, (int64_t)h.nlse, tol_lse);
       if (!ok)
         snprintf(failed + strlen(failed), sizeof failed - strlen(failed), " %s/%s", apb_dtype_name(dt),
                  impl_names[impl]);

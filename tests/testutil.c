@@ -79,6 +79,26 @@ void tu_assert_close_at(const char *file, int line, const char *what, const floa
                 c.rel_fro, tol.rel_fro);
 }
 
+int tu_same_class_close(const char *what, const float *got, const float *ref, int64_t n, apb_tol tol) {
+  float *g = malloc(sizeof *g * (size_t)(n ? n : 1)), *r = malloc(sizeof *r * (size_t)(n ? n : 1));
+  ck_assert_msg(g && r, "out of memory comparing %lld values", (long long)n);
+  int64_t other = -1;
+  for (int64_t i = 0; i < n; i++) {
+    const int same = isnan(ref[i]) ? isnan(got[i]) : isinf(ref[i]) ? got[i] == ref[i] : isfinite(got[i]);
+    if (!same && other < 0) other = i;
+    const int fin = isfinite(ref[i]) && isfinite(got[i]);
+    g[i] = fin ? got[i] : 0.0f, r[i] = fin ? ref[i] : 0.0f;
+  }
+  apb_cmp c;
+  const int close = apb_cmp_within(g, r, n, &tol, &c);
+  if (other >= 0)
+    fprintf(stderr, "seed %llu: %s: element %lld is %g where the reference has %g\n", (unsigned long long)tu_seed(),
+            what, (long long)other, (double)got[other], (double)ref[other]);
+  if (!close) fprintf(stderr, "seed %llu: ", (unsigned long long)tu_seed()), apb_cmp_print(stderr, what, &c);
+  free(g), free(r);
+  return other < 0 && close;
+}
+
 void tu_assert_bitwise_at(const char *file, int line, const char *what, const float *a, const float *b,
                           int64_t n) {
   int64_t bad = -1;

@@ -46,6 +46,12 @@ void tu_fill(float *p, size_t n, uint64_t seed, uint64_t stream, float amp);
 void tu_assert_close_at(const char *file, int line, const char *what, const float *got, const float *ref,
                         int64_t n, apb_tol tol);
 
+/* got against ref where either may hold Inf or NaN: the same class per element (NaN where ref has
+ * NaN, the same Inf where it has one, finite where it is finite) and, over the elements finite in
+ * both, within tol. 1 when both hold; else 0, after printing the seed, the first element of another
+ * class and the error figures to stderr (the caller decides when to fail, e.g. after every path). */
+int tu_same_class_close(const char *what, const float *got, const float *ref, int64_t n, apb_tol tol);
+
 /* Assert bitwise equality of two float arrays (memcmp), printing the first differing index. */
 #define tu_assert_bitwise(what, a, b, n) tu_assert_bitwise_at(__FILE__, __LINE__, (what), (a), (b), (n))
 void tu_assert_bitwise_at(const char *file, int line, const char *what, const float *a, const float *b,
