@@ -51,6 +51,7 @@
 
 #include "apb/nccl.h"
 #include "apb/sim.h"
+#include "../lib/env.h"
 
 #ifdef HAVE_NCCL
 #include <pthread.h>
@@ -103,16 +104,7 @@ static const char *nccl_last(ncclComm_t nc) {
 
 /* The collective timeout: APB_NCCL_TIMEOUT_S (seconds, >= 0, 0 = none) or the default. */
 static apb_status env_timeout(double *out, apb_error *err) {
-  *out = DEFAULT_TIMEOUT_S;
-  const char *s = getenv("APB_NCCL_TIMEOUT_S");
-  if (!s || !*s) return APB_OK;
-  char *end = NULL;
-  double v = strtod(s, &end);
-  if (end == s || *end || !(v >= 0) || v > 1e9)
-    return apb_error_set(err, APB_EINVAL, "APB_NCCL_TIMEOUT_S='%s' is not a number of seconds in [0, 1e9] "
-                         "(0 waits forever)", s);
-  *out = v;
-  return APB_OK;
+  return apb_env_seconds("APB_NCCL_TIMEOUT_S", DEFAULT_TIMEOUT_S, "waits forever", out, err);
 }
 
 static int env_flag(const char *name) {

@@ -31,6 +31,7 @@
 #include <time.h>
 
 #include "apb/sim.h"
+#include "../lib/env.h"
 
 #ifdef HAVE_MPI
 #include <mpi.h>
@@ -334,21 +335,9 @@ apb_status apb_comm_mpi(apb_backend *be, apb_comm **out, apb_error *err) {
   }
   double timeout_s = 300, stall_s = 60;
   long stall_rank = -1;
-  const struct {
-    const char *name;
-    double *x;
-  } secs[] = {{"APB_MPI_TIMEOUT_S", &timeout_s}, {"APB_MPI_STALL_S", &stall_s}};
-  for (size_t i = 0; i < sizeof secs / sizeof *secs; i++) {
-    const char *v = getenv(secs[i].name);
-    if (!v || !*v) continue;
-    char *end = NULL;
-    errno = 0;
-    const double x = strtod(v, &end);
-    if (errno || *end || !(x >= 0 && x <= 1e9))
-      return apb_error_set(err, APB_EINVAL, "%s='%s' is not a number of seconds in [0, 1e9] (0: %s)", secs[i].name, v,
-                           i == 0 ? "no timeout" : "no stall");
-    *secs[i].x = x;
-  }
+  apb_status est = apb_env_seconds("APB_MPI_TIMEOUT_S", 300, "waits forever", &timeout_s, err);
+  if (!est) est = apb_env_seconds("APB_MPI_STALL_S", 60, "does not stall", &stall_s, err);
+  if (est) return est;
   const char *sr = getenv("APB_MPI_STALL_RANK");
   if (sr && *sr) {
     char *end = NULL;

@@ -994,7 +994,7 @@ START_TEST(test_mpi_timeout) {
   int rc = tu_sh(cmd, &out);
   const double took = now_wall() - t0;
   const char *expect = _i == 0 ? "rank 0 of 2: MPI rank 0: allgather did not complete within 1 s (APB_MPI_TIMEOUT_S)"
-                               : "APB_MPI_TIMEOUT_S='soon' is not a number of seconds";
+                               : "APB_MPI_TIMEOUT_S='soon' is not a number of seconds in [0, 1e9] (0 waits forever)";
   const int k = count_of(out, expect);
   if (rc == 0 || rc == 124 || k < 1 || (_i == 0 && (k != 1 || took > 40)))
     fprintf(stderr, "`%s`: exit %d after %.1f s, '%s' %d times:\n%s\n", cmd, rc, took, expect, k, out);
