@@ -195,12 +195,12 @@ __device__ __forceinline__ void attn_repair_rows(const AttnParams &p, int hk, bo
     int64_t row;
     int head;
     row_of(s, &row, &head); /* a slot past the CTA's rows or heads has no bad bit */
-    unsigned todo = __ballot_sync(0xffffffffu, bad >> s & 1u);
-    while (todo) {
-      const int src = __ffs(todo) - 1;
+    unsigned pending = __ballot_sync(0xffffffffu, bad >> s & 1u);
+    while (pending) {
+      const int src = __ffs(pending) - 1;
       const int64_t r = __shfl_sync(0xffffffffu, row, src);
       const int h = __shfl_sync(0xffffffffu, head, src);
-      todo &= __ballot_sync(0xffffffffu, !(row == r && head == h)); /* every lane holding that row */
+      pending &= __ballot_sync(0xffffffffu, !(row == r && head == h)); /* every lane holding that row */
       const int64_t i = r - seg0; /* the row's position, from r0 */
       bool poisoned = false;
 #pragma unroll
